@@ -1,0 +1,1 @@
+//! clap command tree. STUB.

@@ -1,0 +1,1 @@
+//! wg-quick client config rendering. STUB.

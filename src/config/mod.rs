@@ -1,0 +1,133 @@
+//! `sitegate.toml`: deserialized into `raw::*Raw` (unknown keys refused), then
+//! validated into [`Config`], whose fields cannot hold a bad value.
+//!
+//! Sections `[interface]`, `[store]`, `[log]` act now; `[egress]`, `[[service]]`,
+//! `[api]`, `[firewall]`, `[daemon]` are parsed and validated so a bad file fails
+//! at start, and act in later issues.
+
+pub mod raw;
+pub mod validate;
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use ipnet::{Ipv4Net, Ipv6Net};
+
+pub use validate::ConfigError;
+
+/// Default config path; overridden by `--config` or `SITEGATE_CONFIG`.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/sitegate/sitegate.toml";
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it was read from (for messages and relative paths).
+    pub path: PathBuf,
+    pub interface: InterfaceConfig,
+    pub egress: EgressConfig,
+    pub services: Vec<ServiceConfig>,
+    pub api: Option<ApiConfig>,
+    pub store: StoreConfig,
+    pub log: LogConfig,
+    pub firewall: FirewallConfig,
+    pub daemon: DaemonConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct InterfaceConfig {
+    /// TUN device name (1..=15 chars, `[A-Za-z0-9_.-]`).
+    pub name: String,
+    pub private_key_file: PathBuf,
+    pub listen_port: u16,
+    /// Gateway IPv4 address with the tunnel subnet's prefix, e.g. 10.8.0.1/24.
+    pub address_v4: Ipv4Net,
+    /// Optional IPv6 ULA with its prefix.
+    pub address_v6: Option<Ipv6Net>,
+    pub mtu: u16,
+    /// `HOST:PORT` that issued client configs dial.
+    pub endpoint: String,
+    pub dns: Vec<IpAddr>,
+}
+
+impl InterfaceConfig {
+    pub fn gateway_v4(&self) -> Ipv4Addr {
+        self.address_v4.addr()
+    }
+    pub fn gateway_v6(&self) -> Option<Ipv6Addr> {
+        self.address_v6.map(|n| n.addr())
+    }
+    /// Whether `ip` lies in one of the tunnel subnets.
+    pub fn in_tunnel(&self, ip: IpAddr) -> bool {
+        match ip {
+            IpAddr::V4(a) => self.address_v4.trunc().contains(&a),
+            IpAddr::V6(a) => self.address_v6.is_some_and(|n| n.trunc().contains(&a)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct EgressConfig {
+    pub interface: Option<String>,
+    pub allow_internet: bool,
+    pub peer_to_peer: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    pub name: String,
+    pub address: SocketAddr,
+    pub protocol: Protocol,
+    pub default: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    pub listen: SocketAddr,
+    pub token_file: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub enum StoreConfig {
+    Sqlite { path: PathBuf },
+    Postgres { url: String, pool: Option<Ipv4Net> },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    #[default]
+    Json,
+    Text,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub audit_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct FirewallConfig {
+    pub manage: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct DaemonConfig {
+    pub user: Option<String>,
+    pub seal_key_file: Option<PathBuf>,
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    ///
+    /// # Errors
+    /// One [`ConfigError`] naming the file and the key at fault.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        validate::load(path)
+    }
+}

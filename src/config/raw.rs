@@ -1,0 +1,1 @@
+//! Serde mirror of `sitegate.toml` (unknown keys refused). STUB.

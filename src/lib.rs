@@ -1,0 +1,31 @@
+//! sitegate: a userspace WireGuard gateway for remote sites.
+//!
+//! # Layout
+//!
+//! Pure core (no sockets, no clock reads; unit-tested without root):
+//! - [`config`]: `sitegate.toml` → validated [`config::Config`].
+//! - [`keys`]: WireGuard key codec, redacted secrets, key-file loading.
+//! - [`registry`]: peer names, records, address allocation; the SQLite store.
+//! - [`clientconf`]: the wg-quick client config an issued peer receives.
+//! - [`routing`]: allowed-IPs table, longest prefix → peer slot.
+//! - [`policy`]: the verdict on each decrypted packet (anti-spoof first).
+//! - [`control::uapi`]: the WireGuard UAPI `get=1` reply as text.
+//! - [`events`]: event names and rate-limited summaries of repeated failures.
+//!
+//! I/O shell:
+//! - [`dataplane`]: TUN and UDP loops around boringtun's `noise::Tunn`, timers.
+//! - [`control`]: UAPI socket so stock `wg show` works.
+//! - [`daemon`]: wires it together; signals and clean shutdown.
+//! - [`cli`]: the clap command tree.
+
+pub mod cli;
+pub mod clientconf;
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod dataplane;
+pub mod events;
+pub mod keys;
+pub mod policy;
+pub mod registry;
+pub mod routing;

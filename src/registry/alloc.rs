@@ -1,0 +1,1 @@
+//! Tunnel address allocation (pure). STUB.

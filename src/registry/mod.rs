@@ -1,0 +1,9 @@
+//! The peer registry: the pure model (names, peers, address allocation) and the
+//! SQLite store that persists it.
+
+pub mod alloc;
+pub mod model;
+pub mod store;
+
+pub use model::{NameError, Peer, PeerName};
+pub use store::{Store, StoreError};

@@ -127,7 +127,17 @@ impl Config {
     ///
     /// # Errors
     /// One [`ConfigError`] naming the file and the key at fault.
+    /// Checks the server key file too (see [`validate::load`]).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         validate::load(path)
+    }
+
+    /// Validates `text` as if read from `path`, touching no file (so the server
+    /// key file is not checked; `load` does that).
+    ///
+    /// # Errors
+    /// One [`ConfigError`] naming the file and the key at fault.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        validate::parse(path, text)
     }
 }

@@ -17,21 +17,31 @@ pub const KEY_LEN: usize = 32;
 /// Why a key could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
-    #[error("`{0}` is not a valid WireGuard key: expected 44 characters of base64 encoding 32 bytes")]
+    #[error(
+        "`{0}` is not a valid WireGuard key: expected 44 characters of base64 encoding 32 bytes"
+    )]
     Malformed(String),
     #[error("cannot read key file {path}: {source}")]
     Read {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("key file {path} is readable by group or others (mode {mode:o}); run `chmod 600 {path}`")]
+    #[error(
+        "key file {path} is readable by group or others (mode {mode:o}); run `chmod 600 {path}`"
+    )]
     LoosePermissions { path: PathBuf, mode: u32 },
 }
 
 fn decode32(text: &str) -> Result<[u8; KEY_LEN], KeyError> {
     let trimmed = text.trim();
     let shown = if trimmed.len() > 60 {
-        format!("{}...", &trimmed[..trimmed.char_indices().nth(56).map_or(trimmed.len(), |(i, _)| i)])
+        format!(
+            "{}...",
+            &trimmed[..trimmed
+                .char_indices()
+                .nth(56)
+                .map_or(trimmed.len(), |(i, _)| i)]
+        )
     } else {
         trimmed.to_string()
     };
@@ -136,7 +146,8 @@ impl PrivateKey {
             path: path.to_path_buf(),
             source,
         })?;
-        let key = decode32(&text).map_err(|_| KeyError::Malformed(format!("contents of {}", path.display())));
+        let key = decode32(&text)
+            .map_err(|_| KeyError::Malformed(format!("contents of {}", path.display())));
         text.zeroize();
         key.map(Self)
     }
@@ -213,7 +224,12 @@ mod tests {
     /// Malformed keys are refused, with the offending text in the message.
     #[test]
     fn malformed_keys_refused() {
-        for bad in ["", "abc", "dwdtCnMYpX08FsFyUbJmRd9ML4frwJkqsXf7pR25LC=", "!!!!CnMYpX08FsFyUbJmRd9ML4frwJkqsXf7pR25LCo="] {
+        for bad in [
+            "",
+            "abc",
+            "dwdtCnMYpX08FsFyUbJmRd9ML4frwJkqsXf7pR25LC=",
+            "!!!!CnMYpX08FsFyUbJmRd9ML4frwJkqsXf7pR25LCo=",
+        ] {
             let err = PublicKey::from_base64(bad).unwrap_err();
             assert!(err.to_string().contains(bad.trim()), "{err}");
         }

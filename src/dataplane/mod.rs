@@ -1,0 +1,93 @@
+//! The packet path. Two loops, each on its own thread with its own buffers:
+//!
+//! - [`rx::run`]: UDP datagram → identify the peer (anonymous handshake parse for
+//!   initiations, receiver index otherwise) → `Tunn::decapsulate` →
+//!   [`crate::policy::decide`] → TUN write.
+//! - [`tx::run`]: TUN read → [`crate::routing`] lookup by destination →
+//!   `Tunn::encapsulate` → UDP send.
+//!
+//! Both read the peer set from an immutable [`peers::PeerTable`] snapshot that the
+//! control plane swaps whole ([`arc_swap`]), so the only lock on the path is the
+//! sending peer's own `Tunn` mutex, held for the crypto and released before any
+//! I/O. [`timers::tick`] drives boringtun's timers and the event summaries.
+
+pub mod packet;
+pub mod peers;
+pub mod rx;
+pub mod timers;
+pub mod tx;
+pub mod udp;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use boringtun::noise::rate_limiter::RateLimiter;
+
+use crate::events::{HandshakeFailure, Throttle};
+use crate::keys::PublicKey;
+
+/// Largest datagram or IP packet a loop handles (64 KiB plus WireGuard overhead).
+pub const MAX_PACKET: usize = 65_536 + 64;
+
+/// Handshake initiations per second, gateway-wide, before boringtun answers with
+/// cookies (mac2) instead of doing Diffie-Hellman work: a flood costs a MAC check.
+pub const HANDSHAKE_RATE_LIMIT: u64 = 100;
+
+/// A monotonic millisecond clock starting at 1 (0 means "never" in throttles).
+#[derive(Debug, Clone, Copy)]
+pub struct Clock(Instant);
+
+impl Clock {
+    pub fn new() -> Self {
+        Self(Instant::now())
+    }
+    #[inline]
+    pub fn now_ms(&self) -> u64 {
+        self.0.elapsed().as_millis() as u64 + 1
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The key (when the handshake revealed one) and address behind a failure.
+pub type Offender = (Option<PublicKey>, SocketAddr);
+
+/// Failures not attributable to an issued peer (unknown keys, bad MACs, junk):
+/// throttled per reason, with the latest offender kept for the summary line.
+#[derive(Debug, Default)]
+pub struct AnonFailures {
+    pub throttles: [Throttle; HandshakeFailure::ALL.len()],
+    pub last: Mutex<[Option<Offender>; HandshakeFailure::ALL.len()]>,
+    /// Datagrams that are not WireGuard messages at all (wrong type or size).
+    pub malformed: Throttle,
+    pub malformed_last: Mutex<Option<SocketAddr>>,
+}
+
+/// State shared by the packet loops and the control plane.
+pub struct Shared {
+    pub table: ArcSwap<peers::PeerTable>,
+    pub udp: udp::Udp,
+    pub tun: tun_rs::SyncDevice,
+    pub interrupt: tun_rs::InterruptEvent,
+    pub static_secret: x25519_dalek::StaticSecret,
+    pub static_public: x25519_dalek::PublicKey,
+    pub rate_limiter: RateLimiter,
+    pub clock: Clock,
+    pub anon: AnonFailures,
+    /// Packets from the TUN device with no peer owning the destination.
+    pub no_route: AtomicU64,
+    pub stopping: AtomicBool,
+}
+
+impl Shared {
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Relaxed)
+    }
+}

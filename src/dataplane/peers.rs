@@ -1,0 +1,219 @@
+//! The data plane's view of the registry: one slot per active peer, each with its
+//! own boringtun `Tunn`, published as an immutable [`PeerTable`] snapshot.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use boringtun::noise::Tunn;
+use ipnet::IpNet;
+
+use crate::events::{CloseReason, HandshakeFailure, Throttle};
+use crate::keys::{PresharedKey, PublicKey};
+use crate::policy::DenyReason;
+use crate::registry::{Peer, PeerName};
+use crate::routing::AllowedIps;
+
+/// Mutable per-peer state, guarded by the slot's mutex. Held only around
+/// `Tunn` calls, never across I/O.
+pub struct PeerState {
+    pub tunn: Tunn,
+    /// Latest authenticated source address (roaming follows it).
+    pub endpoint: Option<SocketAddr>,
+    /// Whether a session was up at the last timer tick (to log its end once).
+    pub session_up: bool,
+}
+
+/// One issued, active peer.
+pub struct PeerSlot {
+    /// boringtun's 24-bit local index; the upper bits of every receiver index.
+    pub index: u32,
+    pub id: i64,
+    pub name: PeerName,
+    pub public_key: PublicKey,
+    pub preshared_key: Option<PresharedKey>,
+    pub addresses: Vec<IpAddr>,
+    /// Unix seconds, `i64::MAX` when it never expires; updated in place on reload.
+    pub expires_at: AtomicI64,
+    state: Mutex<PeerState>,
+    pub denied: [Throttle; DenyReason::ALL.len()],
+    pub handshake_failures: [Throttle; HandshakeFailure::ALL.len()],
+    /// IPv6 link-local/multicast chatter dropped without an event.
+    pub noise: AtomicU64,
+}
+
+impl PeerSlot {
+    /// Locks the peer's state. A poisoned lock (a panic elsewhere while holding
+    /// it) still yields the state: `Tunn` has no invariant a panic can half-break
+    /// that its own timers do not repair.
+    #[inline]
+    pub fn lock(&self) -> MutexGuard<'_, PeerState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn same_identity(&self, p: &Peer) -> bool {
+        self.name == p.name
+            && self.public_key == p.public_key
+            && self.preshared_key == p.preshared_key
+            && self.addresses == p.addresses
+    }
+}
+
+/// Why a known key is not admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Inactive {
+    Revoked,
+    Expired,
+}
+
+impl Inactive {
+    pub fn failure(self) -> HandshakeFailure {
+        match self {
+            Inactive::Revoked => HandshakeFailure::Revoked,
+            Inactive::Expired => HandshakeFailure::Expired,
+        }
+    }
+    pub fn close_reason(self) -> CloseReason {
+        match self {
+            Inactive::Revoked => CloseReason::Revoked,
+            Inactive::Expired => CloseReason::Expired,
+        }
+    }
+}
+
+/// An immutable snapshot: built by the control plane, read by the packet loops.
+#[derive(Default)]
+pub struct PeerTable {
+    pub peers: Vec<Arc<PeerSlot>>,
+    by_key: HashMap<[u8; 32], usize>,
+    by_index: HashMap<u32, usize>,
+    /// Tunnel address → position in `peers`.
+    pub routes: AllowedIps<usize>,
+    /// Issued keys that may not connect, with the name and reason for the log.
+    inactive: HashMap<[u8; 32], (PeerName, Inactive)>,
+}
+
+/// A peer that left the table in a rebuild, for the `session_closed` event.
+pub struct Removed {
+    pub slot: Arc<PeerSlot>,
+    pub reason: CloseReason,
+}
+
+impl PeerTable {
+    #[inline]
+    pub fn by_key(&self, key: &[u8; 32]) -> Option<usize> {
+        self.by_key.get(key).copied()
+    }
+
+    /// The slot owning a receiver index from a WireGuard message.
+    #[inline]
+    pub fn by_receiver(&self, receiver_idx: u32) -> Option<usize> {
+        self.by_index.get(&(receiver_idx >> 8)).copied()
+    }
+
+    pub fn inactive(&self, key: &[u8; 32]) -> Option<&(PeerName, Inactive)> {
+        self.inactive.get(key)
+    }
+
+    /// Builds the next table from the registry at `now` (Unix seconds). Slots whose
+    /// name, key, PSK and addresses are unchanged are carried over with their
+    /// sessions; others get a fresh `Tunn` from `new_tunn(index, peer)`.
+    pub fn rebuild(
+        &self,
+        records: &[Peer],
+        now: i64,
+        next_index: &mut u32,
+        mut new_tunn: impl FnMut(u32, &Peer) -> Tunn,
+    ) -> (PeerTable, Vec<Removed>) {
+        let mut next = PeerTable::default();
+        for p in records {
+            if let Some(reason) = inactive_reason(p, now) {
+                next.inactive
+                    .insert(*p.public_key.as_bytes(), (p.name.clone(), reason));
+                continue;
+            }
+            let carried = self
+                .by_key(p.public_key.as_bytes())
+                .map(|i| &self.peers[i])
+                .filter(|s| s.same_identity(p));
+            let slot = match carried {
+                Some(s) => {
+                    s.expires_at
+                        .store(p.expires_at.unwrap_or(i64::MAX), Ordering::Relaxed);
+                    Arc::clone(s)
+                }
+                None => {
+                    let index = *next_index & 0x00ff_ffff;
+                    *next_index = (next_index.wrapping_add(1) & 0x00ff_ffff).max(1);
+                    Arc::new(PeerSlot::new(index, p, new_tunn(index, p)))
+                }
+            };
+            let pos = next.peers.len();
+            next.by_key.insert(*p.public_key.as_bytes(), pos);
+            next.by_index.insert(slot.index, pos);
+            for a in &slot.addresses {
+                next.routes.insert(IpNet::from(*a), pos);
+            }
+            next.peers.push(slot);
+        }
+        let removed = self
+            .peers
+            .iter()
+            .filter(|s| !next.peers.iter().any(|n| Arc::ptr_eq(n, s)))
+            .map(|s| Removed {
+                slot: Arc::clone(s),
+                // A new key under the same name is a rotation; a vanished key counts
+                // as revoked.
+                reason: if next.peers.iter().any(|n| n.name == s.name) {
+                    CloseReason::Rotated
+                } else {
+                    next.inactive(s.public_key.as_bytes())
+                        .map_or(CloseReason::Revoked, |(_, r)| r.close_reason())
+                },
+            })
+            .collect();
+        (next, removed)
+    }
+
+    /// Earliest expiry among active peers (Unix seconds), for the timer to act on.
+    pub fn next_expiry(&self) -> Option<i64> {
+        self.peers
+            .iter()
+            .map(|s| s.expires_at.load(Ordering::Relaxed))
+            .filter(|&t| t != i64::MAX)
+            .min()
+    }
+}
+
+fn inactive_reason(p: &Peer, now: i64) -> Option<Inactive> {
+    if p.revoked_at.is_some() {
+        Some(Inactive::Revoked)
+    } else if p.expires_at.is_some_and(|t| now >= t) {
+        Some(Inactive::Expired)
+    } else {
+        None
+    }
+}
+
+impl PeerSlot {
+    fn new(index: u32, p: &Peer, tunn: Tunn) -> Self {
+        PeerSlot {
+            index,
+            id: p.id,
+            name: p.name.clone(),
+            public_key: p.public_key,
+            preshared_key: p.preshared_key.clone(),
+            addresses: p.addresses.clone(),
+            expires_at: AtomicI64::new(p.expires_at.unwrap_or(i64::MAX)),
+            state: Mutex::new(PeerState {
+                tunn,
+                endpoint: None,
+                session_up: false,
+            }),
+            denied: Default::default(),
+            handshake_failures: Default::default(),
+            noise: AtomicU64::new(0),
+        }
+    }
+}

@@ -1,0 +1,286 @@
+//! UDP → TUN: identify the sender, decrypt, apply policy, deliver.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+
+use boringtun::noise::errors::WireGuardError;
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::{Packet, TunnResult};
+
+use super::packet::Header;
+use super::peers::{PeerSlot, PeerTable};
+use super::{Shared, MAX_PACKET};
+use crate::events::HandshakeFailure;
+use crate::keys::PublicKey;
+use crate::policy::{self, Verdict};
+
+/// WireGuard message type of a handshake response (what a responder sends back).
+const MSG_HANDSHAKE_RESPONSE: u8 = 2;
+
+/// Receives until shutdown. Owns its buffers: nothing is allocated per datagram.
+pub fn run(shared: &Shared) {
+    let mut datagram = vec![0u8; MAX_PACKET];
+    let mut out = vec![0u8; MAX_PACKET];
+    while !shared.is_stopping() {
+        match shared.udp.recv_from(&mut datagram) {
+            Ok((n, src)) => handle(shared, &datagram[..n], src, &mut out),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
+                ) => {}
+            // ICMP errors from earlier sends surface here on Linux; they say
+            // nothing about this socket's health.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+            Err(e) => {
+                tracing::error!(event = "udp_error", error = %e);
+                std::thread::sleep(super::udp::RECV_TIMEOUT);
+            }
+        }
+    }
+}
+
+/// Handles one datagram from `src`.
+pub fn handle(shared: &Shared, datagram: &[u8], src: SocketAddr, out: &mut [u8]) {
+    let table = shared.table.load();
+    let mut cookie = [0u8; 64];
+    let packet = match shared
+        .rate_limiter
+        .verify_packet(Some(src.ip()), datagram, &mut cookie)
+    {
+        Ok(p) => p,
+        Err(TunnResult::WriteToNetwork(reply)) => {
+            let _ = shared.udp.send_to(reply, src);
+            anon_failure(shared, HandshakeFailure::RateLimited, None, src);
+            return;
+        }
+        Err(TunnResult::Err(WireGuardError::InvalidMac)) => {
+            anon_failure(shared, HandshakeFailure::BadMac, None, src);
+            return;
+        }
+        Err(_) => {
+            malformed(shared, src);
+            return;
+        }
+    };
+    let (pos, kind) = match &packet {
+        Packet::HandshakeInit(init) => {
+            match parse_handshake_anon(&shared.static_secret, &shared.static_public, init) {
+                Ok(half) => match table.by_key(&half.peer_static_public) {
+                    Some(pos) => (pos, Kind::Initiation),
+                    None => {
+                        let key = PublicKey::from_bytes(half.peer_static_public);
+                        refused_key(shared, &table, key, src);
+                        return;
+                    }
+                },
+                Err(_) => {
+                    anon_failure(shared, HandshakeFailure::Decrypt, None, src);
+                    return;
+                }
+            }
+        }
+        Packet::HandshakeResponse(r) => match table.by_receiver(r.receiver_idx) {
+            Some(pos) => (pos, Kind::Response),
+            None => return,
+        },
+        Packet::PacketCookieReply(c) => match table.by_receiver(c.receiver_idx) {
+            Some(pos) => (pos, Kind::Other),
+            None => return,
+        },
+        Packet::PacketData(d) => match table.by_receiver(d.receiver_idx) {
+            Some(pos) => (pos, Kind::Other),
+            None => return,
+        },
+    };
+    let peer = &table.peers[pos];
+    let mut state = peer.lock();
+    let result = state.tunn.decapsulate(Some(src.ip()), datagram, out);
+    if !matches!(result, TunnResult::Err(_)) && state.endpoint != Some(src) {
+        state.endpoint = Some(src);
+    }
+    drop(state);
+    match result {
+        TunnResult::Done => {}
+        TunnResult::Err(e) => peer_failure(shared, peer, e, kind, src),
+        TunnResult::WriteToNetwork(reply) => {
+            let established = match kind {
+                Kind::Initiation => reply.first() == Some(&MSG_HANDSHAKE_RESPONSE),
+                Kind::Response => true,
+                Kind::Other => false,
+            };
+            if kind == Kind::Initiation && !established {
+                // boringtun answered with a cookie: this peer is over its rate.
+                failure_event(shared, peer, HandshakeFailure::RateLimited, src);
+            }
+            let _ = shared.udp.send_to(reply, src);
+            if established {
+                peer.lock().session_up = true;
+                tracing::info!(
+                    event = "handshake",
+                    peer = %peer.name,
+                    public_key = %peer.public_key,
+                    endpoint = %src,
+                    role = if kind == Kind::Initiation { "responder" } else { "initiator" },
+                );
+            }
+            flush_queue(shared, peer, out);
+        }
+        TunnResult::WriteToTunnelV4(ip, _) | TunnResult::WriteToTunnelV6(ip, _) => {
+            deliver(shared, &table, pos, peer, ip);
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Initiation,
+    Response,
+    Other,
+}
+
+/// Applies policy to a decrypted packet and writes it to the TUN device.
+#[inline]
+fn deliver(shared: &Shared, table: &PeerTable, pos: usize, peer: &PeerSlot, ip: &[u8]) {
+    let Some(header) = Header::parse(ip) else {
+        return;
+    };
+    match policy::decide(&pos, &header, &table.routes) {
+        Verdict::Forward => {
+            let _ = shared.tun.send(ip);
+        }
+        Verdict::Noise => {
+            peer.noise.fetch_add(1, Ordering::Relaxed);
+        }
+        Verdict::Deny(reason) => {
+            if peer.denied[reason.index()].hit(shared.clock.now_ms()) {
+                tracing::warn!(
+                    event = "packet_denied",
+                    reason = reason.as_str(),
+                    peer = %peer.name,
+                    public_key = %peer.public_key,
+                    src = %header.src,
+                    dst = %header.dst,
+                    protocol = header.protocol,
+                    count = 1u64,
+                );
+            }
+        }
+    }
+}
+
+/// Sends packets boringtun queued while the session was being established.
+fn flush_queue(shared: &Shared, peer: &PeerSlot, out: &mut [u8]) {
+    loop {
+        let mut state = peer.lock();
+        let endpoint = state.endpoint;
+        match state.tunn.decapsulate(None, &[], out) {
+            TunnResult::WriteToNetwork(packet) => {
+                drop(state);
+                if let Some(ep) = endpoint {
+                    let _ = shared.udp.send_to(packet, ep);
+                }
+            }
+            _ => return,
+        }
+    }
+}
+
+/// A decapsulation error for an identified peer.
+fn peer_failure(
+    shared: &Shared,
+    peer: &PeerSlot,
+    err: WireGuardError,
+    kind: Kind,
+    src: SocketAddr,
+) {
+    let reason = match (kind, err) {
+        (Kind::Other, _) => return, // data-path noise: stale counters, no session
+        (_, WireGuardError::WrongTai64nTimestamp) => HandshakeFailure::Replay,
+        (_, WireGuardError::InvalidMac) => HandshakeFailure::BadMac,
+        (_, WireGuardError::UnderLoad) => HandshakeFailure::RateLimited,
+        _ => HandshakeFailure::Decrypt,
+    };
+    failure_event(shared, peer, reason, src);
+}
+
+fn failure_event(shared: &Shared, peer: &PeerSlot, reason: HandshakeFailure, src: SocketAddr) {
+    if peer.handshake_failures[reason.index()].hit(shared.clock.now_ms()) {
+        tracing::warn!(
+            event = "handshake_failed",
+            reason = reason.as_str(),
+            peer = %peer.name,
+            public_key = %peer.public_key,
+            endpoint = %src,
+            count = 1u64,
+        );
+    }
+}
+
+/// An initiation that authenticated a key which is not (or no longer) admitted.
+fn refused_key(shared: &Shared, table: &PeerTable, key: PublicKey, src: SocketAddr) {
+    match table.inactive(key.as_bytes()) {
+        Some((name, why)) => {
+            let reason = why.failure();
+            if record_anon(shared, reason, Some(key), src) {
+                tracing::warn!(
+                    event = "handshake_failed",
+                    reason = reason.as_str(),
+                    peer = %name,
+                    public_key = %key,
+                    endpoint = %src,
+                    count = 1u64,
+                );
+            }
+        }
+        None => anon_failure(shared, HandshakeFailure::UnknownKey, Some(key), src),
+    }
+}
+
+fn record_anon(
+    shared: &Shared,
+    reason: HandshakeFailure,
+    key: Option<PublicKey>,
+    src: SocketAddr,
+) -> bool {
+    if let Ok(mut last) = shared.anon.last.lock() {
+        last[reason.index()] = Some((key, src));
+    }
+    shared.anon.throttles[reason.index()].hit(shared.clock.now_ms())
+}
+
+fn anon_failure(
+    shared: &Shared,
+    reason: HandshakeFailure,
+    key: Option<PublicKey>,
+    src: SocketAddr,
+) {
+    if record_anon(shared, reason, key, src) {
+        match key {
+            Some(k) => tracing::warn!(
+                event = "handshake_failed",
+                reason = reason.as_str(),
+                public_key = %k,
+                endpoint = %src,
+                count = 1u64,
+            ),
+            None => tracing::warn!(
+                event = "handshake_failed",
+                reason = reason.as_str(),
+                endpoint = %src,
+                count = 1u64,
+            ),
+        }
+    }
+}
+
+fn malformed(shared: &Shared, src: SocketAddr) {
+    if let Ok(mut last) = shared.anon.malformed_last.lock() {
+        *last = Some(src);
+    }
+    if shared.anon.malformed.hit(shared.clock.now_ms()) {
+        tracing::warn!(event = "datagram_dropped", reason = "malformed", endpoint = %src, count = 1u64);
+    }
+}

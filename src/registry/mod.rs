@@ -5,5 +5,6 @@ pub mod alloc;
 pub mod model;
 pub mod store;
 
+pub use alloc::AllocError;
 pub use model::{NameError, Peer, PeerName};
-pub use store::{Store, StoreError};
+pub use store::{NewPeer, Store, StoreError};

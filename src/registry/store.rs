@@ -1,27 +1,599 @@
-//! SQLite peer store (WAL): one transaction per admin action.
-//! STUB — to be implemented (owner: core/CLI helper).
+//! SQLite peer store (WAL): one `BEGIN IMMEDIATE` transaction per admin action, so
+//! concurrent `sitegate peer add` processes queue on the write lock (up to
+//! [`BUSY_TIMEOUT_MS`]) instead of failing, and allocation + insert is atomic.
+//!
+//! Schema changes are numbered migrations recorded in `PRAGMA user_version`.
 
-use crate::config::StoreConfig;
-use crate::registry::Peer;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::OpenOptions;
+use std::net::IpAddr;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
+use ipnet::IpNet;
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
+
+use crate::config::{InterfaceConfig, StoreConfig};
+use crate::keys::{PresharedKey, PublicKey};
+use crate::registry::alloc::{self, AllocError};
+use crate::registry::{Peer, PeerName};
+
+/// How long a writer waits for another process's transaction before failing.
+pub const BUSY_TIMEOUT_MS: u64 = 10_000;
+
+/// Migration `i` brings the schema from version `i` to `i + 1`.
+const MIGRATIONS: &[&str] = &[
+    // 1: peers, their addresses and services, and the revocation list.
+    r#"
+    -- One row per issued peer. Rows are never deleted: revocation sets revoked_at,
+    -- so names and keys stay unique over the store's whole life.
+    CREATE TABLE peers (
+        id             INTEGER PRIMARY KEY,
+        name           TEXT NOT NULL UNIQUE,      -- PeerName: [a-z0-9][a-z0-9_.-]{0,62}
+        public_key     TEXT NOT NULL UNIQUE,      -- base64, as `wg pubkey` prints it
+        preshared_key  TEXT,                      -- base64; NULL when issued with --no-psk
+                                                  -- (stored unsealed until [daemon] seal_key_file acts)
+        created_at     INTEGER NOT NULL,          -- Unix seconds
+        expires_at     INTEGER,                   -- Unix seconds; NULL = never
+        revoked_at     INTEGER,                   -- Unix seconds; NULL = not revoked
+        revoked_reason TEXT,
+        admin          INTEGER NOT NULL DEFAULT 0 CHECK (admin IN (0, 1))
+    );
+
+    -- Tunnel host addresses (no prefix: 10.8.0.7, fd00:8::7), unique across all peers.
+    CREATE TABLE peer_addresses (
+        peer_id  INTEGER NOT NULL REFERENCES peers(id) ON DELETE CASCADE,
+        address  TEXT NOT NULL UNIQUE,
+        PRIMARY KEY (peer_id, address)
+    );
+
+    -- Services (config [[service]] names) a peer may reach.
+    CREATE TABLE peer_services (
+        peer_id  INTEGER NOT NULL REFERENCES peers(id) ON DELETE CASCADE,
+        service  TEXT NOT NULL,
+        PRIMARY KEY (peer_id, service)
+    );
+
+    -- Keys that must never be accepted again (revoked, or rotated out). Kept apart
+    -- from peers so that a key stays refused whatever happens to its peer row.
+    CREATE TABLE revoked_keys (
+        public_key  TEXT PRIMARY KEY,             -- base64
+        peer_name   TEXT NOT NULL,
+        revoked_at  INTEGER NOT NULL,             -- Unix seconds
+        reason      TEXT
+    );
+    "#,
+    // 2 (next issue): audit_head (line count and last hash of the audit chain).
+];
+
+/// Why the store could not do what was asked.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("store error: {0}")]
+    /// `open` found no database file.
+    #[error("no peer store at {}; run `sitegate init`", .path.display())]
+    Missing { path: PathBuf },
+    /// `create` found a file in the way.
+    #[error("a peer store already exists at {}", .path.display())]
+    Exists { path: PathBuf },
+    /// The database file could not be created.
+    #[error("cannot create peer store {}: {source}", .path.display())]
+    Create {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// `store.url = postgres://...` parses but this build has no PostgreSQL driver.
+    #[error("PostgreSQL peer stores (`store.url` = postgres://...) are not supported by this build yet; use sqlite:///PATH")]
+    PostgresUnsupported,
+    /// The database was written by a newer sitegate.
+    #[error("peer store {} has schema version {found}, newer than this sitegate supports ({supported})", .path.display())]
+    TooNew {
+        path: PathBuf,
+        found: i64,
+        supported: i64,
+    },
+    /// A peer of that name exists (revoked ones included).
+    #[error("a peer named `{0}` already exists")]
+    NameTaken(String),
+    /// The public key is issued to another peer.
+    #[error("public key {key} is already issued to peer `{peer}`")]
+    KeyTaken { key: String, peer: String },
+    /// The public key is on the revocation list.
+    #[error("public key {0} was revoked and can never be issued again")]
+    KeyRevoked(String),
+    /// No address, or not the requested one.
+    #[error("{0}")]
+    Address(#[from] AllocError),
+    /// A stored value that does not parse (edited by hand, or a bug).
+    #[error("peer store holds a bad {what} for peer id {id}: `{value}`")]
+    Corrupt {
+        id: i64,
+        what: &'static str,
+        value: String,
+    },
+    /// Any other database error.
+    #[error("peer store: {0}")]
     Sqlite(#[from] rusqlite::Error),
 }
 
+/// What `peer add` stores.
+#[derive(Debug, Clone)]
+pub struct NewPeer {
+    pub name: PeerName,
+    pub public_key: PublicKey,
+    pub preshared_key: Option<PresharedKey>,
+    /// Chosen with `--address` (either family); otherwise the lowest free address
+    /// is allocated. The other family (if the tunnel has IPv6) is always allocated.
+    pub address: Option<IpAddr>,
+    pub services: Vec<String>,
+    pub created_at: i64,
+    pub expires_at: Option<i64>,
+    pub admin: bool,
+}
+
+/// An open peer store.
 pub struct Store {
-    #[allow(dead_code)]
-    conn: rusqlite::Connection,
+    conn: Connection,
+    path: PathBuf,
 }
 
 impl Store {
-    /// Opens an existing store.
-    pub fn open(_cfg: &StoreConfig) -> Result<Store, StoreError> {
-        todo!()
+    /// Opens an existing store, applying pending migrations.
+    ///
+    /// # Errors
+    /// [`StoreError::Missing`] when there is no database file; PostgreSQL is not
+    /// supported yet; database errors.
+    pub fn open(cfg: &StoreConfig) -> Result<Store, StoreError> {
+        let path = sqlite_path(cfg)?;
+        if !path.exists() {
+            return Err(StoreError::Missing { path });
+        }
+        let conn = Connection::open_with_flags(
+            &path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        Self::setup(conn, path)
     }
-    /// Every peer, revoked and expired included, ordered by id.
+
+    /// Creates a new, empty store (file mode 0600, WAL mode).
+    ///
+    /// # Errors
+    /// [`StoreError::Exists`] when the file exists; I/O and database errors.
+    pub fn create(cfg: &StoreConfig) -> Result<Store, StoreError> {
+        let path = sqlite_path(cfg)?;
+        // Created here with mode 0600 (it holds PSKs); SQLite gives its -wal and
+        // -shm files the same mode.
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|source| match source.kind() {
+                std::io::ErrorKind::AlreadyExists => StoreError::Exists { path: path.clone() },
+                _ => StoreError::Create {
+                    path: path.clone(),
+                    source,
+                },
+            })?;
+        let conn = Connection::open_with_flags(
+            &path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))?;
+        Self::setup(conn, path)
+    }
+
+    fn setup(mut conn: Connection, path: PathBuf) -> Result<Store, StoreError> {
+        conn.busy_timeout(Duration::from_millis(BUSY_TIMEOUT_MS))?;
+        // FULL: a commit survives power loss, not only a process crash.
+        conn.execute_batch("PRAGMA foreign_keys = ON; PRAGMA synchronous = FULL;")?;
+        migrate(&mut conn, &path)?;
+        Ok(Store { conn, path })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// SQLite's `PRAGMA data_version`: changes whenever another connection (another
+    /// process) commits, so the daemon can poll it cheaply and reload on change.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn data_version(&self) -> Result<i64, StoreError> {
+        Ok(self
+            .conn
+            .query_row("PRAGMA data_version", [], |r| r.get(0))?)
+    }
+
+    /// Every peer, revoked and expired included, ordered by id; addresses sorted
+    /// IPv4 first, services by name. Read in one snapshot.
+    ///
+    /// # Errors
+    /// Database errors; [`StoreError::Corrupt`] for values that do not parse.
     pub fn peers(&self) -> Result<Vec<Peer>, StoreError> {
-        todo!()
+        let tx = self.conn.unchecked_transaction()?;
+        let peers = read_peers(&tx)?;
+        tx.commit()?;
+        Ok(peers)
+    }
+
+    /// Issues a peer in one transaction: checks name and key are unused (and the
+    /// key not revoked), allocates or checks its address(es) in the tunnel subnets
+    /// of `iface`, inserts it with its services.
+    ///
+    /// # Errors
+    /// [`StoreError::NameTaken`], [`StoreError::KeyTaken`], [`StoreError::KeyRevoked`],
+    /// [`StoreError::Address`]; database errors. On error nothing is written.
+    pub fn add_peer(&mut self, iface: &InterfaceConfig, new: NewPeer) -> Result<Peer, StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let name = new.name.as_str();
+        if tx
+            .query_row("SELECT 1 FROM peers WHERE name = ?1", [name], |_| Ok(()))
+            .optional()?
+            .is_some()
+        {
+            return Err(StoreError::NameTaken(name.to_string()));
+        }
+        let key = new.public_key.to_base64();
+        if let Some(peer) = tx
+            .query_row(
+                "SELECT name FROM peers WHERE public_key = ?1",
+                [&key],
+                |r| r.get::<_, String>(0),
+            )
+            .optional()?
+        {
+            return Err(StoreError::KeyTaken { key, peer });
+        }
+        if tx
+            .query_row(
+                "SELECT 1 FROM revoked_keys WHERE public_key = ?1",
+                [&key],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some()
+        {
+            return Err(StoreError::KeyRevoked(key));
+        }
+
+        let mut used = BTreeSet::new();
+        let mut stmt = tx.prepare("SELECT address FROM peer_addresses")?;
+        for row in stmt.query_map([], |r| r.get::<_, String>(0))? {
+            // A row that does not parse cannot collide with a valid address.
+            if let Ok(ip) = row?.parse::<IpAddr>() {
+                used.insert(ip);
+            }
+        }
+        drop(stmt);
+        let nets: Vec<IpNet> = std::iter::once(IpNet::V4(iface.address_v4))
+            .chain(iface.address_v6.map(IpNet::V6))
+            .collect();
+        let mut addresses = Vec::new();
+        if let Some(addr) = new.address {
+            let net = nets
+                .iter()
+                .find(|n| n.addr().is_ipv4() == addr.is_ipv4())
+                .copied()
+                .unwrap_or(nets[0]);
+            alloc::check_explicit(net, addr, &used)?;
+            addresses.push(addr);
+        }
+        for net in &nets {
+            if !addresses
+                .iter()
+                .any(|a| a.is_ipv4() == net.addr().is_ipv4())
+            {
+                addresses.push(alloc::next_free(*net, &used)?);
+            }
+        }
+        addresses.sort();
+
+        tx.execute(
+            "INSERT INTO peers (name, public_key, preshared_key, created_at, expires_at, admin)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                name,
+                key,
+                new.preshared_key.as_ref().map(PresharedKey::to_base64),
+                new.created_at,
+                new.expires_at,
+                new.admin
+            ],
+        )?;
+        let id = tx.last_insert_rowid();
+        for a in &addresses {
+            tx.execute(
+                "INSERT INTO peer_addresses (peer_id, address) VALUES (?1, ?2)",
+                params![id, a.to_string()],
+            )?;
+        }
+        let mut services = new.services.clone();
+        services.sort();
+        services.dedup();
+        for s in &services {
+            tx.execute(
+                "INSERT INTO peer_services (peer_id, service) VALUES (?1, ?2)",
+                params![id, s],
+            )?;
+        }
+        tx.commit()?;
+        Ok(Peer {
+            id,
+            name: new.name,
+            public_key: new.public_key,
+            preshared_key: new.preshared_key,
+            addresses,
+            created_at: new.created_at,
+            expires_at: new.expires_at,
+            revoked_at: None,
+            revoked_reason: None,
+            admin: new.admin,
+            services,
+        })
+    }
+}
+
+fn read_peers(tx: &rusqlite::Transaction<'_>) -> Result<Vec<Peer>, StoreError> {
+    let mut addresses: BTreeMap<i64, Vec<IpAddr>> = BTreeMap::new();
+    let mut stmt = tx.prepare("SELECT peer_id, address FROM peer_addresses")?;
+    for row in stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))? {
+        let (id, text) = row?;
+        let ip = text.parse().map_err(|_| corrupt(id, "address", &text))?;
+        addresses.entry(id).or_default().push(ip);
+    }
+    let mut services: BTreeMap<i64, Vec<String>> = BTreeMap::new();
+    let mut stmt = tx.prepare("SELECT peer_id, service FROM peer_services ORDER BY service")?;
+    for row in stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))? {
+        let (id, svc) = row?;
+        services.entry(id).or_default().push(svc);
+    }
+    let mut stmt = tx.prepare(
+        "SELECT id, name, public_key, preshared_key, created_at, expires_at,
+                    revoked_at, revoked_reason, admin
+             FROM peers ORDER BY id",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, i64>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, String>(2)?,
+            r.get::<_, Option<String>>(3)?,
+            r.get::<_, i64>(4)?,
+            r.get::<_, Option<i64>>(5)?,
+            r.get::<_, Option<i64>>(6)?,
+            r.get::<_, Option<String>>(7)?,
+            r.get::<_, bool>(8)?,
+        ))
+    })?;
+    let mut peers = Vec::new();
+    for row in rows {
+        let (id, name, pk, psk, created_at, expires_at, revoked_at, revoked_reason, admin) = row?;
+        let mut addrs = addresses.remove(&id).unwrap_or_default();
+        addrs.sort();
+        peers.push(Peer {
+            id,
+            name: PeerName::new(&name).map_err(|_| corrupt(id, "name", &name))?,
+            public_key: PublicKey::from_base64(&pk).map_err(|_| corrupt(id, "public key", &pk))?,
+            preshared_key: match psk {
+                Some(s) => Some(
+                    PresharedKey::from_base64(&s)
+                        .map_err(|_| corrupt(id, "preshared key", "<redacted>"))?,
+                ),
+                None => None,
+            },
+            addresses: addrs,
+            created_at,
+            expires_at,
+            revoked_at,
+            revoked_reason,
+            admin,
+            services: services.remove(&id).unwrap_or_default(),
+        });
+    }
+    Ok(peers)
+}
+
+fn sqlite_path(cfg: &StoreConfig) -> Result<PathBuf, StoreError> {
+    match cfg {
+        StoreConfig::Sqlite { path } => Ok(path.clone()),
+        StoreConfig::Postgres { .. } => Err(StoreError::PostgresUnsupported),
+    }
+}
+
+fn corrupt(id: i64, what: &'static str, value: &str) -> StoreError {
+    StoreError::Corrupt {
+        id,
+        what,
+        value: value.to_string(),
+    }
+}
+
+/// Applies pending migrations, each with its version bump in one transaction.
+fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
+    let supported = MIGRATIONS.len() as i64;
+    let current: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if current == supported {
+        return Ok(()); // the common case takes no write lock
+    }
+    loop {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if version > supported {
+            return Err(StoreError::TooNew {
+                path: path.to_path_buf(),
+                found: version,
+                supported,
+            });
+        }
+        let Some(sql) = usize::try_from(version)
+            .ok()
+            .and_then(|v| MIGRATIONS.get(v))
+        else {
+            return Ok(());
+        };
+        tx.execute_batch(sql)?;
+        tx.execute_batch(&format!("PRAGMA user_version = {}", version + 1))?;
+        tx.commit()?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn iface(addr: &str) -> InterfaceConfig {
+        let text = format!(
+            "[interface]\nname='sg0'\nprivate_key_file='/k'\naddress={addr}\nendpoint='h:1'\n[store]\nurl='sqlite:///d.db'\n"
+        );
+        Config::parse(Path::new("/x/s.toml"), &text)
+            .unwrap()
+            .interface
+    }
+
+    fn temp_store(tag: &str) -> (StoreConfig, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("sitegate-store-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        (
+            StoreConfig::Sqlite {
+                path: dir.join("s.db"),
+            },
+            dir,
+        )
+    }
+
+    fn new_peer(name: &str) -> NewPeer {
+        NewPeer {
+            name: PeerName::new(name).unwrap(),
+            public_key: crate::keys::PrivateKey::generate().public_key(),
+            preshared_key: Some(PresharedKey::generate()),
+            address: None,
+            services: vec!["sftp".into()],
+            created_at: 1_700_000_000,
+            expires_at: None,
+            admin: false,
+        }
+    }
+
+    /// Create → add → reopen round-trips peers; open refuses a missing store and create an existing one.
+    #[test]
+    fn create_add_reopen() {
+        let (cfg, dir) = temp_store("roundtrip");
+        let e = Store::open(&cfg).err().unwrap().to_string();
+        assert!(
+            e.starts_with("no peer store at ") && e.ends_with("; run `sitegate init`"),
+            "{e}"
+        );
+        let mut s = Store::create(&cfg).unwrap();
+        let i = iface("'10.8.0.1/24'");
+        let a = s.add_peer(&i, new_peer("alice")).unwrap();
+        let b = s.add_peer(&i, new_peer("bob")).unwrap();
+        assert_eq!(a.addresses, vec!["10.8.0.2".parse::<IpAddr>().unwrap()]);
+        assert_eq!(b.addresses, vec!["10.8.0.3".parse::<IpAddr>().unwrap()]);
+        drop(s);
+        assert!(matches!(
+            Store::create(&cfg),
+            Err(StoreError::Exists { .. })
+        ));
+        let s = Store::open(&cfg).unwrap();
+        let peers = s.peers().unwrap();
+        assert_eq!(peers.len(), 2);
+        assert_eq!(peers[0].name.as_str(), "alice");
+        assert_eq!(peers[0].public_key, a.public_key);
+        assert_eq!(peers[0].preshared_key, a.preshared_key);
+        assert_eq!(peers[1].services, vec!["sftp".to_string()]);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(s.path()).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// Duplicate names, reused keys and bad explicit addresses are refused and nothing is written.
+    #[test]
+    fn conflicts_leave_store_unchanged() {
+        let (cfg, dir) = temp_store("conflicts");
+        let mut s = Store::create(&cfg).unwrap();
+        let i = iface("'10.8.0.1/24'");
+        let a = s.add_peer(&i, new_peer("alice")).unwrap();
+        let e = s.add_peer(&i, new_peer("alice")).unwrap_err();
+        assert_eq!(e.to_string(), "a peer named `alice` already exists");
+        let mut same_key = new_peer("carol");
+        same_key.public_key = a.public_key;
+        assert!(matches!(
+            s.add_peer(&i, same_key),
+            Err(StoreError::KeyTaken { .. })
+        ));
+        let mut taken = new_peer("dave");
+        taken.address = Some("10.8.0.2".parse().unwrap());
+        let e = s.add_peer(&i, taken).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "address 10.8.0.2 is already assigned to another peer"
+        );
+        assert_eq!(s.peers().unwrap().len(), 1);
+        let mut explicit = new_peer("erin");
+        explicit.address = Some("10.8.0.77".parse().unwrap());
+        assert_eq!(
+            s.add_peer(&i, explicit).unwrap().addresses[0].to_string(),
+            "10.8.0.77"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// With an IPv6 tunnel address each peer gets one address per family.
+    #[test]
+    fn dual_stack() {
+        let (cfg, dir) = temp_store("dual");
+        let mut s = Store::create(&cfg).unwrap();
+        let i = iface("['10.8.0.1/24', 'fd00:8::1/64']");
+        let p = s.add_peer(&i, new_peer("alice")).unwrap();
+        let shown: Vec<String> = p.addresses.iter().map(|a| a.to_string()).collect();
+        assert_eq!(shown, ["10.8.0.2", "fd00:8::2"]);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// data_version changes when another connection commits.
+    #[test]
+    fn data_version_sees_other_writers() {
+        let (cfg, dir) = temp_store("dv");
+        let mut writer = Store::create(&cfg).unwrap();
+        let reader = Store::open(&cfg).unwrap();
+        let before = reader.data_version().unwrap();
+        writer
+            .add_peer(&iface("'10.8.0.1/24'"), new_peer("alice"))
+            .unwrap();
+        assert_ne!(reader.data_version().unwrap(), before);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// Parallel writers on separate connections all succeed with distinct addresses.
+    #[test]
+    fn concurrent_adds() {
+        let (cfg, dir) = temp_store("concurrent");
+        drop(Store::create(&cfg).unwrap());
+        let handles: Vec<_> = (0..8)
+            .map(|n| {
+                let cfg = cfg.clone();
+                std::thread::spawn(move || {
+                    let mut s = Store::open(&cfg).unwrap();
+                    s.add_peer(&iface("'10.8.0.1/24'"), new_peer(&format!("p{n}")))
+                        .unwrap()
+                })
+            })
+            .collect();
+        let mut addrs: Vec<IpAddr> = handles
+            .into_iter()
+            .map(|h| h.join().unwrap().addresses[0])
+            .collect();
+        addrs.sort();
+        addrs.dedup();
+        assert_eq!(addrs.len(), 8);
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }

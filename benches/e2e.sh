@@ -1,0 +1,234 @@
+#!/usr/bin/env bash
+# End-to-end throughput: one stock wireguard-go site (wg-quick) in namespace
+# `client`, the gateway under test in namespace `gw`, a veth between them, and a
+# single iperf3 TCP stream from the site to the gateway's tunnel address.
+#
+# The same namespaces, keys and addresses are used for every gateway:
+#   sitegate       `sitegate run` with a config from `sitegate init` + `peer add`
+#   wireguard-go   configured with `wg set` from the same keys
+#   boringtun-cli  likewise, only when it is on PATH (never installed here)
+#
+# The site (wireguard-go) is the bottleneck on small machines, so compare gateways
+# by gateway CPU seconds per GB (utime+stime from /proc/PID/stat) as well as Mbit/s.
+#
+# Usage: sudo benches/e2e.sh [--json] [--time SECS] [--bin PATH] [--only NAME[,NAME]]
+set -euo pipefail
+
+secs=10
+json=0
+bin=""
+only=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --json) json=1 ;;
+    --time) secs="$2"; shift ;;
+    --bin) bin="$2"; shift ;;
+    --only) only="$2"; shift ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    *) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+[ "$(id -u)" = 0 ] || { echo "e2e.sh needs root (network namespaces)" >&2; exit 1; }
+for t in ip wg wg-quick wireguard-go iperf3 python3; do
+  command -v "$t" >/dev/null || { echo "e2e.sh needs $t (see .ci/run for the packages)" >&2; exit 1; }
+done
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+if [ -z "$bin" ]; then
+  (cd "$root" && cargo build --release --quiet --bin sitegate) >&2
+  bin="$root/target/release/sitegate"
+fi
+
+tag=$$
+GW=sgb-gw-$tag
+CL=sgb-client-$tag
+GIF=sgbg$tag        # gateway wg/TUN interface
+CIF=sgbc$tag        # site wg interface
+work=$(mktemp -d /tmp/sitegate-bench.XXXXXX)
+export WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1
+export WG_QUICK_USERSPACE_IMPLEMENTATION=wireguard-go
+gwpid=""
+
+log() { [ "$json" = 1 ] || echo "# $*" >&2; }
+
+stop_gateway() {
+  if [ -n "$gwpid" ] && kill -0 "$gwpid" 2>/dev/null; then
+    kill -TERM "$gwpid" 2>/dev/null || true
+    for _ in $(seq 50); do kill -0 "$gwpid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$gwpid" 2>/dev/null || true
+    wait "$gwpid" 2>/dev/null || true
+  fi
+  gwpid=""
+  ip -n "$GW" link del "$GIF" 2>/dev/null || true
+  rm -f "/var/run/wireguard/$GIF.sock"
+}
+
+cleanup() {
+  set +e
+  ip netns exec "$CL" wg-quick down "$work/$CIF.conf" >/dev/null 2>&1
+  stop_gateway
+  for ns in "$CL" "$GW"; do
+    for p in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$p" 2>/dev/null; done
+    ip netns del "$ns" 2>/dev/null
+  done
+  rm -f "/var/run/wireguard/$CIF.sock" "/var/run/wireguard/$GIF.sock"
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+ip netns add "$GW"
+ip netns add "$CL"
+ip -n "$GW" link set lo up
+ip -n "$CL" link set lo up
+ip link add "sgbv$tag" netns "$GW" type veth peer name "sgbw$tag" netns "$CL"
+ip -n "$GW" addr add 172.31.250.1/24 dev "sgbv$tag"
+ip -n "$CL" addr add 172.31.250.2/24 dev "sgbw$tag"
+ip -n "$GW" link set "sgbv$tag" up
+ip -n "$CL" link set "sgbw$tag" up
+
+# Keys and addresses: issued by sitegate, reused for every gateway.
+cfg="$work/sitegate.toml"
+have_sitegate=1
+if "$bin" --config "$cfg" init --endpoint 172.31.250.1:51820 --interface "$GIF" \
+     --subnet 10.8.0.0/24 >/dev/null 2>"$work/init.err" &&
+   "$bin" --config "$cfg" peer add bench --output "$work/issued.conf" >/dev/null 2>>"$work/init.err" &&
+   [ -s "$cfg" ] && grep -q '^\[Peer\]' "$work/issued.conf" 2>/dev/null; then
+  keyfile=$(sed -nE 's/^[[:space:]]*private_key_file[[:space:]]*=[[:space:]]*"(.*)".*/\1/p' "$cfg" | head -n1)
+  case "$keyfile" in /*) ;; *) keyfile="$(dirname "$cfg")/$keyfile" ;; esac
+else
+  # No working `init`/`peer add`: same shape of config from wg, sitegate row skipped.
+  log "sitegate init/peer add failed ($(head -n1 "$work/init.err")); keys from wg genkey"
+  have_sitegate=0
+  keyfile="$work/server.key"
+  (umask 077; wg genkey >"$keyfile")
+  cat >"$work/issued.conf" <<EOF
+[Interface]
+PrivateKey = $(wg genkey)
+Address = 10.8.0.2/32
+
+[Peer]
+PublicKey = $(wg pubkey <"$keyfile")
+PresharedKey = $(wg genpsk)
+Endpoint = 172.31.250.1:51820
+AllowedIPs = 0.0.0.0/0, ::/0
+PersistentKeepalive = 25
+EOF
+fi
+grep -viE '^[[:space:]]*DNS[[:space:]]*=' "$work/issued.conf" >"$work/$CIF.conf"
+chmod 600 "$work/$CIF.conf"
+conf_get() { sed -nE "s/^[[:space:]]*$1[[:space:]]*=[[:space:]]*(.*)$/\1/p" "$work/$CIF.conf" | head -n1; }
+conf_get PrivateKey | wg pubkey >"$work/client.pub"
+conf_get PresharedKey >"$work/psk"
+chmod 600 "$work/psk"
+client_ip=$(conf_get Address | cut -d, -f1 | cut -d/ -f1)
+
+# Brings up a stock userspace gateway ($1 = wireguard-go | boringtun-cli) with wg set.
+start_stock_gateway() {
+  case "$1" in
+    wireguard-go) ip netns exec "$GW" wireguard-go -f "$GIF" >"$work/gw.log" 2>&1 & ;;
+    boringtun-cli) ip netns exec "$GW" env WG_SUDO=1 boringtun-cli --foreground \
+                     --disable-drop-privileges "$GIF" >"$work/gw.log" 2>&1 & ;;
+  esac
+  gwpid=$!
+  for _ in $(seq 100); do [ -S "/var/run/wireguard/$GIF.sock" ] && break; sleep 0.1; done
+  ip netns exec "$GW" wg set "$GIF" listen-port 51820 private-key "$keyfile" \
+    peer "$(cat "$work/client.pub")" preshared-key "$work/psk" allowed-ips "$client_ip/32"
+  ip -n "$GW" addr add 10.8.0.1/24 dev "$GIF"
+  ip -n "$GW" link set "$GIF" mtu 1420 up
+}
+
+start_sitegate() {
+  ip netns exec "$GW" "$bin" --config "$cfg" run 2>"$work/gw.log" >/dev/null &
+  gwpid=$!
+  for _ in $(seq 100); do
+    ip -n "$GW" link show "$GIF" >/dev/null 2>&1 && break
+    kill -0 "$gwpid" 2>/dev/null || break
+    sleep 0.1
+  done
+}
+
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+
+results="$work/results.jsonl"
+: >"$results"
+
+bench_one() {
+  local name=$1
+  log "gateway: $name"
+  case "$name" in
+    sitegate)
+      if [ "$have_sitegate" = 0 ]; then
+        echo '{"gateway":"sitegate","error":"init or peer add failed"}' >>"$results"; return
+      fi
+      start_sitegate ;;
+    *) start_stock_gateway "$name" ;;
+  esac
+  if ! kill -0 "$gwpid" 2>/dev/null; then
+    log "$name did not start: $(tail -n 3 "$work/gw.log")"
+    echo "{\"gateway\":\"$name\",\"error\":\"did not start\"}" >>"$results"
+    stop_gateway; return
+  fi
+  ip netns exec "$CL" wg-quick up "$work/$CIF.conf" >/dev/null 2>&1
+  local ok=0
+  for _ in $(seq 20); do
+    if ip netns exec "$CL" ping -n -c 1 -W 1 10.8.0.1 >/dev/null 2>&1; then ok=1; break; fi
+  done
+  if [ "$ok" = 1 ]; then
+    ip netns exec "$GW" iperf3 -s -B 10.8.0.1 -1 >/dev/null 2>&1 &
+    local srv=$!
+    for _ in $(seq 50); do
+      ip netns exec "$GW" ss -ltnH 'sport = :5201' | grep -q . && break; sleep 0.1
+    done
+    local t0 t1
+    t0=$(cpu_ticks "$gwpid")
+    if ip netns exec "$CL" iperf3 -c 10.8.0.1 -t "$secs" -J >"$work/iperf.json" 2>/dev/null; then
+      t1=$(cpu_ticks "$gwpid")
+      python3 - "$name" "$t0" "$t1" "$(getconf CLK_TCK)" "$work/iperf.json" >>"$results" <<'PY'
+import json, sys
+name, t0, t1, hz, path = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+end = json.load(open(path))["end"]
+recv = end["sum_received"]
+cpu = (t1 - t0) / hz
+gb = recv["bytes"] / 1e9
+print(json.dumps({"gateway": name, "mbit_s": round(recv["bits_per_second"] / 1e6, 1),
+                  "bytes": recv["bytes"], "seconds": round(recv["seconds"], 2),
+                  "retransmits": end.get("sum_sent", {}).get("retransmits"),
+                  "gateway_cpu_s": round(cpu, 2),
+                  "gateway_cpu_s_per_gb": round(cpu / gb, 2) if gb else None}))
+PY
+    else
+      echo "{\"gateway\":\"$name\",\"error\":\"iperf3 failed\"}" >>"$results"
+    fi
+    kill "$srv" 2>/dev/null || true
+    wait "$srv" 2>/dev/null || true
+  else
+    log "$name: no ping through the tunnel; gateway log tail:"
+    [ "$json" = 1 ] || tail -n 5 "$work/gw.log" >&2
+    echo "{\"gateway\":\"$name\",\"error\":\"no connectivity\"}" >>"$results"
+  fi
+  ip netns exec "$CL" wg-quick down "$work/$CIF.conf" >/dev/null 2>&1 || true
+  stop_gateway
+}
+
+gateways="sitegate wireguard-go"
+command -v boringtun-cli >/dev/null && gateways="$gateways boringtun-cli"
+[ -n "$only" ] && gateways=${only//,/ }
+for g in $gateways; do bench_one "$g"; done
+
+python3 - "$json" "$secs" "$results" <<'PY'
+import json, sys
+as_json, secs, path = sys.argv[1] == "1", sys.argv[2], sys.argv[3]
+rows = [json.loads(l) for l in open(path) if l.strip()]
+if as_json:
+    print(json.dumps({"test": "single TCP stream, iperf3 -t " + secs, "results": rows}, indent=2))
+    sys.exit(0)
+print(f"single TCP stream, site (wireguard-go) -> gateway, iperf3 -t {secs}")
+print(f"{'gateway':<15} {'Mbit/s':>9} {'CPU s/GB':>9} {'retrans':>8}")
+for r in rows:
+    if "error" in r:
+        print(f"{r['gateway']:<15} {'-':>9} {'-':>9} {'-':>8}  ({r['error']})")
+    else:
+        print(f"{r['gateway']:<15} {r['mbit_s']:>9} {r['gateway_cpu_s_per_gb']:>9} {str(r['retransmits']):>8}")
+PY

@@ -1,1 +1,897 @@
-//! clap command tree. STUB.
+//! The clap command tree (the `///` comments are the help) and the admin
+//! commands behind it. Errors are `anyhow` here: each is one sentence naming the
+//! file, flag or value at fault, printed by `main` as `error: ...`.
+
+use std::fs::{self, OpenOptions};
+use std::io::{Read, Write};
+use std::net::IpAddr;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use ipnet::Ipv4Net;
+
+use crate::clientconf::{self, ClientConfig};
+use crate::config::validate::{check_endpoint, check_ifname, first_host_v4};
+use crate::config::{Config, StoreConfig, DEFAULT_CONFIG_PATH};
+use crate::keys::{PresharedKey, PrivateKey, PublicKey};
+use crate::registry::{NewPeer, PeerName, Store};
+
+/// Userspace WireGuard gateway: issued keys only, full tunnel, audited.
+#[derive(Debug, Parser)]
+#[command(name = "sitegate", version)]
+pub struct Cli {
+    /// Config file.
+    #[arg(
+        long,
+        global = true,
+        value_name = "PATH",
+        env = "SITEGATE_CONFIG",
+        default_value = DEFAULT_CONFIG_PATH
+    )]
+    pub config: PathBuf,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Write a commented config, the server private key (mode 0600) and an empty
+    /// peer store. Refuses to overwrite any of them without --force.
+    Init(InitArgs),
+    /// Run the gateway in the foreground, logging to stderr. SIGHUP reloads the
+    /// peer store; SIGTERM/SIGINT shut down cleanly.
+    Run,
+    /// Issue, revoke, rotate and list peers.
+    #[command(subcommand)]
+    Peer(PeerCommand),
+    /// The daemon's live view, like `wg show`.
+    Status {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Security self-check; exits 0 only when every check passes.
+    Check,
+    /// The audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// Print a new private key (base64) on stdout, like `wg genkey`.
+    Genkey,
+    /// Read a private key on stdin, print its public key, like `wg pubkey`.
+    Pubkey,
+}
+
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// What issued client configs dial: HOST:PORT.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub endpoint: String,
+    /// Tunnel subnet; the gateway takes its first host address, or the address
+    /// given (10.8.0.1/24 means gateway 10.8.0.1 in 10.8.0.0/24).
+    #[arg(long, value_name = "CIDR", default_value = "10.8.0.0/24")]
+    pub subnet: String,
+    /// TUN device name.
+    #[arg(long, value_name = "NAME", default_value = "sg0")]
+    pub interface: String,
+    /// UDP port to listen on.
+    #[arg(long, value_name = "N", default_value_t = 51820)]
+    pub listen_port: u16,
+    /// Where full-tunnel traffic leaves (default: the interface of the default route).
+    #[arg(long, value_name = "IFACE")]
+    pub egress: Option<String>,
+    /// Overwrite an existing config, key and store (all issued peers are lost).
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PeerCommand {
+    /// Issue a peer: allocate a tunnel address, generate a preshared key and
+    /// (without --public-key) a key pair, and print its client config.
+    Add(PeerAddArgs),
+    /// Revoke a peer; its key stays on the revocation list.
+    Revoke {
+        name: String,
+        /// Why (recorded in the store and the audit log).
+        #[arg(long, value_name = "TEXT")]
+        reason: Option<String>,
+    },
+    /// Replace a peer's key (and preshared key); the old key becomes revoked.
+    Rotate {
+        name: String,
+        /// The peer's new public key (default: generate a key pair).
+        #[arg(long, value_name = "KEY")]
+        public_key: Option<String>,
+    },
+    /// List issued peers.
+    List {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one peer.
+    Show {
+        name: String,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct PeerAddArgs {
+    /// Peer name: 1 to 63 of a-z, 0-9, `_`, `.`, `-`, starting with a letter or digit.
+    #[arg(allow_hyphen_values = true)]
+    pub name: String,
+    /// The peer's own public key; then the printed config has no PrivateKey line.
+    #[arg(long, value_name = "KEY")]
+    pub public_key: Option<String>,
+    /// Tunnel address (default: the lowest free one).
+    #[arg(long, value_name = "IP")]
+    pub address: Option<String>,
+    /// A `[[service]]` the peer may reach; repeatable (default: the services marked `default = true`).
+    #[arg(long = "service", value_name = "NAME")]
+    pub services: Vec<String>,
+    /// Expiry: a duration (8s, 30m, 12h, 30d) from now, or a date YYYY-MM-DD (00:00 UTC).
+    #[arg(long, value_name = "DURATION|DATE")]
+    pub expires: Option<String>,
+    /// Issue without a preshared key.
+    #[arg(long)]
+    pub no_psk: bool,
+    /// Allow this peer to use the admin API.
+    #[arg(long)]
+    pub admin: bool,
+    /// Write the client config to FILE (created with mode 0600; must not exist).
+    #[arg(long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// Print the client config as a terminal QR code.
+    #[arg(long)]
+    pub qr: bool,
+    /// Add wg-quick PostUp/PreDown rules rejecting traffic outside the tunnel (Linux sites).
+    #[arg(long)]
+    pub kill_switch: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Verify the audit log's hash chain; exit 0 when intact, 1 naming the first bad line.
+    Verify {
+        /// Audit file (default: `[log] audit_file`, checked against the head in the store).
+        file: Option<PathBuf>,
+    },
+}
+
+/// A command declared in the spec but not built yet.
+pub fn not_implemented(what: &str) -> Result<()> {
+    bail!("`sitegate {what}` is not implemented yet")
+}
+
+/// `sitegate run`: load (refusing a bad config or loose key file before anything
+/// is created), then hand over to the daemon.
+pub fn run(config: &Path) -> Result<()> {
+    let cfg = Config::load(config)?;
+    crate::events::init_tracing(cfg.log.format);
+    crate::daemon::run_until_signal(cfg)
+}
+
+/// `sitegate genkey`.
+pub fn genkey() -> Result<()> {
+    write_stdout(&format!("{}\n", PrivateKey::generate().to_base64()))
+}
+
+/// `sitegate pubkey`.
+pub fn pubkey() -> Result<()> {
+    let mut text = String::new();
+    std::io::stdin()
+        .take(1024)
+        .read_to_string(&mut text)
+        .context("cannot read a private key from stdin")?;
+    // The input is a secret: never echo it in the error.
+    let key = PrivateKey::from_base64(&text).map_err(|_| {
+        anyhow!("stdin does not hold a WireGuard private key (44 characters of base64)")
+    })?;
+    zeroize::Zeroize::zeroize(&mut text);
+    write_stdout(&format!("{}\n", key.public_key().to_base64()))
+}
+
+fn write_stdout(text: &str) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .context("cannot write to stdout")
+}
+
+/// Where `init` puts things.
+struct InitPaths {
+    config: PathBuf,
+    key: PathBuf,
+    db: PathBuf,
+    audit: PathBuf,
+    token: PathBuf,
+    seal: PathBuf,
+}
+
+impl InitPaths {
+    /// FHS paths for the default config path; otherwise everything beside the config.
+    fn new(config: &Path) -> Result<Self> {
+        if config == Path::new(DEFAULT_CONFIG_PATH) {
+            return Ok(Self {
+                config: config.to_path_buf(),
+                key: "/etc/sitegate/server.key".into(),
+                db: "/var/lib/sitegate/sitegate.db".into(),
+                audit: "/var/log/sitegate/audit.jsonl".into(),
+                token: "/etc/sitegate/api.token".into(),
+                seal: "/etc/sitegate/seal.key".into(),
+            });
+        }
+        let config = std::path::absolute(config)
+            .with_context(|| format!("cannot resolve --config {}", config.display()))?;
+        let dir = config.parent().unwrap_or(Path::new("/")).to_path_buf();
+        Ok(Self {
+            config,
+            key: dir.join("server.key"),
+            db: dir.join("sitegate.db"),
+            audit: dir.join("audit.jsonl"),
+            token: dir.join("api.token"),
+            seal: dir.join("seal.key"),
+        })
+    }
+}
+
+/// `sitegate init`.
+pub fn init(config: &Path, a: &InitArgs) -> Result<()> {
+    check_endpoint(&a.endpoint).map_err(|why| anyhow!("--endpoint `{}` {why}", a.endpoint))?;
+    check_ifname(&a.interface).map_err(|why| anyhow!("--interface `{}` {why}", a.interface))?;
+    if let Some(e) = &a.egress {
+        check_ifname(e).map_err(|why| anyhow!("--egress `{e}` {why}"))?;
+    }
+    if a.listen_port == 0 {
+        bail!("--listen-port 0 is not a port from 1 to 65535");
+    }
+    let gateway = gateway_from_subnet(&a.subnet)?;
+    let paths = InitPaths::new(config)?;
+    let egress = a.egress.clone().or_else(default_route_interface);
+    let user_exists = matches!(nix::unistd::User::from_name("sitegate"), Ok(Some(_)));
+    let text = render_init_config(a, gateway, &paths, egress.as_deref(), user_exists);
+    // What we write must load; a failure here is a bug, not a user error.
+    Config::parse(&paths.config, &text)
+        .context("internal error: the generated config does not validate")?;
+
+    let secrets = [&paths.key, &paths.token, &paths.seal];
+    if !a.force {
+        for p in [&paths.config, &paths.db].into_iter().chain(secrets) {
+            if p.symlink_metadata().is_ok() {
+                bail!(
+                    "{} already exists; pass --force to overwrite it",
+                    p.display()
+                );
+            }
+        }
+    }
+    for p in [
+        &paths.config,
+        &paths.key,
+        &paths.db,
+        &paths.audit,
+        &paths.token,
+        &paths.seal,
+    ] {
+        if let Some(dir) = p.parent() {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .with_context(|| format!("cannot create directory {}", dir.display()))?;
+        }
+    }
+    let server_key = PrivateKey::generate();
+    write_new_file(
+        &paths.key,
+        &format!("{}\n", server_key.to_base64()),
+        0o600,
+        a.force,
+    )?;
+    write_new_file(
+        &paths.token,
+        &format!("{}\n", random_hex32()),
+        0o600,
+        a.force,
+    )?;
+    write_new_file(
+        &paths.seal,
+        &format!("{}\n", PresharedKey::generate().to_base64()),
+        0o600,
+        a.force,
+    )?;
+    if a.force {
+        for suffix in ["", "-wal", "-shm"] {
+            let mut p = paths.db.clone().into_os_string();
+            p.push(suffix);
+            match fs::remove_file(&p) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(e)
+                        .with_context(|| format!("cannot remove {}", Path::new(&p).display()));
+                }
+                _ => {}
+            }
+        }
+    }
+    Store::create(&StoreConfig::Sqlite {
+        path: paths.db.clone(),
+    })?;
+    write_new_file(&paths.config, &text, 0o640, a.force)?;
+    write_stdout(&format!(
+        "wrote {}\nserver key {} (public key {})\npeer store {}\n",
+        paths.config.display(),
+        paths.key.display(),
+        server_key.public_key(),
+        paths.db.display()
+    ))
+}
+
+/// `--subnet`: a network (gateway = first host) or a host address with prefix.
+fn gateway_from_subnet(s: &str) -> Result<Ipv4Net> {
+    let net: Ipv4Net = s
+        .parse()
+        .map_err(|_| anyhow!("--subnet `{s}` is not an IPv4 CIDR such as 10.8.0.0/24"))?;
+    if net.prefix_len() > 30 {
+        bail!("--subnet `{s}` leaves no room for peers; use a prefix of /30 or shorter");
+    }
+    let gw = if net.addr() == net.network() {
+        first_host_v4(net)
+    } else {
+        net.addr()
+    };
+    if gw == net.broadcast() {
+        bail!(
+            "--subnet `{s}` names the broadcast address; give the network or the gateway's address"
+        );
+    }
+    Ipv4Net::new(gw, net.prefix_len()).map_err(|_| anyhow!("--subnet `{s}` has a bad prefix"))
+}
+
+/// The interface of the IPv4 default route, from `/proc/net/route`.
+fn default_route_interface() -> Option<String> {
+    let table = fs::read_to_string("/proc/net/route").ok()?;
+    table.lines().skip(1).find_map(|l| {
+        let mut f = l.split_whitespace();
+        let (iface, dest) = (f.next()?, f.next()?);
+        (dest == "00000000" && check_ifname(iface).is_ok()).then(|| iface.to_string())
+    })
+}
+
+fn random_hex32() -> String {
+    use rand_core::{OsRng, RngCore};
+    let mut b = [0u8; 32];
+    OsRng.fill_bytes(&mut b);
+    hex::encode(b)
+}
+
+/// A TOML string literal (quoted, escaped).
+fn q(s: impl AsRef<str>) -> String {
+    toml::Value::String(s.as_ref().to_string()).to_string()
+}
+
+fn qp(p: &Path) -> String {
+    q(p.to_string_lossy())
+}
+
+fn render_init_config(
+    a: &InitArgs,
+    gw: Ipv4Net,
+    p: &InitPaths,
+    egress: Option<&str>,
+    user_exists: bool,
+) -> String {
+    let g = gw.addr();
+    let egress_line = match egress {
+        Some(e) => format!("interface = {}", q(e)),
+        None => {
+            "# interface = \"eth0\"          # no default route found: set the uplink".to_string()
+        }
+    };
+    let user_line = if user_exists {
+        "user = \"sitegate\"".to_string()
+    } else {
+        "# user = \"sitegate\"            # no such user yet: `useradd --system sitegate`, then uncomment".to_string()
+    };
+    format!(
+        r#"# sitegate configuration, written by `sitegate init`. Unknown keys are refused.
+
+[interface]
+name = {name}
+private_key_file = {key}   # mode 0600; `sitegate pubkey < FILE` prints the public key
+listen_port = {port}
+# Gateway address and tunnel subnet; add an IPv6 ULA as a list:
+# address = ["{g}/{plen}", "fd00:8::1/64"]
+address = "{g}/{plen}"
+mtu = 1420
+endpoint = {endpoint}   # what issued client configs dial
+# dns = ["{g}"]                  # pushed in issued client configs
+
+[egress]
+{egress_line}
+allow_internet = true             # full tunnel: peers reach the internet through NAT
+peer_to_peer = false              # sites cannot reach each other unless true
+
+# Endpoints peers may reach; nothing else on this host or internal networks is.
+# An address is the gateway's tunnel address or an internal (private-range) host.
+[[service]]
+name = "sftp"
+address = "{g}:22"
+protocol = "tcp"
+default = true                    # granted to every new peer unless `peer add --service` is given
+
+[[service]]
+name = "api"
+address = "{g}:8443"
+protocol = "tcp"
+default = false                   # grant to admins: `peer add NAME --admin --service api`
+
+[api]
+listen = "{g}:8443"               # must be the gateway's tunnel address
+token_file = {token}
+
+[store]
+url = {url}
+
+[log]
+format = "json"                   # or "text"
+audit_file = {audit}
+
+[firewall]
+manage = true                     # install and remove the nftables table `inet sitegate`
+
+[daemon]
+{user_line}
+seal_key_file = {seal}
+"#,
+        name = q(&a.interface),
+        key = qp(&p.key),
+        port = a.listen_port,
+        plen = gw.prefix_len(),
+        endpoint = q(&a.endpoint),
+        token = qp(&p.token),
+        url = q(format!("sqlite://{}", p.db.display())),
+        audit = qp(&p.audit),
+        seal = qp(&p.seal),
+    )
+}
+
+/// Creates `path` with `mode` set at open (never widened by a later chmod). With
+/// `replace`, an existing file is removed first; otherwise it must not exist.
+fn write_new_file(path: &Path, text: &str, mode: u32, replace: bool) -> Result<()> {
+    if replace {
+        match fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("cannot remove {}", path.display()));
+            }
+            _ => {}
+        }
+    }
+    let mut f = create_new_file(path, mode)?;
+    f.write_all(text.as_bytes())
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+fn create_new_file(path: &Path, mode: u32) -> Result<fs::File> {
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => anyhow!(
+                "{} already exists; remove it or choose another path",
+                path.display()
+            ),
+            _ => anyhow!("cannot create {}: {e}", path.display()),
+        })
+}
+
+/// `sitegate peer add`.
+pub fn peer_add(config: &Path, a: &PeerAddArgs) -> Result<()> {
+    if a.qr {
+        bail!("`peer add --qr` is not implemented yet; omit --qr to get the config as text");
+    }
+    let name = PeerName::new(&a.name)?;
+    let cfg = Config::load(config)?;
+    let (private_key, public_key) = match &a.public_key {
+        Some(k) => (
+            None,
+            PublicKey::from_base64(k).map_err(|e| anyhow!("--public-key {e}"))?,
+        ),
+        None => {
+            let sk = PrivateKey::generate();
+            let pk = sk.public_key();
+            (Some(sk), pk)
+        }
+    };
+    let server_public = PrivateKey::from_file(&cfg.interface.private_key_file)?.public_key();
+    if public_key == server_public {
+        bail!("--public-key {public_key} is the gateway's own public key");
+    }
+    let address = match &a.address {
+        Some(s) => Some(
+            s.parse::<IpAddr>()
+                .map_err(|_| anyhow!("--address `{s}` is not an IP address"))?,
+        ),
+        None => None,
+    };
+    let services = resolve_services(&cfg, &a.services)?;
+    let now = unix_now();
+    let expires_at = match &a.expires {
+        Some(s) => Some(parse_expires(s, now)?),
+        None => None,
+    };
+    let preshared_key = (!a.no_psk).then(PresharedKey::generate);
+
+    let mut store = Store::open(&cfg.store)?;
+    // The output file is created before the transaction so that a path we cannot
+    // write refuses the whole action; it is removed again if the store refuses.
+    let mut output = match &a.output {
+        Some(p) => Some((p, create_new_file(p, 0o600)?)),
+        None => None,
+    };
+    let added = store.add_peer(
+        &cfg.interface,
+        NewPeer {
+            name,
+            public_key,
+            preshared_key,
+            address,
+            services,
+            created_at: now,
+            expires_at,
+            admin: a.admin,
+        },
+    );
+    let peer = match added {
+        Ok(p) => p,
+        Err(e) => {
+            if let Some((p, _)) = &output {
+                let _ = fs::remove_file(p);
+            }
+            return Err(e.into());
+        }
+    };
+    let text = clientconf::render(&ClientConfig {
+        private_key: private_key.as_ref(),
+        addresses: &peer.addresses,
+        dns: &cfg.interface.dns,
+        gateway_public_key: &server_public,
+        preshared_key: peer.preshared_key.as_ref(),
+        endpoint: &cfg.interface.endpoint,
+        kill_switch: a.kill_switch,
+    });
+    let shown: Vec<String> = peer.addresses.iter().map(IpAddr::to_string).collect();
+    match output.as_mut() {
+        Some((path, f)) => {
+            f.write_all(text.as_bytes()).and_then(|()| f.sync_all()).with_context(|| {
+                format!(
+                    "peer `{}` was issued but its config could not be written to {}; revoke it and issue again",
+                    peer.name,
+                    path.display()
+                )
+            })?;
+            eprintln!(
+                "issued peer `{}` ({}); client config written to {}",
+                peer.name,
+                shown.join(", "),
+                path.display()
+            );
+            Ok(())
+        }
+        None => write_stdout(&text),
+    }
+}
+
+/// The services a new peer gets: those named (each must exist), or the defaults.
+fn resolve_services(cfg: &Config, requested: &[String]) -> Result<Vec<String>> {
+    if requested.is_empty() {
+        return Ok(cfg
+            .services
+            .iter()
+            .filter(|s| s.default)
+            .map(|s| s.name.clone())
+            .collect());
+    }
+    for r in requested {
+        if !cfg.services.iter().any(|s| s.name == *r) {
+            let known: Vec<&str> = cfg.services.iter().map(|s| s.name.as_str()).collect();
+            let known = if known.is_empty() {
+                "no [[service]]".to_string()
+            } else {
+                format!("services {}", known.join(", "))
+            };
+            bail!(
+                "unknown service `{r}`: {} defines {known}",
+                cfg.path.display()
+            );
+        }
+    }
+    Ok(requested.to_vec())
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// `--expires`: `8s`, `30m`, `12h`, `30d` from `now`, or `YYYY-MM-DD` (00:00 UTC),
+/// which must lie in the future. Returns Unix seconds.
+fn parse_expires(s: &str, now: i64) -> Result<i64> {
+    let bad = || {
+        anyhow!("--expires `{s}` is neither a duration (8s, 30m, 12h, 30d) nor a future date (YYYY-MM-DD)")
+    };
+    if let Some(unit) = s.chars().last().filter(|c| "smhd".contains(*c)) {
+        let n: i64 = s[..s.len() - 1]
+            .parse()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(bad)?;
+        let secs = match unit {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            _ => 86_400,
+        };
+        return n
+            .checked_mul(secs)
+            .and_then(|d| now.checked_add(d))
+            .ok_or_else(bad);
+    }
+    let parts: Vec<&str> = s.split('-').collect();
+    let [y, m, d] = parts.as_slice() else {
+        return Err(bad());
+    };
+    if y.len() != 4 || m.len() != 2 || d.len() != 2 {
+        return Err(bad());
+    }
+    let (y, m, d): (i64, u32, u32) = match (y.parse(), m.parse(), d.parse()) {
+        (Ok(y), Ok(m), Ok(d)) => (y, m, d),
+        _ => return Err(bad()),
+    };
+    if !(1..=12).contains(&m) || d == 0 || d > days_in_month(y, m) {
+        return Err(bad());
+    }
+    let t = days_from_civil(y, m, d) * 86_400;
+    if t <= now {
+        bail!("--expires `{s}` lies in the past");
+    }
+    Ok(t)
+}
+
+fn days_in_month(y: i64, m: u32) -> u32 {
+    match m {
+        2 if (y % 4 == 0 && y % 100 != 0) || y % 400 == 0 => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    }
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's algorithm).
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = i64::from((m + 9) % 12);
+    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// Unix seconds as `YYYY-MM-DDTHH:MM:SSZ`.
+fn format_time(t: i64) -> String {
+    let (days, secs) = (t.div_euclid(86_400), t.rem_euclid(86_400));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60
+    )
+}
+
+/// `sitegate peer list`: the registry (live state comes with the control socket).
+pub fn peer_list(config: &Path, json: bool) -> Result<()> {
+    let cfg = Config::load(config)?;
+    let peers = Store::open(&cfg.store)?.peers()?;
+    let now = unix_now();
+    let state = |p: &crate::registry::Peer| {
+        if p.revoked_at.is_some() {
+            "revoked"
+        } else if p.is_active(now) {
+            "active"
+        } else {
+            "expired"
+        }
+    };
+    if json {
+        let list: Vec<serde_json::Value> = peers
+            .iter()
+            .map(|p| {
+                serde_json::json!({
+                    "name": p.name.as_str(),
+                    "public_key": p.public_key.to_base64(),
+                    "addresses": p.addresses.iter().map(IpAddr::to_string).collect::<Vec<_>>(),
+                    "services": p.services,
+                    "admin": p.admin,
+                    "preshared_key": p.preshared_key.is_some(),
+                    "created_at": p.created_at,
+                    "expires_at": p.expires_at,
+                    "revoked_at": p.revoked_at,
+                    "revoked_reason": p.revoked_reason,
+                    "state": state(p),
+                })
+            })
+            .collect();
+        let text = serde_json::to_string_pretty(&list).context("cannot render JSON")?;
+        return write_stdout(&format!("{text}\n"));
+    }
+    let mut rows = vec![[
+        "NAME",
+        "ADDRESSES",
+        "PUBLIC KEY",
+        "CREATED",
+        "EXPIRES",
+        "STATE",
+    ]
+    .map(String::from)];
+    for p in &peers {
+        rows.push([
+            p.name.to_string(),
+            p.addresses
+                .iter()
+                .map(IpAddr::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
+            p.public_key.to_base64(),
+            format_time(p.created_at),
+            p.expires_at.map_or("never".into(), format_time),
+            state(p).to_string(),
+        ]);
+    }
+    let widths: Vec<usize> = (0..6)
+        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for r in &rows {
+        let cells: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    write_stdout(&out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Durations count from now; dates are midnight UTC and must be in the future.
+    #[test]
+    fn expires_parsing() {
+        let now = 1_764_000_000; // 2025-11-24T16:00:00Z
+        assert_eq!(parse_expires("8s", now).unwrap(), now + 8);
+        assert_eq!(parse_expires("30m", now).unwrap(), now + 1800);
+        assert_eq!(parse_expires("12h", now).unwrap(), now + 43_200);
+        assert_eq!(parse_expires("30d", now).unwrap(), now + 2_592_000);
+        assert_eq!(parse_expires("2026-01-01", now).unwrap(), 1_767_225_600);
+        for bad in [
+            "",
+            "s",
+            "0d",
+            "-5m",
+            "5w",
+            "5 d",
+            "2026-13-01",
+            "2026-02-30",
+            "26-01-01",
+            "tomorrow",
+            "99999999999999999d",
+        ] {
+            let e = parse_expires(bad, now).unwrap_err().to_string();
+            assert!(e.contains(&format!("`{bad}`")), "{e}");
+        }
+        assert!(parse_expires("2020-01-01", now)
+            .unwrap_err()
+            .to_string()
+            .contains("in the past"));
+        assert_eq!(
+            parse_expires("2028-02-29", now).unwrap(),
+            days_from_civil(2028, 2, 29) * 86_400
+        );
+    }
+
+    /// Timestamps render as RFC 3339 UTC, inverse to the date parser.
+    #[test]
+    fn time_formatting() {
+        assert_eq!(format_time(0), "1970-01-01T00:00:00Z");
+        assert_eq!(format_time(1_767_225_600 + 3661), "2026-01-01T01:01:01Z");
+        assert_eq!(
+            format_time(days_from_civil(2000, 2, 29) * 86_400),
+            "2000-02-29T00:00:00Z"
+        );
+    }
+
+    /// `--subnet` takes a network (gateway = first host) or the gateway's address.
+    #[test]
+    fn subnet_to_gateway() {
+        assert_eq!(
+            gateway_from_subnet("10.8.0.0/24").unwrap().to_string(),
+            "10.8.0.1/24"
+        );
+        assert_eq!(
+            gateway_from_subnet("10.8.0.1/24").unwrap().to_string(),
+            "10.8.0.1/24"
+        );
+        assert_eq!(
+            gateway_from_subnet("172.16.5.9/16").unwrap().to_string(),
+            "172.16.5.9/16"
+        );
+        for bad in ["10.8.0.255/24", "10.8.0.0/31", "fd00::/64", "nope"] {
+            assert!(gateway_from_subnet(bad)
+                .unwrap_err()
+                .to_string()
+                .contains(bad));
+        }
+    }
+
+    /// The config `init` writes loads, with FHS paths for the default config path.
+    #[test]
+    fn init_config_validates() {
+        let a = InitArgs {
+            endpoint: "vpn.example.org:51820".into(),
+            subnet: "10.8.0.0/24".into(),
+            interface: "sg0".into(),
+            listen_port: 51820,
+            egress: None,
+            force: false,
+        };
+        let p = InitPaths::new(Path::new(DEFAULT_CONFIG_PATH)).unwrap();
+        for (egress, user) in [(None, false), (Some("eth0"), true)] {
+            let text = render_init_config(
+                &a,
+                gateway_from_subnet(&a.subnet).unwrap(),
+                &p,
+                egress,
+                user,
+            );
+            let c = Config::parse(&p.config, &text).unwrap();
+            assert!(
+                matches!(&c.store, StoreConfig::Sqlite { path } if path == Path::new("/var/lib/sitegate/sitegate.db"))
+            );
+            assert_eq!(
+                c.interface.private_key_file,
+                Path::new("/etc/sitegate/server.key")
+            );
+            assert_eq!(c.egress.interface.as_deref(), egress);
+            assert_eq!(c.daemon.user.is_some(), user);
+        }
+    }
+
+    /// The clap tree is consistent (no conflicting names or defaults).
+    #[test]
+    fn clap_tree() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

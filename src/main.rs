@@ -1,1 +1,33 @@
-fn main() {}
+//! `sitegate`: parse the command line, dispatch, and turn any error into one
+//! `error: ...` line on stderr with exit code 1 (clap's usage errors exit 2).
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use sitegate::cli::{self, AuditCommand, Cli, Command, PeerCommand};
+
+fn main() -> ExitCode {
+    let args = Cli::parse();
+    let config = args.config.as_path();
+    let result = match &args.command {
+        Command::Init(a) => cli::init(config, a),
+        Command::Run => cli::run(config),
+        Command::Peer(PeerCommand::Add(a)) => cli::peer_add(config, a),
+        Command::Peer(PeerCommand::List { json }) => cli::peer_list(config, *json),
+        Command::Peer(PeerCommand::Revoke { .. }) => cli::not_implemented("peer revoke"),
+        Command::Peer(PeerCommand::Rotate { .. }) => cli::not_implemented("peer rotate"),
+        Command::Peer(PeerCommand::Show { .. }) => cli::not_implemented("peer show"),
+        Command::Status { .. } => cli::not_implemented("status"),
+        Command::Check => cli::not_implemented("check"),
+        Command::Audit(AuditCommand::Verify { .. }) => cli::not_implemented("audit verify"),
+        Command::Genkey => cli::genkey(),
+        Command::Pubkey => cli::pubkey(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -918,6 +918,15 @@ seal_key_file = "seal.key"
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// The example `config/sitegate.toml` in the repository is valid (key file not checked: `parse`).
+    #[test]
+    fn example_config_parses() {
+        let text = include_str!("../../config/sitegate.toml");
+        let c = parse(Path::new("/etc/sitegate/sitegate.toml"), text).unwrap();
+        assert_eq!(c.services.len(), 3);
+        assert!(c.api.is_some() && c.daemon.user.is_some());
+    }
+
     /// Endpoint syntax: hostnames, IPv4 and bracketed IPv6 with a port.
     #[test]
     fn endpoints() {

@@ -21,7 +21,9 @@ impl PeerName {
         let ok = !b.is_empty()
             && b.len() <= 63
             && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
-            && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'_' | b'.' | b'-'));
+            && b.iter().all(|c| {
+                c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'_' | b'.' | b'-')
+            });
         if ok {
             Ok(Self(s.to_string()))
         } else {
@@ -66,5 +68,58 @@ impl Peer {
     /// Whether the daemon should accept this peer's handshakes at `now`.
     pub fn is_active(&self, now: i64) -> bool {
         self.revoked_at.is_none() && self.expires_at.is_none_or(|t| now < t)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Names follow `[a-z0-9][a-z0-9_.-]{0,62}`; anything else is refused naming the value.
+    #[test]
+    fn peer_names() {
+        for ok in ["a", "alice", "site-7.clinic_b", "0day", &"a".repeat(63)] {
+            assert_eq!(PeerName::new(ok).unwrap().as_str(), ok);
+        }
+        for bad in [
+            "",
+            "Bad_Name",
+            "-x",
+            ".x",
+            "_x",
+            "a b",
+            "caf\u{e9}",
+            "a/b",
+            &"a".repeat(64),
+        ] {
+            let e = PeerName::new(bad).unwrap_err();
+            assert!(
+                e.to_string()
+                    .starts_with(&format!("invalid peer name `{bad}`")),
+                "{e}"
+            );
+        }
+    }
+
+    /// A peer is active until revoked or until its expiry instant.
+    #[test]
+    fn activity() {
+        let mut p = Peer {
+            id: 1,
+            name: PeerName::new("a").unwrap(),
+            public_key: PublicKey::from_bytes([9; 32]),
+            preshared_key: None,
+            addresses: vec![],
+            created_at: 0,
+            expires_at: Some(100),
+            revoked_at: None,
+            revoked_reason: None,
+            admin: false,
+            services: vec![],
+        };
+        assert!(p.is_active(99) && !p.is_active(100));
+        p.expires_at = None;
+        p.revoked_at = Some(5);
+        assert!(!p.is_active(1));
     }
 }

@@ -21,7 +21,8 @@ pub struct PeerState {
     pub tunn: Tunn,
     /// Latest authenticated source address (roaming follows it).
     pub endpoint: Option<SocketAddr>,
-    /// Whether a session was up at the last timer tick (to log its end once).
+    /// Whether a session was usable at the last timer tick; the timer alone sets
+    /// it (from `Tunn::time_since_last_handshake`), so a session ends exactly once.
     pub session_up: bool,
 }
 

@@ -117,7 +117,6 @@ pub fn handle(shared: &Shared, datagram: &[u8], src: SocketAddr, out: &mut [u8])
             }
             let _ = shared.udp.send_to(reply, src);
             if established {
-                peer.lock().session_up = true;
                 tracing::info!(
                     event = "handshake",
                     peer = %peer.name,

@@ -41,6 +41,7 @@ impl Udp {
             Err(_) => (UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port))?, false),
         };
         sock.set_read_timeout(Some(RECV_TIMEOUT))?;
+        grow_buffers(&sock);
         Ok(Udp { sock, v6 })
     }
 
@@ -64,6 +65,21 @@ impl Udp {
             ),
             _ => self.sock.send_to(buf, dst),
         }
+    }
+}
+
+/// Socket buffer size asked for, as wireguard-go does: the default ~200 KiB drops
+/// datagrams in bursts at gigabit rates.
+pub const SOCKET_BUFFER_BYTES: usize = 7 << 20;
+
+/// Enlarges the socket buffers, past `rmem_max` when privileged; best effort.
+fn grow_buffers(sock: &UdpSocket) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    if setsockopt(sock, sockopt::RcvBufForce, &SOCKET_BUFFER_BYTES).is_err() {
+        let _ = setsockopt(sock, sockopt::RcvBuf, &SOCKET_BUFFER_BYTES);
+    }
+    if setsockopt(sock, sockopt::SndBufForce, &SOCKET_BUFFER_BYTES).is_err() {
+        let _ = setsockopt(sock, sockopt::SndBuf, &SOCKET_BUFFER_BYTES);
     }
 }
 

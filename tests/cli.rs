@@ -633,3 +633,16 @@ fn later_commands_and_usage_errors() {
     assert_eq!(env.sg(&["peer", "add"]).status.code(), Some(2));
     assert_eq!(env.sg(&["frobnicate"]).status.code(), Some(2));
 }
+
+/// `SITEGATE_CONFIG` selects the config when `--config` is absent.
+#[test]
+fn config_from_environment() {
+    let env = Env::init("envvar");
+    let out = Command::new(BIN)
+        .args(["peer", "list", "--json"])
+        .env("SITEGATE_CONFIG", &env.config)
+        .output()
+        .unwrap();
+    assert_success(&out);
+    assert_eq!(stdout(&out).trim(), "[]");
+}

@@ -104,7 +104,10 @@ fn toml_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
     let path = path.to_path_buf();
     let message = e.message().trim().replace('\n', "; ");
     let span = e.span().unwrap_or(0..0);
-    let start = span.start.min(text.len());
+    let start = (0..=span.start.min(text.len()))
+        .rev()
+        .find(|&i| text.is_char_boundary(i))
+        .unwrap_or(0);
     let line_no = text[..start].matches('\n').count() + 1;
     let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
     let line = text[line_start..].lines().next().unwrap_or("");

@@ -82,6 +82,12 @@ pub enum StoreError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// The database file exists but cannot be opened or migrated.
+    #[error("cannot open peer store {}: {source}", .path.display())]
+    Open {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
     /// `store.url = postgres://...` parses but this build has no PostgreSQL driver.
     #[error("PostgreSQL peer stores (`store.url` = postgres://...) are not supported by this build yet; use sqlite:///PATH")]
     PostgresUnsupported,
@@ -184,11 +190,20 @@ impl Store {
     }
 
     fn setup(mut conn: Connection, path: PathBuf) -> Result<Store, StoreError> {
-        conn.busy_timeout(Duration::from_millis(BUSY_TIMEOUT_MS))?;
-        // FULL: a commit survives power loss, not only a process crash.
-        conn.execute_batch("PRAGMA foreign_keys = ON; PRAGMA synchronous = FULL;")?;
-        migrate(&mut conn, &path)?;
-        Ok(Store { conn, path })
+        let opened = conn
+            .busy_timeout(Duration::from_millis(BUSY_TIMEOUT_MS))
+            // FULL: a commit survives power loss, not only a process crash.
+            .and_then(|()| {
+                conn.execute_batch("PRAGMA foreign_keys = ON; PRAGMA synchronous = FULL;")
+            });
+        if let Err(source) = opened {
+            return Err(StoreError::Open { path, source });
+        }
+        match migrate(&mut conn, &path) {
+            Ok(()) => Ok(Store { conn, path }),
+            Err(StoreError::Sqlite(source)) => Err(StoreError::Open { path, source }),
+            Err(e) => Err(e),
+        }
     }
 
     /// The database file.
@@ -542,6 +557,31 @@ mod tests {
         assert_eq!(
             s.add_peer(&i, explicit).unwrap().addresses[0].to_string(),
             "10.8.0.77"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// A postgres:// store is refused at open with a clear message; a non-database file names its path.
+    #[test]
+    fn open_refusals() {
+        let pg = StoreConfig::Postgres {
+            url: "postgres://u@db/reg".into(),
+            pool: None,
+        };
+        let e = Store::open(&pg).err().unwrap().to_string();
+        assert!(
+            e.starts_with("PostgreSQL peer stores") && e.contains("not supported"),
+            "{e}"
+        );
+        let (cfg, dir) = temp_store("garbage");
+        std::fs::write(dir.join("s.db"), vec![7u8; 4096]).unwrap();
+        let e = Store::open(&cfg).err().unwrap().to_string();
+        assert!(
+            e.starts_with(&format!(
+                "cannot open peer store {}",
+                dir.join("s.db").display()
+            )),
+            "{e}"
         );
         std::fs::remove_dir_all(dir).unwrap();
     }

@@ -156,6 +156,11 @@ fn toml_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
             Some(s) => format!("{}.{key}", bare(&s)),
             None => key,
         };
+        let message = if message.starts_with("data did not match") {
+            "expected a string or a list of strings".to_string()
+        } else {
+            message
+        };
         ConfigError::WrongType {
             path,
             key,
@@ -729,6 +734,11 @@ seal_key_file = "seal.key"
             "{e}"
         );
         assert!(!e.contains('\n'), "{e}");
+        let e = err_with("address = \"10.8.0.1/24\"", "address = 5");
+        assert!(
+            e.ends_with("`interface.address` at line 6: expected a string or a list of strings"),
+            "{e}"
+        );
         let e = err_with("listen_port = 51820", "listen_port = \"x\"");
         assert!(
             e.contains("`interface.listen_port`") && e.contains("line 5"),

@@ -646,3 +646,36 @@ fn config_from_environment() {
     assert_success(&out);
     assert_eq!(stdout(&out).trim(), "[]");
 }
+
+/// Stock `wg-quick strip` accepts the issued config, kill-switch lines included.
+#[test]
+fn issued_config_parses_with_wg_quick() {
+    let env = Env::init("wgquick");
+    let file = env.dir.join("sgtest0.conf");
+    assert_success(&env.sg(&[
+        "peer",
+        "add",
+        "alice",
+        "--kill-switch",
+        "--output",
+        file.to_str().unwrap(),
+    ]));
+    let out = match Command::new("wg-quick").arg("strip").arg(&file).output() {
+        Ok(o) => o,
+        Err(e) => {
+            assert_ne!(
+                std::env::var("CI").as_deref(),
+                Ok("true"),
+                "wg-quick is required under CI: {e}"
+            );
+            eprintln!("skip: wg-quick not installed ({e})");
+            return;
+        }
+    };
+    assert_success(&out);
+    let stripped = stdout(&out);
+    assert!(
+        stripped.contains("AllowedIPs = 0.0.0.0/0, ::/0") && !stripped.contains("Address"),
+        "{stripped}"
+    );
+}

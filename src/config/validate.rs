@@ -445,13 +445,18 @@ impl Validator<'_> {
                 "is not a valid service name (1 to 63 of a-z, 0-9, `_`, `.`, `-`, starting with a letter or digit)",
             ));
         }
-        let key = format!("service.address (service {:?})", s.name);
+        let key = "service.address";
+        let of = format!("of service {:?}", s.name);
         let address: SocketAddr = s
             .address
             .parse()
-            .map_err(|_| self.bad(&key, &s.address, "is not an IP:PORT address"))?;
+            .map_err(|_| self.bad(key, &s.address, format!("{of} is not an IP:PORT address")))?;
         if address.port() == 0 {
-            return Err(self.bad(&key, &s.address, "needs a port from 1 to 65535"));
+            return Err(self.bad(
+                key,
+                &s.address,
+                format!("{of} needs a port from 1 to 65535"),
+            ));
         }
         let ip = address.ip();
         let reachable = if iface.in_tunnel(ip) {
@@ -461,16 +466,20 @@ impl Validator<'_> {
         };
         if !reachable {
             return Err(self.bad(
-                &key,
+                key,
                 &s.address,
-                "is neither the gateway's tunnel address nor an internal (private-range) host",
+                format!("{of} is neither the gateway's tunnel address nor an internal (private-range) host"),
             ));
         }
         let protocol = match s.protocol.as_deref() {
             None | Some("tcp") => Protocol::Tcp,
             Some("udp") => Protocol::Udp,
             Some(other) => {
-                return Err(self.bad("service.protocol", other, "is not one of \"tcp\", \"udp\""))
+                return Err(self.bad(
+                    "service.protocol",
+                    other,
+                    format!("{of} is not one of \"tcp\", \"udp\""),
+                ))
             }
         };
         Ok(ServiceConfig {
@@ -775,7 +784,8 @@ seal_key_file = "seal.key"
     fn service_address_reachability() {
         for bad in ["8.8.8.8:53", "10.8.0.5:22", "127.0.0.1:22", "0.0.0.0:22"] {
             let e = err_with("172.30.0.10:5432", bad);
-            assert!(e.contains("service.address") && e.contains(bad), "{e}");
+            let want = format!("`service.address` = \"{bad}\" of service \"db\" is neither");
+            assert!(e.contains(&want), "{e}");
         }
         assert!(parse_with("172.30.0.10:5432", "192.168.5.5:80").is_ok());
         let e = err_with("name = \"db\"", "name = \"sftp\"");

@@ -31,7 +31,7 @@ pub enum ConfigError {
         line: usize,
         message: String,
     },
-    /// A key sitegate does not know (`section` reads "in [interface]" or "at the top level").
+    /// A key sitegate does not know (`section` reads `in [interface]` or `at the top level`).
     #[error("{}: unknown key `{key}` {section}", .path.display())]
     UnknownKey {
         path: PathBuf,

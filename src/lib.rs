@@ -18,6 +18,7 @@
 //! - [`daemon`]: wires it together; signals and clean shutdown.
 //! - [`cli`]: the clap command tree.
 
+pub mod audit;
 pub mod cli;
 pub mod clientconf;
 pub mod config;

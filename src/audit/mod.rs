@@ -3,3 +3,4 @@
 
 pub mod chain;
 pub mod verify;
+pub mod writer;

@@ -119,11 +119,9 @@ impl AuditWriter {
             std::fs::create_dir_all(dir).map_err(|e| self.io(e))?;
         }
         let lock = open_private(&lock_path(&self.path), false).map_err(|e| self.io(e))?;
-        nix::fcntl::flock(
-            std::os::fd::AsRawFd::as_raw_fd(&lock),
-            nix::fcntl::FlockArg::LockExclusive,
-        )
-        .map_err(|e| self.io(e.into()))?;
+        // Held until this function returns: the guard unlocks on drop.
+        let _lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, e)| self.io(e.into()))?;
         let mut file = open_private(&self.path, true).map_err(|e| self.io(e))?;
         let from_file = tail_head(&mut file).map_err(|e| self.io(e))?;
         let from_store = heads.audit_head().map_err(AuditError::Store)?;

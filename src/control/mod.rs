@@ -1,6 +1,9 @@
-//! Control surfaces of a running gateway. Now: the WireGuard UAPI socket at
-//! `/var/run/wireguard/NAME.sock`, so stock `wg show NAME` reads live state.
+//! Control surfaces of a running gateway: the WireGuard UAPI socket at
+//! `/var/run/wireguard/NAME.sock` (stock `wg show NAME`), and the admin control
+//! socket at `/run/sitegate/NAME.sock` ([`protocol`], [`client`]).
 
+pub mod client;
+pub mod protocol;
 pub mod uapi;
 
 use std::io;

@@ -11,8 +11,10 @@ use arc_swap::ArcSwap;
 use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::Tunn;
 
+use crate::audit;
 use crate::config::Config;
-use crate::control;
+use crate::control::protocol::{self, AdminEvent, PeerLive, Request, Response, StatusView};
+use crate::control::{self, server};
 use crate::dataplane::peers::PeerTable;
 use crate::dataplane::timers::{self, Timers};
 use crate::dataplane::{rx, tx, udp::Udp, AnonFailures, Clock, Shared, HANDSHAKE_RATE_LIMIT};
@@ -131,8 +133,20 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         )
     })?;
     let uapi_path = control::uapi_socket_path(&iface.name);
-    let uapi = control::bind_uapi(&uapi_path)
+    let uapi = control::bind_private_socket(&uapi_path, 0o755)
         .with_context(|| format!("cannot serve {}", uapi_path.display()))?;
+    let control_path = protocol::control_socket_path(&iface.name);
+    let control = control::bind_private_socket(&control_path, 0o700)
+        .with_context(|| format!("cannot serve {}", control_path.display()))?;
+    let audit_sink = match &cfg.log.audit_file {
+        Some(path) => {
+            // TODO(store head): pass a second `Store` once it implements HeadStore.
+            let heads = audit::writer::NoStore;
+            let writer = audit::writer::AuditWriter::new(path);
+            Some(audit::sink::start(writer, heads).context("cannot start the audit writer")?)
+        }
+        None => None,
+    };
 
     let shared = Arc::new(Shared {
         table: ArcSwap::from_pointee(PeerTable::default()),
@@ -166,15 +180,15 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         peers = active,
     );
 
-    let result = serve(
-        &cfg,
-        &shared,
-        &mut registry,
-        uapi,
-        *key.as_bytes(),
-        shutdown,
-    )
-    .await;
+    let info = Info {
+        interface: iface.name.clone(),
+        public_key: key.public_key().to_base64(),
+        listen_port: iface.listen_port,
+        started_at: unix_now(),
+        private_key: *key.as_bytes(),
+    };
+    let sockets = Sockets { uapi, control };
+    let result = serve(&info, &shared, &mut registry, sockets, shutdown).await;
 
     shared.stopping.store(true, Ordering::Relaxed);
     let _ = shared.interrupt.trigger();
@@ -189,8 +203,12 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         }
     }
     let _ = std::fs::remove_file(&uapi_path);
+    let _ = std::fs::remove_file(&control_path);
     drop(shared); // closes the TUN fd: the kernel removes the device
     tracing::info!(event = "stopped", interface = %cfg.interface.name);
+    if let Some(sink) = audit_sink {
+        sink.stop();
+    }
     result
 }
 
@@ -206,13 +224,27 @@ fn spawn_loop(
         .with_context(|| format!("cannot start thread {name}"))
 }
 
-/// The control loop: timers, store changes, SIGHUP, UAPI clients, until shutdown.
+/// What the control loop reports about itself.
+struct Info {
+    interface: String,
+    public_key: String,
+    listen_port: u16,
+    started_at: i64,
+    private_key: [u8; 32],
+}
+
+struct Sockets {
+    uapi: tokio::net::UnixListener,
+    control: tokio::net::UnixListener,
+}
+
+/// The control loop: timers, store changes, SIGHUP, UAPI and admin clients,
+/// until shutdown. It alone owns the registry, so every reload is serialized.
 async fn serve(
-    cfg: &Config,
+    info: &Info,
     shared: &Arc<Shared>,
     registry: &mut Registry,
-    uapi: tokio::net::UnixListener,
-    private_key: [u8; 32],
+    sockets: Sockets,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
@@ -221,7 +253,7 @@ async fn serve(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut timers = Timers::default();
     let mut ticks: u64 = 0;
-    let listen_port = cfg.interface.listen_port;
+    let (to_loop, mut requests) = tokio::sync::mpsc::channel::<server::Pending>(64);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -229,13 +261,13 @@ async fn serve(
             _ = tick.tick() => {
                 timers.tick(shared);
                 ticks += 1;
-                // Once a second: pick up commits from admin commands and expiries.
-                if ticks.is_multiple_of(4) {
-                    let expired = shared.table.load().next_expiry().is_some_and(|t| t <= unix_now());
-                    if expired || registry.changed() {
-                        if let Err(e) = registry.reload(shared) {
-                            tracing::error!(event = "reload_failed", error = %format!("{e:#}"));
-                        }
+                // Expiry is checked every tick (within 250 ms of the deadline);
+                // commits by other processes once a second, as the safety net
+                // behind the control socket.
+                let expired = shared.table.load().next_expiry().is_some_and(|t| t <= unix_now());
+                if expired || (ticks.is_multiple_of(4) && registry.changed()) {
+                    if let Err(e) = registry.reload(shared) {
+                        tracing::error!(event = "reload_failed", error = %format!("{e:#}"));
                     }
                 }
             }
@@ -245,16 +277,110 @@ async fn serve(
                     Err(e) => tracing::error!(event = "reload_failed", error = %format!("{e:#}")),
                 }
             }
-            accepted = uapi.accept() => {
+            Some((request, reply)) = requests.recv() => {
+                let _ = reply.send(handle_request(info, shared, registry, request));
+            }
+            accepted = sockets.control.accept() => {
+                if let Ok((stream, _)) = accepted {
+                    let to_loop = to_loop.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = server::serve_client(stream, to_loop).await {
+                            tracing::debug!(event = "control_error", error = %e);
+                        }
+                    });
+                }
+            }
+            accepted = sockets.uapi.accept() => {
                 if let Ok((stream, _)) = accepted {
                     let shared = Arc::clone(shared);
+                    let (key, port) = (info.private_key, info.listen_port);
                     tokio::spawn(async move {
-                        if let Err(e) = control::serve_uapi_client(stream, shared, private_key, listen_port).await {
+                        if let Err(e) = control::serve_uapi_client(stream, shared, key, port).await {
                             tracing::debug!(event = "uapi_error", error = %e);
                         }
                     });
                 }
             }
         }
+    }
+}
+
+fn handle_request(
+    info: &Info,
+    shared: &Shared,
+    registry: &mut Registry,
+    request: Request,
+) -> Response {
+    match request {
+        Request::Reload { event } => {
+            if let Some(e) = &event {
+                log_admin_event(e);
+            }
+            match registry.reload(shared) {
+                Ok(active_peers) => Response::Reloaded { active_peers },
+                Err(e) => Response::Error {
+                    message: format!("{e:#}"),
+                },
+            }
+        }
+        Request::Status {} => Response::Status(status_view(info, shared)),
+    }
+}
+
+/// Logs an admin action relayed by a CLI command (already audited by it).
+fn log_admin_event(e: &AdminEvent) {
+    let field = |k: &str| e.fields.get(k).map(String::as_str);
+    tracing::info!(
+        event = e.event.as_str(),
+        actor = e.actor.as_str(),
+        peer = field("peer"),
+        public_key = field("public_key"),
+        old_public_key = field("old_public_key"),
+        reason = field("reason"),
+        origin = "control",
+    );
+}
+
+fn status_view(info: &Info, shared: &Shared) -> StatusView {
+    let now = SystemTime::now();
+    let table = shared.table.load();
+    let peers = table
+        .peers
+        .iter()
+        .map(|p| {
+            let state = p.lock();
+            let (since, tx, rx, _, _) = state.tunn.stats();
+            let endpoint = state.endpoint;
+            let session = state.session_up;
+            drop(state);
+            let latest_handshake = since
+                .and_then(|s| now.checked_sub(s))
+                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                .map(|d| d.as_secs() as i64);
+            let expires = p.expires_at.load(Ordering::Relaxed);
+            PeerLive {
+                name: p.name.to_string(),
+                public_key: p.public_key.to_base64(),
+                addresses: p.addresses.iter().map(ToString::to_string).collect(),
+                endpoint: endpoint.map(|e| e.to_string()),
+                latest_handshake,
+                rx_bytes: rx as u64,
+                tx_bytes: tx as u64,
+                session,
+                expires_at: (expires != i64::MAX).then_some(expires),
+                denied: crate::policy::DenyReason::ALL
+                    .iter()
+                    .map(|r| (r.as_str().to_string(), p.denied[r.index()].total()))
+                    .collect(),
+                noise_dropped: p.noise.load(Ordering::Relaxed),
+            }
+        })
+        .collect();
+    StatusView {
+        interface: info.interface.clone(),
+        public_key: info.public_key.clone(),
+        listen_port: info.listen_port,
+        started_at: info.started_at,
+        peers,
     }
 }

@@ -11,28 +11,36 @@ use crate::config::LogFormat;
 /// Minimum spacing of summaries for the same (peer, reason).
 pub const SUMMARY_INTERVAL_MS: u64 = 5_000;
 
-/// Installs the global subscriber. sitegate's own events are at `info`;
-/// boringtun's internal debug chatter is silenced (we log its outcomes ourselves).
-/// `RUST_LOG` overrides the filter.
+/// Installs the global subscriber: the formatted stream on stderr plus the
+/// audit layer (inert until the daemon starts its audit writer). sitegate's own
+/// events are at `info`; boringtun's internal chatter is silenced (its outcomes
+/// are logged as our events). `RUST_LOG` overrides the filter.
 pub fn init_tracing(format: LogFormat) {
-    use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{fmt, EnvFilter, Layer};
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,boringtun=off"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false);
-    let result = match format {
-        LogFormat::Json => builder
+    let stream = match format {
+        LogFormat::Json => fmt::layer()
             .json()
             .flatten_event(true)
             .with_current_span(false)
             .with_span_list(false)
-            .try_init(),
-        LogFormat::Text => builder.try_init(),
+            .with_target(false)
+            .with_writer(std::io::stderr)
+            .boxed(),
+        LogFormat::Text => fmt::layer()
+            .with_target(false)
+            .with_writer(std::io::stderr)
+            .boxed(),
     };
     // A second init (tests, embedding) keeps the first subscriber.
-    drop(result);
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(stream)
+        .with(crate::audit::sink::AuditLayer)
+        .try_init();
 }
 
 /// `reason` values of `handshake_failed`.

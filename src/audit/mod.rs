@@ -2,5 +2,6 @@
 //! JSON line each, hash-chained ([`chain`]), verifiable ([`verify`]).
 
 pub mod chain;
+pub mod sink;
 pub mod verify;
 pub mod writer;

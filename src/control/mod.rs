@@ -4,6 +4,7 @@
 
 pub mod client;
 pub mod protocol;
+pub mod server;
 pub mod uapi;
 
 use std::io;
@@ -29,14 +30,18 @@ pub fn uapi_socket_path(interface: &str) -> PathBuf {
     Path::new(UAPI_DIR).join(format!("{interface}.sock"))
 }
 
-/// Binds the UAPI socket (mode 0600). A live socket of another process is an
-/// error; a stale file left by a crash is replaced.
+/// Binds a root-only Unix socket (mode 0600) at `path`, creating its directory
+/// with `dir_mode` if missing. A live socket of another process is an error; a
+/// stale file left by a crash is replaced.
 ///
 /// # Errors
 /// The directory cannot be made, another daemon serves the name, or bind fails.
-pub fn bind_uapi(path: &Path) -> io::Result<UnixListener> {
+pub fn bind_private_socket(path: &Path, dir_mode: u32) -> io::Result<UnixListener> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+        if !dir.exists() {
+            std::fs::create_dir_all(dir)?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(dir_mode))?;
+        }
     }
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {

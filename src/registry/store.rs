@@ -14,6 +14,8 @@ use std::time::Duration;
 use ipnet::IpNet;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 
+use crate::audit::chain::Head;
+use crate::audit::writer::HeadStore;
 use crate::config::{InterfaceConfig, StoreConfig};
 use crate::keys::{PresharedKey, PublicKey};
 use crate::registry::alloc::{self, AllocError};
@@ -64,7 +66,21 @@ const MIGRATIONS: &[&str] = &[
         reason      TEXT
     );
     "#,
-    // 2 (next issue): audit_head (line count and last hash of the audit chain).
+    // 2: the audit chain head, and the addresses a revoked peer gave back.
+    r#"
+    -- The audit log's chain head as of the last append (one row, id = 1), so that
+    -- `sitegate audit verify` notices a log whose tail was cut.
+    CREATE TABLE audit_head (
+        id          INTEGER PRIMARY KEY CHECK (id = 1),
+        seq         INTEGER NOT NULL,             -- last line's sequence number
+        hash        TEXT NOT NULL,                -- last line's SHA-256, hex
+        updated_at  INTEGER NOT NULL              -- Unix seconds
+    );
+
+    -- Revocation frees a peer's tunnel addresses for reuse (peer_addresses rows are
+    -- deleted); they stay visible here, comma-separated, for `peer show`.
+    ALTER TABLE peers ADD COLUMN former_addresses TEXT;
+    "#,
 ];
 
 /// Why the store could not do what was asked.
@@ -110,6 +126,15 @@ pub enum StoreError {
     /// No address, or not the requested one.
     #[error("{0}")]
     Address(#[from] AllocError),
+    /// No peer of that name.
+    #[error("no peer named `{0}`")]
+    UnknownPeer(String),
+    /// `revoke` of a peer revoked before.
+    #[error("peer `{0}` is already revoked")]
+    AlreadyRevoked(String),
+    /// `rotate` of a revoked peer: its name stays retired.
+    #[error("peer `{0}` is revoked and cannot be rotated; issue a new peer instead")]
+    RotateRevoked(String),
     /// A stored value that does not parse (edited by hand, or a bug).
     #[error("peer store holds a bad {what} for peer id {id}: `{value}`")]
     Corrupt {
@@ -117,6 +142,9 @@ pub enum StoreError {
         what: &'static str,
         value: String,
     },
+    /// A revocation-list key that does not parse.
+    #[error("peer store holds a bad revoked key `{0}`")]
+    CorruptRevoked(String),
     /// Any other database error.
     #[error("peer store: {0}")]
     Sqlite(#[from] rusqlite::Error),
@@ -135,6 +163,18 @@ pub struct NewPeer {
     pub created_at: i64,
     pub expires_at: Option<i64>,
     pub admin: bool,
+}
+
+/// A key that must never be accepted again: revoked with its peer, or rotated out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevokedKey {
+    pub public_key: PublicKey,
+    /// The peer that held it.
+    pub peer: String,
+    /// `--reason` of the revocation, or `rotated`.
+    pub reason: Option<String>,
+    /// Unix seconds.
+    pub revoked_at: i64,
 }
 
 /// An open peer store.
@@ -229,7 +269,7 @@ impl Store {
     /// Database errors; [`StoreError::Corrupt`] for values that do not parse.
     pub fn peers(&self) -> Result<Vec<Peer>, StoreError> {
         let tx = self.conn.unchecked_transaction()?;
-        let peers = read_peers(&tx)?;
+        let peers = read_peers(&tx, None)?;
         tx.commit()?;
         Ok(peers)
     }
@@ -253,28 +293,9 @@ impl Store {
         {
             return Err(StoreError::NameTaken(name.to_string()));
         }
-        let key = new.public_key.to_base64();
-        if let Some(peer) = tx
-            .query_row(
-                "SELECT name FROM peers WHERE public_key = ?1",
-                [&key],
-                |r| r.get::<_, String>(0),
-            )
-            .optional()?
-        {
-            return Err(StoreError::KeyTaken { key, peer });
-        }
-        if tx
-            .query_row(
-                "SELECT 1 FROM revoked_keys WHERE public_key = ?1",
-                [&key],
-                |_| Ok(()),
-            )
-            .optional()?
-            .is_some()
-        {
-            return Err(StoreError::KeyRevoked(key));
-        }
+        // Revocation first: a revoked peer's row still holds its key, and "revoked"
+        // is the answer the admin needs, not "issued to a revoked peer".
+        let key = check_key_unused(&tx, &new.public_key)?;
 
         let mut used = BTreeSet::new();
         let mut stmt = tx.prepare("SELECT address FROM peer_addresses")?;
@@ -351,28 +372,289 @@ impl Store {
             services,
         })
     }
+
+    /// One peer by name, revoked or not.
+    ///
+    /// # Errors
+    /// Database errors; [`StoreError::Corrupt`].
+    pub fn peer(&self, name: &PeerName) -> Result<Option<Peer>, StoreError> {
+        let tx = self.conn.unchecked_transaction()?;
+        let peer = match peer_row(&tx, name)? {
+            Some(row) => read_peers(&tx, Some(row.id))?.pop(),
+            None => None,
+        };
+        tx.commit()?;
+        Ok(peer)
+    }
+
+    /// The tunnel addresses a revoked peer held before revocation freed them
+    /// (empty for a peer that is not revoked).
+    ///
+    /// # Errors
+    /// [`StoreError::UnknownPeer`]; database errors; [`StoreError::Corrupt`].
+    pub fn former_addresses(&self, name: &PeerName) -> Result<Vec<IpAddr>, StoreError> {
+        let (id, text): (i64, Option<String>) = self
+            .conn
+            .query_row(
+                "SELECT id, former_addresses FROM peers WHERE name = ?1",
+                [name.as_str()],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?
+            .ok_or_else(|| StoreError::UnknownPeer(name.to_string()))?;
+        let mut out = Vec::new();
+        for a in text
+            .iter()
+            .flat_map(|t| t.split(','))
+            .filter(|a| !a.is_empty())
+        {
+            out.push(a.parse().map_err(|_| corrupt(id, "former address", a))?);
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Revokes a peer in one transaction: marks it revoked (`now`, `reason`), puts
+    /// its key on the revocation list for good, and frees its tunnel addresses for
+    /// reuse (kept in `former_addresses` for history). Returns the revoked peer,
+    /// whose `addresses` are now empty.
+    ///
+    /// # Errors
+    /// [`StoreError::UnknownPeer`], [`StoreError::AlreadyRevoked`]; database
+    /// errors. On error nothing is written.
+    pub fn revoke_peer(
+        &mut self,
+        name: &PeerName,
+        reason: Option<&str>,
+        now: i64,
+    ) -> Result<Peer, StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let row = peer_row(&tx, name)?.ok_or_else(|| StoreError::UnknownPeer(name.to_string()))?;
+        if row.revoked {
+            return Err(StoreError::AlreadyRevoked(name.to_string()));
+        }
+        let freed = read_peers(&tx, Some(row.id))?
+            .pop()
+            .map(|p| p.addresses)
+            .unwrap_or_default();
+        let freed: Vec<String> = freed.iter().map(IpAddr::to_string).collect();
+        tx.execute(
+            "UPDATE peers SET revoked_at = ?1, revoked_reason = ?2, former_addresses = ?3
+             WHERE id = ?4",
+            params![now, reason, freed.join(","), row.id],
+        )?;
+        tx.execute("DELETE FROM peer_addresses WHERE peer_id = ?1", [row.id])?;
+        // OR IGNORE: an entry already there (a hand-repaired store) keeps its
+        // original time and reason.
+        tx.execute(
+            "INSERT OR IGNORE INTO revoked_keys (public_key, peer_name, revoked_at, reason)
+             VALUES (?1, ?2, ?3, ?4)",
+            params![row.public_key, name.as_str(), now, reason],
+        )?;
+        let peer = read_peers(&tx, Some(row.id))?
+            .pop()
+            .ok_or_else(|| StoreError::UnknownPeer(name.to_string()))?;
+        tx.commit()?;
+        Ok(peer)
+    }
+
+    /// Replaces a peer's key and preshared key in one transaction. The row keeps
+    /// its name, addresses, services, admin flag and expiry; the old key goes on
+    /// the revocation list with reason `rotated`. Returns the peer and its old key.
+    ///
+    /// # Errors
+    /// [`StoreError::UnknownPeer`], [`StoreError::RotateRevoked`],
+    /// [`StoreError::KeyRevoked`], [`StoreError::KeyTaken`] (also for the peer's
+    /// current key); database errors. On error nothing is written.
+    pub fn rotate_peer(
+        &mut self,
+        name: &PeerName,
+        new_key: PublicKey,
+        new_psk: Option<PresharedKey>,
+        now: i64,
+    ) -> Result<(Peer, PublicKey), StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let row = peer_row(&tx, name)?.ok_or_else(|| StoreError::UnknownPeer(name.to_string()))?;
+        if row.revoked {
+            return Err(StoreError::RotateRevoked(name.to_string()));
+        }
+        let old = PublicKey::from_base64(&row.public_key)
+            .map_err(|_| corrupt(row.id, "public key", &row.public_key))?;
+        let key = check_key_unused(&tx, &new_key)?;
+        tx.execute(
+            "UPDATE peers SET public_key = ?1, preshared_key = ?2 WHERE id = ?3",
+            params![key, new_psk.as_ref().map(PresharedKey::to_base64), row.id],
+        )?;
+        tx.execute(
+            "INSERT OR IGNORE INTO revoked_keys (public_key, peer_name, revoked_at, reason)
+             VALUES (?1, ?2, ?3, 'rotated')",
+            params![row.public_key, name.as_str(), now],
+        )?;
+        let peer = read_peers(&tx, Some(row.id))?
+            .pop()
+            .ok_or_else(|| StoreError::UnknownPeer(name.to_string()))?;
+        tx.commit()?;
+        Ok((peer, old))
+    }
+
+    /// The revocation list, oldest first: keys the daemon must refuse
+    /// (`handshake_failed reason=revoked`) and `peer add` must not issue.
+    ///
+    /// # Errors
+    /// Database errors; [`StoreError::CorruptRevoked`] for a key that does not parse.
+    pub fn revoked_keys(&self) -> Result<Vec<RevokedKey>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT public_key, peer_name, reason, revoked_at FROM revoked_keys
+             ORDER BY revoked_at, public_key",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, Option<String>>(2)?,
+                r.get::<_, i64>(3)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (key, peer, reason, revoked_at) = row?;
+            out.push(RevokedKey {
+                public_key: PublicKey::from_base64(&key)
+                    .map_err(|_| StoreError::CorruptRevoked(key.clone()))?,
+                peer,
+                reason,
+                revoked_at,
+            });
+        }
+        Ok(out)
+    }
 }
 
-fn read_peers(tx: &rusqlite::Transaction<'_>) -> Result<Vec<Peer>, StoreError> {
+impl HeadStore for Store {
+    fn audit_head(&self) -> Result<Option<Head>, String> {
+        let row: Option<(i64, String)> = self
+            .conn
+            .query_row("SELECT seq, hash FROM audit_head WHERE id = 1", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()
+            .map_err(|e| format!("{}: {e}", self.path.display()))?;
+        match row {
+            None => Ok(None),
+            Some((seq, hash)) => match u64::try_from(seq) {
+                Ok(seq) => Ok(Some(Head { seq, hash })),
+                Err(_) => Err(format!(
+                    "{}: audit_head holds a negative seq {seq}",
+                    self.path.display()
+                )),
+            },
+        }
+    }
+
+    fn set_audit_head(&self, head: &Head) -> Result<(), String> {
+        let seq = i64::try_from(head.seq).map_err(|_| format!("seq {} too large", head.seq))?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        self.conn
+            .execute(
+                "INSERT INTO audit_head (id, seq, hash, updated_at) VALUES (1, ?1, ?2, ?3)
+                 ON CONFLICT (id) DO UPDATE
+                 SET seq = excluded.seq, hash = excluded.hash, updated_at = excluded.updated_at",
+                params![seq, head.hash, now],
+            )
+            .map(drop)
+            .map_err(|e| format!("{}: {e}", self.path.display()))
+    }
+}
+
+/// The columns of a peer row that admin actions check first.
+struct PeerRow {
+    id: i64,
+    public_key: String,
+    revoked: bool,
+}
+
+fn peer_row(
+    tx: &rusqlite::Transaction<'_>,
+    name: &PeerName,
+) -> Result<Option<PeerRow>, StoreError> {
+    Ok(tx
+        .query_row(
+            "SELECT id, public_key, revoked_at IS NOT NULL FROM peers WHERE name = ?1",
+            [name.as_str()],
+            |r| {
+                Ok(PeerRow {
+                    id: r.get(0)?,
+                    public_key: r.get(1)?,
+                    revoked: r.get(2)?,
+                })
+            },
+        )
+        .optional()?)
+}
+
+/// A key may be issued only when it is on no peer and not on the revocation list.
+/// Returns its base64 form.
+fn check_key_unused(tx: &rusqlite::Transaction<'_>, key: &PublicKey) -> Result<String, StoreError> {
+    let key = key.to_base64();
+    if tx
+        .query_row(
+            "SELECT 1 FROM revoked_keys WHERE public_key = ?1",
+            [&key],
+            |_| Ok(()),
+        )
+        .optional()?
+        .is_some()
+    {
+        return Err(StoreError::KeyRevoked(key));
+    }
+    if let Some(peer) = tx
+        .query_row(
+            "SELECT name FROM peers WHERE public_key = ?1",
+            [&key],
+            |r| r.get::<_, String>(0),
+        )
+        .optional()?
+    {
+        return Err(StoreError::KeyTaken { key, peer });
+    }
+    Ok(key)
+}
+
+/// Every peer, or only peer `only`, in one read.
+fn read_peers(tx: &rusqlite::Transaction<'_>, only: Option<i64>) -> Result<Vec<Peer>, StoreError> {
     let mut addresses: BTreeMap<i64, Vec<IpAddr>> = BTreeMap::new();
-    let mut stmt = tx.prepare("SELECT peer_id, address FROM peer_addresses")?;
-    for row in stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))? {
+    let mut stmt =
+        tx.prepare("SELECT peer_id, address FROM peer_addresses WHERE ?1 IS NULL OR peer_id = ?1")?;
+    for row in stmt.query_map([only], |r| {
+        Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+    })? {
         let (id, text) = row?;
         let ip = text.parse().map_err(|_| corrupt(id, "address", &text))?;
         addresses.entry(id).or_default().push(ip);
     }
     let mut services: BTreeMap<i64, Vec<String>> = BTreeMap::new();
-    let mut stmt = tx.prepare("SELECT peer_id, service FROM peer_services ORDER BY service")?;
-    for row in stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))? {
+    let mut stmt = tx.prepare(
+        "SELECT peer_id, service FROM peer_services WHERE ?1 IS NULL OR peer_id = ?1
+         ORDER BY service",
+    )?;
+    for row in stmt.query_map([only], |r| {
+        Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+    })? {
         let (id, svc) = row?;
         services.entry(id).or_default().push(svc);
     }
     let mut stmt = tx.prepare(
         "SELECT id, name, public_key, preshared_key, created_at, expires_at,
                     revoked_at, revoked_reason, admin
-             FROM peers ORDER BY id",
+             FROM peers WHERE ?1 IS NULL OR id = ?1 ORDER BY id",
     )?;
-    let rows = stmt.query_map([], |r| {
+    let rows = stmt.query_map([only], |r| {
         Ok((
             r.get::<_, i64>(0)?,
             r.get::<_, String>(1)?,
@@ -634,6 +916,139 @@ mod tests {
         addrs.sort();
         addrs.dedup();
         assert_eq!(addrs.len(), 8);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// Revoke frees the addresses (kept as history), lists the key, refuses twice and unknown names.
+    #[test]
+    fn revoke() {
+        let (cfg, dir) = temp_store("revoke");
+        let mut s = Store::create(&cfg).unwrap();
+        let i = iface("'10.8.0.1/24'");
+        let a = s.add_peer(&i, new_peer("alice")).unwrap();
+        let name = a.name.clone();
+        let r = s
+            .revoke_peer(&name, Some("laptop lost"), 1_700_000_100)
+            .unwrap();
+        assert_eq!(r.revoked_at, Some(1_700_000_100));
+        assert_eq!(r.revoked_reason.as_deref(), Some("laptop lost"));
+        assert!(r.addresses.is_empty());
+        assert_eq!(s.former_addresses(&name).unwrap(), a.addresses);
+        assert_eq!(
+            s.revoked_keys().unwrap(),
+            vec![RevokedKey {
+                public_key: a.public_key,
+                peer: "alice".into(),
+                reason: Some("laptop lost".into()),
+                revoked_at: 1_700_000_100,
+            }]
+        );
+        let e = s.revoke_peer(&name, None, 1).unwrap_err().to_string();
+        assert_eq!(e, "peer `alice` is already revoked");
+        let ghost = PeerName::new("ghost").unwrap();
+        let e = s.revoke_peer(&ghost, None, 1).unwrap_err().to_string();
+        assert_eq!(e, "no peer named `ghost`");
+        // The freed address is issued again; the revoked key never is.
+        let b = s.add_peer(&i, new_peer("bob")).unwrap();
+        assert_eq!(b.addresses, a.addresses);
+        let mut reuse = new_peer("carol");
+        reuse.public_key = a.public_key;
+        assert!(matches!(
+            s.add_peer(&i, reuse),
+            Err(StoreError::KeyRevoked(_))
+        ));
+        assert_eq!(
+            s.peer(&name).unwrap().unwrap().revoked_at,
+            Some(1_700_000_100)
+        );
+        assert!(s.peer(&ghost).unwrap().is_none());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// Rotate keeps name, address and grants; the old key is revoked; revoked peers and used keys are refused.
+    #[test]
+    fn rotate() {
+        let (cfg, dir) = temp_store("rotate");
+        let mut s = Store::create(&cfg).unwrap();
+        let i = iface("'10.8.0.1/24'");
+        let a = s.add_peer(&i, new_peer("alice")).unwrap();
+        let b = s.add_peer(&i, new_peer("bob")).unwrap();
+        let fresh = crate::keys::PrivateKey::generate().public_key();
+        let psk = PresharedKey::generate();
+        let (p, old) = s.rotate_peer(&a.name, fresh, Some(psk.clone()), 5).unwrap();
+        assert_eq!(old, a.public_key);
+        assert_eq!(p.public_key, fresh);
+        assert_eq!(p.preshared_key, Some(psk));
+        assert_eq!(
+            (p.id, &p.addresses, &p.services),
+            (a.id, &a.addresses, &a.services)
+        );
+        let rk = s.revoked_keys().unwrap();
+        assert_eq!(rk.len(), 1);
+        assert_eq!(rk[0].reason.as_deref(), Some("rotated"));
+        // Back to the old key, or to bob's: refused, nothing written.
+        assert!(matches!(
+            s.rotate_peer(&a.name, a.public_key, None, 6),
+            Err(StoreError::KeyRevoked(_))
+        ));
+        assert!(matches!(
+            s.rotate_peer(&a.name, b.public_key, None, 6),
+            Err(StoreError::KeyTaken { .. })
+        ));
+        assert_eq!(s.peer(&a.name).unwrap().unwrap().public_key, fresh);
+        s.revoke_peer(&b.name, None, 7).unwrap();
+        let e = s
+            .rotate_peer(
+                &b.name,
+                crate::keys::PrivateKey::generate().public_key(),
+                None,
+                8,
+            )
+            .unwrap_err();
+        assert!(matches!(e, StoreError::RotateRevoked(_)), "{e}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// The audit head round-trips and is replaced, never duplicated.
+    #[test]
+    fn audit_head() {
+        let (cfg, dir) = temp_store("head");
+        let s = Store::create(&cfg).unwrap();
+        assert_eq!(s.audit_head().unwrap(), None);
+        for seq in [1, 2] {
+            let h = Head {
+                seq,
+                hash: format!("{seq:064}"),
+            };
+            s.set_audit_head(&h).unwrap();
+            assert_eq!(s.audit_head().unwrap(), Some(h));
+        }
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// A version-1 store (issue 3) is migrated on open and keeps its peers.
+    #[test]
+    fn migrates_v1() {
+        let (cfg, dir) = temp_store("v1");
+        let path = dir.join("s.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.execute_batch(
+                "PRAGMA user_version = 1;
+                 INSERT INTO peers (name, public_key, created_at)
+                 VALUES ('old', 'hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo=', 1);",
+            )
+            .unwrap();
+        }
+        let s = Store::open(&cfg).unwrap();
+        let v: i64 = s
+            .conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, MIGRATIONS.len() as i64);
+        assert_eq!(s.peers().unwrap()[0].name.as_str(), "old");
+        assert_eq!(s.audit_head().unwrap(), None);
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

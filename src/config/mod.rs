@@ -105,11 +105,28 @@ pub enum LogFormat {
     Text,
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct LogConfig {
     pub format: LogFormat,
     pub audit_file: Option<PathBuf>,
+    /// The audit log starts a new file past this size (`[log] audit_rotate_bytes`;
+    /// small values let tests exercise rotation).
+    pub audit_rotate_bytes: u64,
 }
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::default(),
+            audit_file: None,
+            audit_rotate_bytes: crate::audit::writer::ROTATE_BYTES,
+        }
+    }
+}
+
+/// Smallest `[log] audit_rotate_bytes`: below a few records per file rotation
+/// would churn through the kept generations and drop the chain's start.
+pub const MIN_AUDIT_ROTATE_BYTES: u64 = 4096;
 
 #[derive(Debug, Clone, Default)]
 pub struct FirewallConfig {

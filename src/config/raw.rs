@@ -92,6 +92,7 @@ pub struct StoreRaw {
 pub struct LogRaw {
     pub format: Option<String>,
     pub audit_file: Option<String>,
+    pub audit_rotate_bytes: Option<i64>,
 }
 
 /// `[firewall]`.

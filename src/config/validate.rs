@@ -280,6 +280,22 @@ impl Validator<'_> {
                     Some(f) => Some(self.file("log.audit_file", f)?),
                     None => None,
                 },
+                audit_rotate_bytes: match l.audit_rotate_bytes {
+                    None => crate::audit::writer::ROTATE_BYTES,
+                    Some(n) => u64::try_from(n)
+                        .ok()
+                        .filter(|n| *n >= super::MIN_AUDIT_ROTATE_BYTES)
+                        .ok_or_else(|| {
+                            self.bad(
+                                "log.audit_rotate_bytes",
+                                n,
+                                format!(
+                                    "is below the minimum of {}",
+                                    super::MIN_AUDIT_ROTATE_BYTES
+                                ),
+                            )
+                        })?,
+                },
             },
             None => LogConfig::default(),
         };
@@ -720,7 +736,26 @@ seal_key_file = "seal.key"
         assert_eq!((c.interface.listen_port, c.interface.mtu), (51820, 1420));
         assert!(c.egress.allow_internet && !c.egress.peer_to_peer && c.firewall.manage);
         assert_eq!(c.log.format, LogFormat::Json);
+        assert_eq!(c.log.audit_rotate_bytes, crate::audit::writer::ROTATE_BYTES);
         assert!(c.api.is_none() && c.services.is_empty());
+    }
+
+    /// `log.audit_rotate_bytes` takes 4096 or more; smaller or negative values are refused naming the key.
+    #[test]
+    fn audit_rotate_bytes() {
+        let from = "format = \"text\"\n";
+        let c = parse_with(from, "format = \"text\"\naudit_rotate_bytes = 4096\n").unwrap();
+        assert_eq!(c.log.audit_rotate_bytes, 4096);
+        for bad in ["4095", "-1", "0"] {
+            let e = err_with(
+                from,
+                &format!("format = \"text\"\naudit_rotate_bytes = {bad}\n"),
+            );
+            assert!(
+                e.contains("`log.audit_rotate_bytes`") && e.contains(bad) && e.contains("4096"),
+                "{e}"
+            );
+        }
     }
 
     /// An unknown key is refused naming the file, the key and its section.

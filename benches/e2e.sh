@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # End-to-end throughput: one stock wireguard-go site (wg-quick) in namespace
-# `client`, the gateway under test in namespace `gw`, a veth between them, and a
-# single iperf3 TCP stream from the site to the gateway's tunnel address.
+# `client`, the gateway under test in namespace `gw`, a veth between them, and
+# iperf3 from the site to the gateway's tunnel address: one TCP stream (bulk), then
+# UDP with 64-byte payloads at unlimited rate (small packets).
 #
 # The same namespaces, keys and addresses are used for every gateway:
 #   sitegate       `sitegate run` with a config from `sitegate init` + `peer add`
@@ -9,12 +10,14 @@
 #   boringtun-cli  likewise, only when it is on PATH (never installed here)
 #
 # The site (wireguard-go) is the bottleneck on small machines, so compare gateways
-# by gateway CPU seconds per GB (utime+stime from /proc/PID/stat) as well as Mbit/s.
+# by gateway CPU seconds per GB (utime+stime from /proc/PID/stat) as well as Mbit/s,
+# and by gateway CPU microseconds per received packet for UDP.
 #
 # Usage: sudo benches/e2e.sh [--json] [--time SECS] [--bin PATH] [--only NAME[,NAME]]
 set -euo pipefail
 
 secs=10
+udp_len=64
 json=0
 bin=""
 only=""
@@ -24,7 +27,7 @@ while [ $# -gt 0 ]; do
     --time) secs="$2"; shift ;;
     --bin) bin="$2"; shift ;;
     --only) only="$2"; shift ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     *) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -151,6 +154,24 @@ start_sitegate() {
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
+# Runs one iperf3 test (client in the site, server on the gateway's tunnel address)
+# with extra client ARGS, JSON to $1; prints the gateway's CPU ticks used meanwhile.
+iperf_once() {
+  local out=$1; shift
+  ip netns exec "$GW" iperf3 -s -B 10.8.0.1 -1 >/dev/null 2>&1 &
+  local srv=$! t0 t1 rc=0
+  for _ in $(seq 50); do
+    ip netns exec "$GW" ss -ltnH 'sport = :5201' | grep -q . && break; sleep 0.1
+  done
+  t0=$(cpu_ticks "$gwpid")
+  ip netns exec "$CL" iperf3 -c 10.8.0.1 -t "$secs" -J "$@" >"$out" 2>/dev/null || rc=1
+  t1=$(cpu_ticks "$gwpid")
+  kill "$srv" 2>/dev/null || true
+  wait "$srv" 2>/dev/null || true
+  echo $((t1 - t0))
+  return $rc
+}
+
 results="$work/results.jsonl"
 : >"$results"
 
@@ -176,33 +197,33 @@ bench_one() {
     if ip netns exec "$CL" ping -n -c 1 -W 1 10.8.0.1 >/dev/null 2>&1; then ok=1; break; fi
   done
   if [ "$ok" = 1 ]; then
-    ip netns exec "$GW" iperf3 -s -B 10.8.0.1 -1 >/dev/null 2>&1 &
-    local srv=$!
-    for _ in $(seq 50); do
-      ip netns exec "$GW" ss -ltnH 'sport = :5201' | grep -q . && break; sleep 0.1
-    done
-    local t0 t1
-    t0=$(cpu_ticks "$gwpid")
-    if ip netns exec "$CL" iperf3 -c 10.8.0.1 -t "$secs" -J >"$work/iperf.json" 2>/dev/null; then
-      t1=$(cpu_ticks "$gwpid")
-      python3 - "$name" "$t0" "$t1" "$(getconf CLK_TCK)" "$work/iperf.json" >>"$results" <<'PY'
+    local tcp_ticks udp_ticks
+    if tcp_ticks=$(iperf_once "$work/tcp.json") &&
+       udp_ticks=$(iperf_once "$work/udp.json" -u -b 0 -l "$udp_len"); then
+      python3 - "$name" "$tcp_ticks" "$udp_ticks" "$(getconf CLK_TCK)" "$udp_len" \
+        "$work/tcp.json" "$work/udp.json" >>"$results" <<'PY'
 import json, sys
-name, t0, t1, hz, path = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
-end = json.load(open(path))["end"]
-recv = end["sum_received"]
-cpu = (t1 - t0) / hz
+name, tcp_ticks, udp_ticks, hz, udp_len = sys.argv[1], *map(int, sys.argv[2:6])
+tcp = json.load(open(sys.argv[6]))["end"]
+udp = json.load(open(sys.argv[7]))["end"]["sum_received"]
+recv = tcp["sum_received"]
+cpu = tcp_ticks / hz
 gb = recv["bytes"] / 1e9
+udp_pkts = udp["bytes"] / udp_len
 print(json.dumps({"gateway": name, "mbit_s": round(recv["bits_per_second"] / 1e6, 1),
                   "bytes": recv["bytes"], "seconds": round(recv["seconds"], 2),
-                  "retransmits": end.get("sum_sent", {}).get("retransmits"),
+                  "retransmits": tcp.get("sum_sent", {}).get("retransmits"),
                   "gateway_cpu_s": round(cpu, 2),
-                  "gateway_cpu_s_per_gb": round(cpu / gb, 2) if gb else None}))
+                  "gateway_cpu_s_per_gb": round(cpu / gb, 2) if gb else None,
+                  "udp_payload_bytes": udp_len,
+                  "udp_pps": round(udp_pkts / udp["seconds"]),
+                  "udp_lost_percent": round(udp.get("lost_percent", 0), 1),
+                  "udp_gateway_cpu_us_per_packet":
+                      round(udp_ticks / hz / udp_pkts * 1e6, 2) if udp_pkts else None}))
 PY
     else
       echo "{\"gateway\":\"$name\",\"error\":\"iperf3 failed\"}" >>"$results"
     fi
-    kill "$srv" 2>/dev/null || true
-    wait "$srv" 2>/dev/null || true
   else
     log "$name: no ping through the tunnel; gateway log tail:"
     [ "$json" = 1 ] || tail -n 5 "$work/gw.log" >&2
@@ -222,13 +243,15 @@ import json, sys
 as_json, secs, path = sys.argv[1] == "1", sys.argv[2], sys.argv[3]
 rows = [json.loads(l) for l in open(path) if l.strip()]
 if as_json:
-    print(json.dumps({"test": "single TCP stream, iperf3 -t " + secs, "results": rows}, indent=2))
+    print(json.dumps({"test": f"iperf3 -t {secs}: one TCP stream; UDP 64-byte payloads, -b 0",
+                  "results": rows}, indent=2))
     sys.exit(0)
-print(f"single TCP stream, site (wireguard-go) -> gateway, iperf3 -t {secs}")
-print(f"{'gateway':<15} {'Mbit/s':>9} {'CPU s/GB':>9} {'retrans':>8}")
+print(f"site (wireguard-go) -> gateway, iperf3 -t {secs}: one TCP stream; UDP, 64-byte payloads, unlimited rate")
+print(f"{'gateway':<15} {'TCP Mbit/s':>10} {'CPU s/GB':>9} {'retrans':>8} {'UDP pkt/s':>10} {'UDP lost':>9} {'CPU us/pkt':>10}")
 for r in rows:
     if "error" in r:
-        print(f"{r['gateway']:<15} {'-':>9} {'-':>9} {'-':>8}  ({r['error']})")
+        print(f"{r['gateway']:<15} {'-':>10} {'-':>9} {'-':>8} {'-':>10} {'-':>9} {'-':>10}  ({r['error']})")
     else:
-        print(f"{r['gateway']:<15} {r['mbit_s']:>9} {r['gateway_cpu_s_per_gb']:>9} {str(r['retransmits']):>8}")
+        print(f"{r['gateway']:<15} {r['mbit_s']:>10} {r['gateway_cpu_s_per_gb']:>9} {str(r['retransmits']):>8}"
+              f" {r['udp_pps']:>10} {str(r['udp_lost_percent']) + '%':>9} {r['udp_gateway_cpu_us_per_packet']:>10}")
 PY

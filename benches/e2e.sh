@@ -27,7 +27,7 @@ while [ $# -gt 0 ]; do
     --time) secs="$2"; shift ;;
     --bin) bin="$2"; shift ;;
     --only) only="$2"; shift ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
     *) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift

@@ -2,22 +2,19 @@
 //! drives timers, follows the peer store, and shuts down cleanly.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use arc_swap::ArcSwap;
-use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::Tunn;
 
 use crate::audit;
 use crate::config::Config;
 use crate::control::protocol::{self, AdminEvent, PeerLive, Request, Response, StatusView};
 use crate::control::{self, server};
-use crate::dataplane::peers::PeerTable;
 use crate::dataplane::timers::{self, Timers};
-use crate::dataplane::{rx, tx, udp::Udp, AnonFailures, Clock, Shared, HANDSHAKE_RATE_LIMIT};
+use crate::dataplane::{rx, tx, udp::Udp, Device, Shared};
 use crate::events::CloseReason;
 use crate::keys::PrivateKey;
 use crate::registry::Store;
@@ -108,7 +105,6 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     let iface = &cfg.interface;
     let key = PrivateKey::from_file(&iface.private_key_file)?;
     let secret = key.to_x25519();
-    let public = x25519_dalek::PublicKey::from(&secret);
     let store = crate::registry::Store::open(&cfg.store)?;
 
     let mut builder = tun_rs::DeviceBuilder::new()
@@ -148,19 +144,10 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         None => None,
     };
 
-    let shared = Arc::new(Shared {
-        table: ArcSwap::from_pointee(PeerTable::default()),
-        udp,
-        tun,
-        interrupt: tun_rs::InterruptEvent::new().context("cannot create the shutdown event")?,
-        static_secret: secret.clone(),
-        static_public: public,
-        rate_limiter: RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT),
-        clock: Clock::new(),
-        anon: AnonFailures::default(),
-        no_route: AtomicU64::new(0),
-        stopping: AtomicBool::new(false),
-    });
+    let device = Arc::new(Device { udp, tun });
+    let interrupt =
+        Arc::new(tun_rs::InterruptEvent::new().context("cannot create the shutdown event")?);
+    let shared = Arc::new(Shared::new(Box::new(Arc::clone(&device)), &key));
     let mut registry = Registry {
         store,
         data_version: -1,
@@ -169,8 +156,18 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     };
     let active = registry.reload(&shared)?;
 
-    let rx_thread = spawn_loop("sg-rx", &shared, rx::run)?;
-    let tx_thread = spawn_loop("sg-tx", &shared, tx::run)?;
+    let rx_thread = {
+        let (shared, device) = (Arc::clone(&shared), Arc::clone(&device));
+        spawn_loop("sg-rx", move || rx::run(&shared, &device.udp))?
+    };
+    let tx_thread = {
+        let (shared, device, interrupt) = (
+            Arc::clone(&shared),
+            Arc::clone(&device),
+            Arc::clone(&interrupt),
+        );
+        spawn_loop("sg-tx", move || tx::run(&shared, &device.tun, &interrupt))?
+    };
     tracing::info!(
         event = "started",
         interface = %iface.name,
@@ -191,7 +188,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     let result = serve(&info, &shared, &mut registry, sockets, shutdown).await;
 
     shared.stopping.store(true, Ordering::Relaxed);
-    let _ = shared.interrupt.trigger();
+    let _ = interrupt.trigger();
     for t in [rx_thread, tx_thread] {
         if t.join().is_err() {
             tracing::error!(event = "thread_panicked");
@@ -204,7 +201,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     }
     let _ = std::fs::remove_file(&uapi_path);
     let _ = std::fs::remove_file(&control_path);
-    drop(shared); // closes the TUN fd: the kernel removes the device
+    drop(shared);
+    drop(device); // the last reference: closes the TUN fd, the kernel removes the device
     tracing::info!(event = "stopped", interface = %cfg.interface.name);
     if let Some(sink) = audit_sink {
         sink.stop();
@@ -214,13 +212,11 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
 
 fn spawn_loop(
     name: &str,
-    shared: &Arc<Shared>,
-    body: fn(&Shared),
+    body: impl FnOnce() + Send + 'static,
 ) -> anyhow::Result<std::thread::JoinHandle<()>> {
-    let shared = Arc::clone(shared);
     std::thread::Builder::new()
         .name(name.to_string())
-        .spawn(move || body(&shared))
+        .spawn(body)
         .with_context(|| format!("cannot start thread {name}"))
 }
 

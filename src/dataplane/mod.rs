@@ -70,12 +70,35 @@ pub struct AnonFailures {
     pub malformed_last: Mutex<Option<SocketAddr>>,
 }
 
+/// Where the data plane's output goes. The daemon's [`Device`] writes to the
+/// real UDP socket and TUN device; engine tests capture instead. Sends are
+/// best effort, like the network itself: a full buffer drops the packet.
+pub trait Wire: Send + Sync {
+    fn send_datagram(&self, datagram: &[u8], dst: SocketAddr);
+    fn send_packet(&self, ip: &[u8]);
+}
+
+/// The gateway's real I/O endpoints.
+pub struct Device {
+    pub udp: udp::Udp,
+    pub tun: tun_rs::SyncDevice,
+}
+
+impl Wire for std::sync::Arc<Device> {
+    #[inline]
+    fn send_datagram(&self, datagram: &[u8], dst: SocketAddr) {
+        let _ = self.udp.send_to(datagram, dst);
+    }
+    #[inline]
+    fn send_packet(&self, ip: &[u8]) {
+        let _ = self.tun.send(ip);
+    }
+}
+
 /// State shared by the packet loops and the control plane.
 pub struct Shared {
     pub table: ArcSwap<peers::PeerTable>,
-    pub udp: udp::Udp,
-    pub tun: tun_rs::SyncDevice,
-    pub interrupt: tun_rs::InterruptEvent,
+    pub wire: Box<dyn Wire>,
     pub static_secret: x25519_dalek::StaticSecret,
     pub static_public: x25519_dalek::PublicKey,
     pub rate_limiter: RateLimiter,
@@ -87,6 +110,23 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// Fresh state with no peers, answering as `key`.
+    pub fn new(wire: Box<dyn Wire>, key: &crate::keys::PrivateKey) -> Shared {
+        let static_secret = key.to_x25519();
+        let static_public = x25519_dalek::PublicKey::from(&static_secret);
+        Shared {
+            table: ArcSwap::from_pointee(peers::PeerTable::default()),
+            wire,
+            rate_limiter: RateLimiter::new(&static_public, HANDSHAKE_RATE_LIMIT),
+            static_secret,
+            static_public,
+            clock: Clock::new(),
+            anon: AnonFailures::default(),
+            no_route: AtomicU64::new(0),
+            stopping: AtomicBool::new(false),
+        }
+    }
+
     pub fn is_stopping(&self) -> bool {
         self.stopping.load(Ordering::Relaxed)
     }

@@ -18,11 +18,11 @@ use crate::policy::{self, Verdict};
 const MSG_HANDSHAKE_RESPONSE: u8 = 2;
 
 /// Receives until shutdown. Owns its buffers: nothing is allocated per datagram.
-pub fn run(shared: &Shared) {
+pub fn run(shared: &Shared, udp: &super::udp::Udp) {
     let mut datagram = vec![0u8; MAX_PACKET];
     let mut out = vec![0u8; MAX_PACKET];
     while !shared.is_stopping() {
-        match shared.udp.recv_from(&mut datagram) {
+        match udp.recv_from(&mut datagram) {
             Ok((n, src)) => handle(shared, &datagram[..n], src, &mut out),
             Err(e)
                 if matches!(
@@ -52,7 +52,7 @@ pub fn handle(shared: &Shared, datagram: &[u8], src: SocketAddr, out: &mut [u8])
     {
         Ok(p) => p,
         Err(TunnResult::WriteToNetwork(reply)) => {
-            let _ = shared.udp.send_to(reply, src);
+            shared.wire.send_datagram(reply, src);
             anon_failure(shared, HandshakeFailure::RateLimited, None, src);
             return;
         }
@@ -115,7 +115,7 @@ pub fn handle(shared: &Shared, datagram: &[u8], src: SocketAddr, out: &mut [u8])
                 // boringtun answered with a cookie: this peer is over its rate.
                 failure_event(shared, peer, HandshakeFailure::RateLimited, src);
             }
-            let _ = shared.udp.send_to(reply, src);
+            shared.wire.send_datagram(reply, src);
             if established {
                 tracing::info!(
                     event = "handshake",
@@ -148,7 +148,7 @@ fn deliver(shared: &Shared, table: &PeerTable, pos: usize, peer: &PeerSlot, ip: 
     };
     match policy::decide(&pos, &header, &table.routes) {
         Verdict::Forward => {
-            let _ = shared.tun.send(ip);
+            shared.wire.send_packet(ip);
         }
         Verdict::Noise => {
             peer.noise.fetch_add(1, Ordering::Relaxed);
@@ -179,7 +179,7 @@ fn flush_queue(shared: &Shared, peer: &PeerSlot, out: &mut [u8]) {
             TunnResult::WriteToNetwork(packet) => {
                 drop(state);
                 if let Some(ep) = endpoint {
-                    let _ = shared.udp.send_to(packet, ep);
+                    shared.wire.send_datagram(packet, ep);
                 }
             }
             _ => return,

@@ -54,7 +54,7 @@ impl Timers {
         let endpoint = state.endpoint;
         drop(state);
         if let (TunnResult::WriteToNetwork(packet), Some(ep)) = (result, endpoint) {
-            let _ = shared.udp.send_to(packet, ep);
+            shared.wire.send_datagram(packet, ep);
         }
         if was_up && !up {
             session_closed(peer, CloseReason::Timeout);

@@ -7,11 +7,11 @@ use boringtun::noise::TunnResult;
 use super::{packet, Shared, MAX_PACKET};
 
 /// Reads the TUN device until shutdown. Owns its buffers.
-pub fn run(shared: &Shared) {
+pub fn run(shared: &Shared, tun: &tun_rs::SyncDevice, interrupt: &tun_rs::InterruptEvent) {
     let mut ip = vec![0u8; MAX_PACKET];
     let mut out = vec![0u8; MAX_PACKET];
     while !shared.is_stopping() {
-        match shared.tun.recv_intr(&mut ip, &shared.interrupt) {
+        match tun.recv_intr(&mut ip, interrupt) {
             Ok(n) => handle(shared, &ip[..n], &mut out),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
@@ -43,6 +43,6 @@ pub fn handle(shared: &Shared, ip: &[u8], out: &mut [u8]) {
     let endpoint = state.endpoint;
     drop(state);
     if let (TunnResult::WriteToNetwork(datagram), Some(ep)) = (result, endpoint) {
-        let _ = shared.udp.send_to(datagram, ep);
+        shared.wire.send_datagram(datagram, ep);
     }
 }

@@ -62,14 +62,22 @@ impl Registry {
     /// their `session_closed` event.
     fn reload(&mut self, shared: &Shared) -> anyhow::Result<usize> {
         let records = self.store.peers().context("cannot read the peer store")?;
+        let revoked = self
+            .store
+            .revoked_keys()
+            .context("cannot read the peer store")?;
         self.data_version = self
             .store
             .data_version()
             .context("cannot read the peer store")?;
         let secret = &self.secret;
         let old = shared.table.load_full();
-        let (table, removed) =
-            old.rebuild(&records, unix_now(), &mut self.next_index, |index, p| {
+        let (table, removed) = old.rebuild(
+            &records,
+            &revoked,
+            unix_now(),
+            &mut self.next_index,
+            |index, p| {
                 Tunn::new(
                     secret.clone(),
                     p.public_key.to_x25519(),
@@ -78,7 +86,8 @@ impl Registry {
                     index,
                     None,
                 )
-            });
+            },
+        );
         let active = table.peers.len();
         shared.table.store(Arc::new(table));
         for r in removed {
@@ -136,9 +145,11 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         .with_context(|| format!("cannot serve {}", control_path.display()))?;
     let audit_sink = match &cfg.log.audit_file {
         Some(path) => {
-            // TODO(store head): pass a second `Store` once it implements HeadStore.
-            let heads = audit::writer::NoStore;
-            let writer = audit::writer::AuditWriter::new(path);
+            // The writer thread keeps its own connection: SQLite serializes it
+            // against admin commands and the registry reads.
+            let heads = Store::open(&cfg.store)?;
+            let writer =
+                audit::writer::AuditWriter::new(path).with_rotate_bytes(cfg.log.audit_rotate_bytes);
             Some(audit::sink::start(writer, heads).context("cannot start the audit writer")?)
         }
         None => None,

@@ -11,6 +11,7 @@ use sitegate::dataplane::{rx, tx, Shared, Wire};
 use sitegate::events::{CloseReason, HandshakeFailure};
 use sitegate::keys::{PresharedKey, PrivateKey};
 use sitegate::policy::DenyReason;
+use sitegate::registry::store::RevokedKey;
 use sitegate::registry::{Peer, PeerName};
 
 #[derive(Default)]
@@ -49,6 +50,7 @@ struct Gateway {
     cap: Arc<Capture>,
     next_index: u32,
     out: Vec<u8>,
+    revoked: Vec<RevokedKey>,
 }
 
 struct Site {
@@ -84,6 +86,7 @@ impl Gateway {
             cap,
             next_index: 1,
             out: vec![0u8; 65_600],
+            revoked: Vec::new(),
         }
     }
 
@@ -91,8 +94,12 @@ impl Gateway {
     fn load(&mut self, records: &[Peer]) -> Vec<(String, CloseReason)> {
         let secret = self.key.to_x25519();
         let old = self.shared.table.load_full();
-        let (table, removed): (PeerTable, _) =
-            old.rebuild(records, 1_000, &mut self.next_index, |i, p| {
+        let (table, removed): (PeerTable, _) = old.rebuild(
+            records,
+            &self.revoked,
+            1_000,
+            &mut self.next_index,
+            |i, p| {
                 Tunn::new(
                     secret.clone(),
                     p.public_key.to_x25519(),
@@ -101,7 +108,8 @@ impl Gateway {
                     i,
                     None,
                 )
-            });
+            },
+        );
         self.shared.table.store(Arc::new(table));
         removed
             .into_iter()
@@ -399,7 +407,8 @@ fn rebuild_keeps_sessions() {
     assert_eq!(gw.cap.take_packets().len(), 1);
 }
 
-/// A new key under the same name (rotation) closes the old session as rotated.
+/// A new key under the same name (rotation) closes the old session as rotated,
+/// and the old key is refused as revoked from then on.
 #[test]
 fn rotation_is_reported_as_rotated() {
     let mut gw = Gateway::new();
@@ -407,6 +416,17 @@ fn rotation_is_reported_as_rotated() {
     gw.load(&[a.record.clone()]);
     assert!(a.connect(&mut gw));
     let rotated = Site::new(&gw, "alpha", "10.8.0.2", 40003);
+    gw.revoked.push(RevokedKey {
+        public_key: a.record.public_key,
+        peer: "alpha".into(),
+        reason: Some("rotated".into()),
+        revoked_at: 900,
+    });
     let removed = gw.load(std::slice::from_ref(&rotated.record));
     assert_eq!(removed, vec![("alpha".to_string(), CloseReason::Rotated)]);
+    assert!(!a.connect(&mut gw), "the rotated-away key is refused");
+    assert_eq!(
+        gw.shared.anon.throttles[HandshakeFailure::Revoked.index()].total(),
+        1
+    );
 }

@@ -12,6 +12,7 @@ use ipnet::IpNet;
 use crate::events::{CloseReason, HandshakeFailure, Throttle};
 use crate::keys::{PresharedKey, PublicKey};
 use crate::policy::DenyReason;
+use crate::registry::store::RevokedKey;
 use crate::registry::{Peer, PeerName};
 use crate::routing::AllowedIps;
 
@@ -123,11 +124,19 @@ impl PeerTable {
     pub fn rebuild(
         &self,
         records: &[Peer],
+        revoked: &[RevokedKey],
         now: i64,
         next_index: &mut u32,
         mut new_tunn: impl FnMut(u32, &Peer) -> Tunn,
     ) -> (PeerTable, Vec<Removed>) {
         let mut next = PeerTable::default();
+        // Keys that left the registry by rotation or revocation stay refused.
+        for r in revoked {
+            if let Ok(name) = PeerName::new(&r.peer) {
+                next.inactive
+                    .insert(*r.public_key.as_bytes(), (name, Inactive::Revoked));
+            }
+        }
         for p in records {
             if let Some(reason) = inactive_reason(p, now) {
                 next.inactive

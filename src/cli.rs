@@ -2,21 +2,29 @@
 //! commands behind it. Errors are `anyhow` here: each is one sentence naming the
 //! file, flag or value at fault, printed by `main` as `error: ...`.
 
+mod admin;
+mod listing;
+mod verify;
+
 use std::fs::{self, OpenOptions};
 use std::io::{Read, Write};
 use std::net::IpAddr;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use ipnet::Ipv4Net;
 
+pub use admin::{peer_revoke, peer_rotate};
+pub use listing::{peer_list, peer_show, status};
+pub use verify::audit_verify;
+
 use crate::clientconf::{self, ClientConfig};
 use crate::config::validate::{check_endpoint, check_ifname, first_host_v4};
 use crate::config::{Config, StoreConfig, DEFAULT_CONFIG_PATH};
-use crate::keys::{PresharedKey, PrivateKey, PublicKey};
+use crate::keys::{PresharedKey, PrivateKey};
 use crate::registry::{NewPeer, PeerName, Store};
 
 /// Userspace WireGuard gateway: issued keys only, full tunnel, audited.
@@ -94,18 +102,15 @@ pub enum PeerCommand {
     Add(PeerAddArgs),
     /// Revoke a peer; its key stays on the revocation list.
     Revoke {
+        #[arg(allow_hyphen_values = true)]
         name: String,
         /// Why (recorded in the store and the audit log).
         #[arg(long, value_name = "TEXT")]
         reason: Option<String>,
     },
     /// Replace a peer's key (and preshared key); the old key becomes revoked.
-    Rotate {
-        name: String,
-        /// The peer's new public key (default: generate a key pair).
-        #[arg(long, value_name = "KEY")]
-        public_key: Option<String>,
-    },
+    /// Prints the new client config; name, addresses and grants stay.
+    Rotate(PeerRotateArgs),
     /// List issued peers.
     List {
         /// Machine-readable output.
@@ -114,6 +119,7 @@ pub enum PeerCommand {
     },
     /// Show one peer.
     Show {
+        #[arg(allow_hyphen_values = true)]
         name: String,
         /// Machine-readable output.
         #[arg(long)]
@@ -148,6 +154,27 @@ pub struct PeerAddArgs {
     #[arg(long, value_name = "FILE")]
     pub output: Option<PathBuf>,
     /// Print the client config as a terminal QR code.
+    #[arg(long)]
+    pub qr: bool,
+    /// Add wg-quick PostUp/PreDown rules rejecting traffic outside the tunnel (Linux sites).
+    #[arg(long)]
+    pub kill_switch: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PeerRotateArgs {
+    #[arg(allow_hyphen_values = true)]
+    pub name: String,
+    /// The peer's new public key (default: generate a key pair).
+    #[arg(long, value_name = "KEY")]
+    pub public_key: Option<String>,
+    /// Issue the new key without a preshared key.
+    #[arg(long)]
+    pub no_psk: bool,
+    /// Write the new client config to FILE (created with mode 0600; must not exist).
+    #[arg(long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// Print the new client config as a terminal QR code.
     #[arg(long)]
     pub qr: bool,
     /// Add wg-quick PostUp/PreDown rules rejecting traffic outside the tunnel (Linux sites).
@@ -495,26 +522,10 @@ fn create_new_file(path: &Path, mode: u32) -> Result<fs::File> {
 
 /// `sitegate peer add`.
 pub fn peer_add(config: &Path, a: &PeerAddArgs) -> Result<()> {
-    if a.qr {
-        bail!("`peer add --qr` is not implemented yet; omit --qr to get the config as text");
-    }
     let name = PeerName::new(&a.name)?;
     let cfg = Config::load(config)?;
-    let (private_key, public_key) = match &a.public_key {
-        Some(k) => (
-            None,
-            PublicKey::from_base64(k).map_err(|e| anyhow!("--public-key {e}"))?,
-        ),
-        None => {
-            let sk = PrivateKey::generate();
-            let pk = sk.public_key();
-            (Some(sk), pk)
-        }
-    };
-    let server_public = PrivateKey::from_file(&cfg.interface.private_key_file)?.public_key();
-    if public_key == server_public {
-        bail!("--public-key {public_key} is the gateway's own public key");
-    }
+    let server_public = admin::server_public_key(&cfg)?;
+    let (private_key, public_key) = admin::peer_key(a.public_key.as_deref(), &server_public)?;
     let address = match &a.address {
         Some(s) => Some(
             s.parse::<IpAddr>()
@@ -531,12 +542,7 @@ pub fn peer_add(config: &Path, a: &PeerAddArgs) -> Result<()> {
     let preshared_key = (!a.no_psk).then(PresharedKey::generate);
 
     let mut store = Store::open(&cfg.store)?;
-    // The output file is created before the transaction so that a path we cannot
-    // write refuses the whole action; it is removed again if the store refuses.
-    let mut output = match &a.output {
-        Some(p) => Some((p, create_new_file(p, 0o600)?)),
-        None => None,
-    };
+    let sink = admin::ConfigSink::new(a.output.as_deref(), a.qr)?;
     let added = store.add_peer(
         &cfg.interface,
         NewPeer {
@@ -553,12 +559,21 @@ pub fn peer_add(config: &Path, a: &PeerAddArgs) -> Result<()> {
     let peer = match added {
         Ok(p) => p,
         Err(e) => {
-            if let Some((p, _)) = &output {
-                let _ = fs::remove_file(p);
-            }
+            sink.discard();
             return Err(e.into());
         }
     };
+    let shown: Vec<String> = peer.addresses.iter().map(IpAddr::to_string).collect();
+    let mut action = admin::AdminAction::new("peer_added", &peer)
+        .with("addresses", shown.join(","))
+        .with("services", peer.services.join(","));
+    if let Some(t) = peer.expires_at {
+        action = action.with("expires_at", t);
+    }
+    if peer.admin {
+        action = action.with("admin", true);
+    }
+    let audit = admin::after_commit(&cfg, &store, &action);
     let text = clientconf::render(&ClientConfig {
         private_key: private_key.as_ref(),
         addresses: &peer.addresses,
@@ -568,26 +583,8 @@ pub fn peer_add(config: &Path, a: &PeerAddArgs) -> Result<()> {
         endpoint: &cfg.interface.endpoint,
         kill_switch: a.kill_switch,
     });
-    let shown: Vec<String> = peer.addresses.iter().map(IpAddr::to_string).collect();
-    match output.as_mut() {
-        Some((path, f)) => {
-            f.write_all(text.as_bytes()).and_then(|()| f.sync_all()).with_context(|| {
-                format!(
-                    "peer `{}` was issued but its config could not be written to {}; revoke it and issue again",
-                    peer.name,
-                    path.display()
-                )
-            })?;
-            eprintln!(
-                "issued peer `{}` ({}); client config written to {}",
-                peer.name,
-                shown.join(", "),
-                path.display()
-            );
-            Ok(())
-        }
-        None => write_stdout(&text),
-    }
+    sink.deliver(&peer, &text, "issued")?;
+    admin::audit_failure(&format!("peer `{}`", peer.name), audit)
 }
 
 /// The services a new peer gets: those named (each must exist), or the defaults.
@@ -623,163 +620,49 @@ fn unix_now() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
-/// `--expires`: `8s`, `30m`, `12h`, `30d` from `now`, or `YYYY-MM-DD` (00:00 UTC),
-/// which must lie in the future. Returns Unix seconds.
+/// `--expires`: a whole number of `s`, `m`, `h` or `d` from `now` (read by
+/// humantime), or `YYYY-MM-DD` (00:00 UTC), which must lie in the future.
+/// Returns Unix seconds. humantime's other units are refused on purpose: `ms`
+/// would make an instantly expired peer, and `M` (months) is one shift key
+/// away from `m` (minutes).
 fn parse_expires(s: &str, now: i64) -> Result<i64> {
     let bad = || {
         anyhow!("--expires `{s}` is neither a duration (8s, 30m, 12h, 30d) nor a future date (YYYY-MM-DD)")
     };
-    if let Some(unit) = s.chars().last().filter(|c| "smhd".contains(*c)) {
-        let n: i64 = s[..s.len() - 1]
-            .parse()
+    let b = s.as_bytes();
+    if b.len() == 10 && b[4] == b'-' && b[7] == b'-' {
+        let t = humantime::parse_rfc3339(&format!("{s}T00:00:00Z")).map_err(|_| bad())?;
+        let t = t
+            .duration_since(UNIX_EPOCH)
             .ok()
-            .filter(|n| *n > 0)
+            .and_then(|d| i64::try_from(d.as_secs()).ok())
             .ok_or_else(bad)?;
-        let secs = match unit {
-            's' => 1,
-            'm' => 60,
-            'h' => 3600,
-            _ => 86_400,
-        };
-        return n
-            .checked_mul(secs)
-            .and_then(|d| now.checked_add(d))
-            .ok_or_else(bad);
-    }
-    let parts: Vec<&str> = s.split('-').collect();
-    let [y, m, d] = parts.as_slice() else {
-        return Err(bad());
-    };
-    if y.len() != 4 || m.len() != 2 || d.len() != 2 {
-        return Err(bad());
-    }
-    let (y, m, d): (i64, u32, u32) = match (y.parse(), m.parse(), d.parse()) {
-        (Ok(y), Ok(m), Ok(d)) => (y, m, d),
-        _ => return Err(bad()),
-    };
-    if !(1..=12).contains(&m) || d == 0 || d > days_in_month(y, m) {
-        return Err(bad());
-    }
-    let t = days_from_civil(y, m, d) * 86_400;
-    if t <= now {
-        bail!("--expires `{s}` lies in the past");
-    }
-    Ok(t)
-}
-
-fn days_in_month(y: i64, m: u32) -> u32 {
-    match m {
-        2 if (y % 4 == 0 && y % 100 != 0) || y % 400 == 0 => 29,
-        2 => 28,
-        4 | 6 | 9 | 11 => 30,
-        _ => 31,
-    }
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's algorithm).
-fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = i64::from((m + 9) % 12);
-    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-/// Unix seconds as `YYYY-MM-DDTHH:MM:SSZ`.
-fn format_time(t: i64) -> String {
-    let (days, secs) = (t.div_euclid(86_400), t.rem_euclid(86_400));
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        secs / 3600,
-        secs % 3600 / 60,
-        secs % 60
-    )
-}
-
-/// `sitegate peer list`: the registry (live state comes with the control socket).
-pub fn peer_list(config: &Path, json: bool) -> Result<()> {
-    let cfg = Config::load(config)?;
-    let peers = Store::open(&cfg.store)?.peers()?;
-    let now = unix_now();
-    let state = |p: &crate::registry::Peer| {
-        if p.revoked_at.is_some() {
-            "revoked"
-        } else if p.is_active(now) {
-            "active"
-        } else {
-            "expired"
+        if t <= now {
+            bail!("--expires `{s}` lies in the past");
         }
-    };
-    if json {
-        let list: Vec<serde_json::Value> = peers
-            .iter()
-            .map(|p| {
-                serde_json::json!({
-                    "name": p.name.as_str(),
-                    "public_key": p.public_key.to_base64(),
-                    "addresses": p.addresses.iter().map(IpAddr::to_string).collect::<Vec<_>>(),
-                    "services": p.services,
-                    "admin": p.admin,
-                    "preshared_key": p.preshared_key.is_some(),
-                    "created_at": p.created_at,
-                    "expires_at": p.expires_at,
-                    "revoked_at": p.revoked_at,
-                    "revoked_reason": p.revoked_reason,
-                    "state": state(p),
-                })
-            })
-            .collect();
-        let text = serde_json::to_string_pretty(&list).context("cannot render JSON")?;
-        return write_stdout(&format!("{text}\n"));
+        return Ok(t);
     }
-    let mut rows = vec![[
-        "NAME",
-        "ADDRESSES",
-        "PUBLIC KEY",
-        "CREATED",
-        "EXPIRES",
-        "STATE",
-    ]
-    .map(String::from)];
-    for p in &peers {
-        rows.push([
-            p.name.to_string(),
-            p.addresses
-                .iter()
-                .map(IpAddr::to_string)
-                .collect::<Vec<_>>()
-                .join(","),
-            p.public_key.to_base64(),
-            format_time(p.created_at),
-            p.expires_at.map_or("never".into(), format_time),
-            state(p).to_string(),
-        ]);
+    let shape_ok = b.len() >= 2
+        && b[..b.len() - 1].iter().all(u8::is_ascii_digit)
+        && matches!(b[b.len() - 1], b's' | b'm' | b'h' | b'd');
+    if !shape_ok {
+        return Err(bad());
     }
-    let widths: Vec<usize> = (0..6)
-        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
-        .collect();
-    let mut out = String::new();
-    for r in &rows {
-        let cells: Vec<String> = r
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        out.push_str(cells.join("  ").trim_end());
-        out.push('\n');
-    }
-    write_stdout(&out)
+    let d = humantime::parse_duration(s).map_err(|_| bad())?;
+    i64::try_from(d.as_secs())
+        .ok()
+        .filter(|secs| *secs > 0)
+        .and_then(|secs| now.checked_add(secs))
+        .ok_or_else(bad)
+}
+
+/// Unix seconds as RFC 3339 UTC, `YYYY-MM-DDTHH:MM:SSZ`.
+fn format_time(t: i64) -> String {
+    let at = u64::try_from(t)
+        .ok()
+        .and_then(|s| UNIX_EPOCH.checked_add(Duration::from_secs(s)))
+        .unwrap_or(UNIX_EPOCH);
+    humantime::format_rfc3339_seconds(at).to_string()
 }
 
 #[cfg(test)]
@@ -807,6 +690,9 @@ mod tests {
             "26-01-01",
             "tomorrow",
             "99999999999999999d",
+            "5ms",
+            "1M",
+            "1h30m",
         ] {
             let e = parse_expires(bad, now).unwrap_err().to_string();
             assert!(e.contains(&format!("`{bad}`")), "{e}");
@@ -815,10 +701,7 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("in the past"));
-        assert_eq!(
-            parse_expires("2028-02-29", now).unwrap(),
-            days_from_civil(2028, 2, 29) * 86_400
-        );
+        assert_eq!(parse_expires("2028-02-29", now).unwrap(), 1_835_395_200);
     }
 
     /// Timestamps render as RFC 3339 UTC, inverse to the date parser.
@@ -826,10 +709,7 @@ mod tests {
     fn time_formatting() {
         assert_eq!(format_time(0), "1970-01-01T00:00:00Z");
         assert_eq!(format_time(1_767_225_600 + 3661), "2026-01-01T01:01:01Z");
-        assert_eq!(
-            format_time(days_from_civil(2000, 2, 29) * 86_400),
-            "2000-02-29T00:00:00Z"
-        );
+        assert_eq!(format_time(951_782_400), "2000-02-29T00:00:00Z");
     }
 
     /// `--subnet` takes a network (gateway = first host) or the gateway's address.

@@ -14,12 +14,14 @@ fn main() -> ExitCode {
         Command::Run => cli::run(config),
         Command::Peer(PeerCommand::Add(a)) => cli::peer_add(config, a),
         Command::Peer(PeerCommand::List { json }) => cli::peer_list(config, *json),
-        Command::Peer(PeerCommand::Revoke { .. }) => cli::not_implemented("peer revoke"),
-        Command::Peer(PeerCommand::Rotate { .. }) => cli::not_implemented("peer rotate"),
-        Command::Peer(PeerCommand::Show { .. }) => cli::not_implemented("peer show"),
-        Command::Status { .. } => cli::not_implemented("status"),
+        Command::Peer(PeerCommand::Revoke { name, reason }) => {
+            cli::peer_revoke(config, name, reason.as_deref())
+        }
+        Command::Peer(PeerCommand::Rotate(a)) => cli::peer_rotate(config, a),
+        Command::Peer(PeerCommand::Show { name, json }) => cli::peer_show(config, name, *json),
+        Command::Status { json } => cli::status(config, *json),
         Command::Check => cli::not_implemented("check"),
-        Command::Audit(AuditCommand::Verify { .. }) => cli::not_implemented("audit verify"),
+        Command::Audit(AuditCommand::Verify { file }) => cli::audit_verify(config, file.as_deref()),
         Command::Genkey => cli::genkey(),
         Command::Pubkey => cli::pubkey(),
     };

@@ -16,7 +16,7 @@
 
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -605,7 +605,7 @@ impl Site {
             .create(true)
             .truncate(true)
             .write(true)
-            .mode_0600()
+            .mode(0o600)
             .open(&conf)
             .expect("write site config");
         f.write_all(text.as_bytes()).expect("write site config");
@@ -675,17 +675,6 @@ impl Drop for Site {
     fn drop(&mut self) {
         let _ = self.wg_quick("down").output();
         let _ = fs::remove_file(format!("/var/run/wireguard/{}.sock", self.ifname));
-    }
-}
-
-trait Mode0600 {
-    fn mode_0600(&mut self) -> &mut Self;
-}
-
-impl Mode0600 for fs::OpenOptions {
-    fn mode_0600(&mut self) -> &mut Self {
-        use std::os::unix::fs::OpenOptionsExt;
-        self.mode(0o600)
     }
 }
 

@@ -611,26 +611,19 @@ fn missing_config_and_store() {
     );
 }
 
-/// Commands not built yet exit 1 saying so; usage errors exit 2.
+/// `check` (not built yet) exits 1 saying so; usage errors exit 2.
 #[test]
 fn later_commands_and_usage_errors() {
     let env = Env::init("later");
-    for args in [
-        &["peer", "revoke", "alice"][..],
-        &["status"],
-        &["check"],
-        &["audit", "verify"],
-        &["peer", "add", "a", "--qr"],
-    ] {
-        let out = env.sg(args);
-        assert_eq!(out.status.code(), Some(1), "{args:?}");
-        assert!(
-            stderr(&out).contains("not implemented yet"),
-            "{}",
-            stderr(&out)
-        );
-    }
+    let out = env.sg(&["check"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("not implemented yet"),
+        "{}",
+        stderr(&out)
+    );
     assert_eq!(env.sg(&["peer", "add"]).status.code(), Some(2));
+    assert_eq!(env.sg(&["peer", "revoke"]).status.code(), Some(2));
     assert_eq!(env.sg(&["frobnicate"]).status.code(), Some(2));
 }
 

@@ -55,7 +55,8 @@ pub enum Command {
     /// Issue, revoke, rotate and list peers.
     #[command(subcommand)]
     Peer(PeerCommand),
-    /// The daemon's live view, like `wg show`.
+    /// The daemon's live view, like `wg show`. Exits 1 when no daemon runs
+    /// (with --json after printing `{"running": false, ...}`).
     Status {
         /// Machine-readable output.
         #[arg(long)]
@@ -111,7 +112,8 @@ pub enum PeerCommand {
     /// Replace a peer's key (and preshared key); the old key becomes revoked.
     /// Prints the new client config; name, addresses and grants stay.
     Rotate(PeerRotateArgs),
-    /// List issued peers.
+    /// List issued peers, with live state (endpoint, handshake, bytes) when the
+    /// daemon runs. --json: an array of peers, each with `live` (null without a daemon).
     List {
         /// Machine-readable output.
         #[arg(long)]

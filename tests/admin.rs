@@ -19,6 +19,7 @@ struct Env {
     dir: PathBuf,
     config: PathBuf,
     audit: PathBuf,
+    ifname: String,
 }
 
 impl Env {
@@ -34,13 +35,14 @@ impl Env {
         let dir = std::env::temp_dir().join(format!("sitegate-admin-{tag}-{pid}-{n}"));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
+        // A name no daemon uses: admin commands find no control socket.
+        let ifname = format!("sa{}x{n}", pid % 100_000);
         let env = Env {
             config: dir.join("sitegate.toml"),
             audit: dir.join("audit.jsonl"),
             dir,
+            ifname: ifname.clone(),
         };
-        // A name no daemon uses: admin commands find no control socket.
-        let ifname = format!("sa{}x{n}", pid % 100_000);
         ok(&env.sg(&[
             "init",
             "--endpoint",
@@ -770,4 +772,198 @@ fn no_audit_file_configured() {
     let (code, out) = env.verify(None);
     assert_eq!(code, 1);
     assert!(out.contains("sets no [log] audit_file"), "{out}");
+}
+
+/// A stand-in for the daemon's side of `/run/sitegate/NAME.sock`: answers
+/// `status` with a fixed view and `reload` with `reply`, recording every request.
+struct FakeDaemon {
+    path: PathBuf,
+    requests: std::sync::Arc<std::sync::Mutex<Vec<Request>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+use sitegate::control::protocol::{control_socket_path, PeerLive, Request, Response, StatusView};
+
+impl FakeDaemon {
+    /// `None` (after a note) where /run/sitegate cannot be created (not root).
+    fn start(ifname: &str, view: StatusView, reply: Response) -> Option<FakeDaemon> {
+        use std::io::{BufRead, BufReader, Write};
+        use std::os::unix::fs::DirBuilderExt;
+        let path = control_socket_path(ifname);
+        let dir = path.parent().unwrap();
+        if let Err(e) = fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+        {
+            eprintln!("skip: cannot create {}: {e}", dir.display());
+            return None;
+        }
+        let _ = fs::remove_file(&path);
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (reqs, halt) = (requests.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            while !halt.load(Ordering::Relaxed) {
+                let Ok((stream, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(2));
+                    continue;
+                };
+                stream.set_nonblocking(false).unwrap();
+                let mut line = String::new();
+                BufReader::new(&stream).read_line(&mut line).unwrap();
+                let req: Request = serde_json::from_str(&line).unwrap();
+                let resp = match &req {
+                    Request::Status {} => Response::Status(view.clone()),
+                    Request::Reload { .. } => reply.clone(),
+                };
+                reqs.lock().unwrap().push(req);
+                let mut out = serde_json::to_string(&resp).unwrap();
+                out.push('\n');
+                (&stream).write_all(out.as_bytes()).unwrap();
+            }
+        });
+        Some(FakeDaemon {
+            path,
+            requests,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    fn requests(&self) -> Vec<Request> {
+        self.requests.lock().unwrap().clone()
+    }
+}
+
+impl Drop for FakeDaemon {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+fn live_view(env: &Env, key: &str) -> StatusView {
+    StatusView {
+        interface: env.ifname.clone(),
+        public_key: "hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo=".into(),
+        listen_port: 51820,
+        started_at: 1_800_000_000,
+        peers: vec![PeerLive {
+            name: "alice".into(),
+            public_key: key.into(),
+            addresses: vec!["10.8.0.2".into()],
+            endpoint: Some("198.51.100.7:40001".into()),
+            latest_handshake: Some(1_800_000_100),
+            rx_bytes: 1234,
+            tx_bytes: 5 << 20,
+            session: true,
+            expires_at: None,
+            denied: [("acl".to_string(), 3u64)].into(),
+            noise_dropped: 0,
+        }],
+    }
+}
+
+/// With a daemon on the control socket, listings merge its live state (JSON
+/// and tables) and `status` reports it with `running: true`.
+#[test]
+fn listings_merge_live_state() {
+    let env = Env::new("live");
+    ok(&env.sg(&["peer", "add", "alice"]));
+    ok(&env.sg(&["peer", "add", "bob"]));
+    let key = env.public_key_of("alice");
+    let reply = Response::Reloaded { active_peers: 2 };
+    let Some(fake) = FakeDaemon::start(&env.ifname, live_view(&env, &key), reply) else {
+        return;
+    };
+    let peers = env.peers();
+    let live = &peers[0]["live"];
+    assert_eq!(live["endpoint"], "198.51.100.7:40001");
+    assert_eq!(live["latest_handshake"], 1_800_000_100);
+    assert_eq!(live["rx_bytes"], 1234);
+    assert_eq!(live["session"], true);
+    assert_eq!(live["denied"]["acl"], 3);
+    assert!(peers[1]["live"].is_null(), "bob has no live state");
+    assert_eq!(env.show("alice")["live"]["tx_bytes"], 5 << 20);
+    let table = text(&env.sg(&["peer", "list"]).stdout);
+    assert!(
+        table.contains("ENDPOINT") && table.contains("198.51.100.7:40001"),
+        "{table}"
+    );
+    let human = text(&env.sg(&["peer", "show", "alice"]).stdout);
+    assert!(
+        human.contains("latest handshake: 2027-01-15T08:01:40Z")
+            && human.contains("transfer: 1.21 KiB received, 5.00 MiB sent"),
+        "{human}"
+    );
+    let out = env.sg(&["status", "--json"]);
+    ok(&out);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["running"], true);
+    assert_eq!(v["interface"], env.ifname.as_str());
+    assert_eq!(v["peers"][0]["name"], "alice");
+    let out = env.sg(&["status"]);
+    ok(&out);
+    assert!(
+        text(&out.stdout).contains(&format!("interface: {}", env.ifname)),
+        "{}",
+        text(&out.stdout)
+    );
+    assert!(fake
+        .requests()
+        .iter()
+        .all(|r| matches!(r, Request::Status {})));
+}
+
+/// Admin commands tell the daemon what they did (event, actor, fields) after
+/// committing; a daemon that refuses is a warning, not a failure.
+#[test]
+fn admin_actions_notify_daemon() {
+    let env = Env::new("notify");
+    ok(&env.sg(&["peer", "add", "alice"]));
+    let key = env.public_key_of("alice");
+    let reply = Response::Reloaded { active_peers: 1 };
+    let Some(fake) = FakeDaemon::start(&env.ifname, live_view(&env, &key), reply) else {
+        return;
+    };
+    let out = env.sg(&["peer", "revoke", "alice", "--reason", "stolen"]);
+    ok(&out);
+    assert!(
+        text(&out.stderr).contains("applied the change"),
+        "{}",
+        text(&out.stderr)
+    );
+    let who = text(&Command::new("id").arg("-un").output().unwrap().stdout);
+    let reqs = fake.requests();
+    let Some(Request::Reload { event: Some(ev) }) = reqs.last() else {
+        panic!("no reload request: {reqs:?}");
+    };
+    assert_eq!(ev.event, "peer_revoked");
+    assert_eq!(ev.actor, who.trim());
+    assert_eq!(ev.fields.get("peer").map(String::as_str), Some("alice"));
+    assert_eq!(ev.fields.get("public_key"), Some(&key));
+    assert_eq!(ev.fields.get("reason").map(String::as_str), Some("stolen"));
+    drop(fake);
+
+    let reply = Response::Error {
+        message: "busy".into(),
+    };
+    let Some(_fake) = FakeDaemon::start(&env.ifname, live_view(&env, &key), reply) else {
+        return;
+    };
+    let out = env.sg(&["peer", "add", "bob"]);
+    ok(&out);
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("warning: the change is committed") && err.contains("busy"),
+        "{err}"
+    );
+    assert_eq!(env.show("bob")["state"], "active");
 }

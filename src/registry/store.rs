@@ -114,9 +114,12 @@ pub enum StoreError {
         found: i64,
         supported: i64,
     },
-    /// A peer of that name exists (revoked ones included).
+    /// An active or expired peer has that name.
     #[error("a peer named `{0}` already exists")]
     NameTaken(String),
+    /// A revoked peer had that name: names stay with their history.
+    #[error("a revoked peer was named `{0}`; names are never reused, choose another")]
+    NameRetired(String),
     /// The public key is issued to another peer.
     #[error("public key {key} is already issued to peer `{peer}`")]
     KeyTaken { key: String, peer: String },
@@ -286,12 +289,12 @@ impl Store {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let name = new.name.as_str();
-        if tx
-            .query_row("SELECT 1 FROM peers WHERE name = ?1", [name], |_| Ok(()))
-            .optional()?
-            .is_some()
-        {
-            return Err(StoreError::NameTaken(name.to_string()));
+        if let Some(row) = peer_row(&tx, &new.name)? {
+            return Err(if row.revoked {
+                StoreError::NameRetired(name.to_string())
+            } else {
+                StoreError::NameTaken(name.to_string())
+            });
         }
         // Revocation first: a revoked peer's row still holds its key, and "revoked"
         // is the answer the admin needs, not "issued to a revoked peer".

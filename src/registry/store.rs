@@ -282,7 +282,7 @@ impl Store {
     /// of `iface`, inserts it with its services.
     ///
     /// # Errors
-    /// [`StoreError::NameTaken`], [`StoreError::KeyTaken`], [`StoreError::KeyRevoked`],
+    /// [`StoreError::NameTaken`], [`StoreError::NameRetired`], [`StoreError::KeyTaken`], [`StoreError::KeyRevoked`],
     /// [`StoreError::Address`]; database errors. On error nothing is written.
     pub fn add_peer(&mut self, iface: &InterfaceConfig, new: NewPeer) -> Result<Peer, StoreError> {
         let tx = self

@@ -484,3 +484,61 @@ fn sigterm_exits_zero_and_cleans_up() {
         gw.log_tail(20)
     );
 }
+
+/// The harness leaves nothing behind when a test panics: after the unwind the
+/// namespace, the site's wireguard-go process and its UAPI socket are gone.
+/// (Needs no gateway; the panic message it prints is deliberate.)
+#[test]
+fn harness_cleans_up_after_a_panic() {
+    if !rig_ready("harness_cleanup") {
+        return;
+    }
+    let n = names("hc");
+    let ns_name = n.netns("s1");
+    let ifname = n.name("w1");
+    let sock = format!("/var/run/wireguard/{ifname}.sock");
+    let (ns2, if2, sock2) = (ns_name.clone(), ifname.clone(), sock.clone());
+    let outcome = std::thread::spawn(move || {
+        let ns = Netns::new(&ns2);
+        let key = run_ok(Command::new("wg").arg("genkey"));
+        let peer = run_ok(Command::new("wg").arg("genkey"));
+        let mut pubkey = Command::new("wg")
+            .arg("pubkey")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("wg pubkey");
+        std::io::Write::write_all(&mut pubkey.stdin.take().unwrap(), peer.as_bytes()).unwrap();
+        let peer_pub = String::from_utf8(pubkey.wait_with_output().unwrap().stdout).unwrap();
+        // An endpoint in TEST-NET-1 that this namespace has no route to.
+        let conf = format!(
+            "[Interface]\nPrivateKey = {}\nAddress = 10.9.0.2/32\n\n[Peer]\n\
+             PublicKey = {}\nEndpoint = 192.0.2.1:51820\nAllowedIPs = 0.0.0.0/0, ::/0\n",
+            key.trim(),
+            peer_pub.trim()
+        );
+        let _site = Site::up(&ns, &if2, &conf);
+        assert!(
+            std::path::Path::new(&sock2).exists(),
+            "site up but no {sock2}"
+        );
+        panic!("deliberate panic with a site up");
+    })
+    .join();
+    assert!(outcome.is_err(), "the closure was meant to panic");
+    assert!(
+        !std::path::Path::new(&format!("/var/run/netns/{ns_name}")).exists(),
+        "namespace {ns_name} left behind"
+    );
+    assert!(!std::path::Path::new(&sock).exists(), "{sock} left behind");
+    let leftover = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
+        .any(|c| {
+            let args: Vec<&[u8]> = c.split(|b| *b == 0).collect();
+            args.len() >= 2
+                && args[0].ends_with(b"wireguard-go")
+                && args.iter().any(|a| *a == ifname.as_bytes())
+        });
+    assert!(!leftover, "wireguard-go for {ifname} still running");
+}

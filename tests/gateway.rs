@@ -538,7 +538,7 @@ fn harness_cleans_up_after_a_panic() {
             let args: Vec<&[u8]> = c.split(|b| *b == 0).collect();
             args.len() >= 2
                 && args[0].ends_with(b"wireguard-go")
-                && args.iter().any(|a| *a == ifname.as_bytes())
+                && args.contains(&ifname.as_bytes())
         });
     assert!(!leftover, "wireguard-go for {ifname} still running");
 }

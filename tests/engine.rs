@@ -217,6 +217,10 @@ fn issued_peer_delivers() {
     let mut site = Site::new(&gw, "alpha", "10.8.0.2", 40001);
     gw.load(&[site.record.clone()]);
     assert!(site.connect(&mut gw));
+    assert!(
+        gw.shared.table.load().peers[0].lock().session_up,
+        "a shutdown now would log session_closed"
+    );
     let ping = icmp("10.8.0.2", "10.8.0.1");
     site.send(&mut gw, &ping);
     assert_eq!(gw.cap.take_packets(), vec![ping]);

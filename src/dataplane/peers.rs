@@ -22,9 +22,13 @@ pub struct PeerState {
     pub tunn: Tunn,
     /// Latest authenticated source address (roaming follows it).
     pub endpoint: Option<SocketAddr>,
-    /// Whether a session was usable at the last timer tick; the timer alone sets
-    /// it (from `Tunn::time_since_last_handshake`), so a session ends exactly once.
+    /// A session exists: set by a completed handshake, cleared when the timer
+    /// sees a confirmed session disappear. Its end is logged exactly once.
     pub session_up: bool,
+    /// boringtun has reported the session usable (a responder's session becomes
+    /// usable with the initiator's first data packet). Only a confirmed session
+    /// can time out; an unconfirmed one is not mistaken for a closed one.
+    pub confirmed: bool,
 }
 
 /// One issued, active peer.
@@ -220,6 +224,7 @@ impl PeerSlot {
                 tunn,
                 endpoint: None,
                 session_up: false,
+                confirmed: false,
             }),
             denied: Default::default(),
             handshake_failures: Default::default(),

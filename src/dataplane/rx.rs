@@ -117,6 +117,7 @@ pub fn handle(shared: &Shared, datagram: &[u8], src: SocketAddr, out: &mut [u8])
             }
             shared.wire.send_datagram(reply, src);
             if established {
+                peer.lock().session_up = true;
                 tracing::info!(
                     event = "handshake",
                     peer = %peer.name,

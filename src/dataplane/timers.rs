@@ -49,14 +49,20 @@ impl Timers {
     fn update(&mut self, shared: &Shared, peer: &PeerSlot) {
         let mut state = peer.lock();
         let result = state.tunn.update_timers(&mut self.buf);
-        let up = state.tunn.time_since_last_handshake().is_some();
-        let was_up = std::mem::replace(&mut state.session_up, up);
+        let usable = state.tunn.time_since_last_handshake().is_some();
+        let mut ended = false;
+        if usable {
+            state.confirmed = true;
+            state.session_up = true;
+        } else if std::mem::replace(&mut state.confirmed, false) {
+            ended = std::mem::replace(&mut state.session_up, false);
+        }
         let endpoint = state.endpoint;
         drop(state);
         if let (TunnResult::WriteToNetwork(packet), Some(ep)) = (result, endpoint) {
             shared.wire.send_datagram(packet, ep);
         }
-        if was_up && !up {
+        if ended {
             session_closed(peer, CloseReason::Timeout);
         }
     }

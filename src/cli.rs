@@ -146,12 +146,19 @@ pub struct PeerAddArgs {
     /// Expiry: a duration (8s, 30m, 12h, 30d) from now, or a date YYYY-MM-DD (00:00 UTC).
     #[arg(long, value_name = "DURATION|DATE")]
     pub expires: Option<String>,
-    /// Issue without a preshared key.
-    #[arg(long)]
-    pub no_psk: bool,
     /// Allow this peer to use the admin API.
     #[arg(long)]
     pub admin: bool,
+    #[command(flatten)]
+    pub delivery: DeliveryArgs,
+}
+
+/// How a newly issued key reaches the site; shared by `peer add` and `peer rotate`.
+#[derive(Debug, Args)]
+pub struct DeliveryArgs {
+    /// Issue without a preshared key.
+    #[arg(long)]
+    pub no_psk: bool,
     /// Write the client config to FILE (created with mode 0600; must not exist).
     #[arg(long, value_name = "FILE")]
     pub output: Option<PathBuf>,
@@ -170,18 +177,8 @@ pub struct PeerRotateArgs {
     /// The peer's new public key (default: generate a key pair).
     #[arg(long, value_name = "KEY")]
     pub public_key: Option<String>,
-    /// Issue the new key without a preshared key.
-    #[arg(long)]
-    pub no_psk: bool,
-    /// Write the new client config to FILE (created with mode 0600; must not exist).
-    #[arg(long, value_name = "FILE")]
-    pub output: Option<PathBuf>,
-    /// Print the new client config as a terminal QR code.
-    #[arg(long)]
-    pub qr: bool,
-    /// Add wg-quick PostUp/PreDown rules rejecting traffic outside the tunnel (Linux sites).
-    #[arg(long)]
-    pub kill_switch: bool,
+    #[command(flatten)]
+    pub delivery: DeliveryArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -541,10 +538,10 @@ pub fn peer_add(config: &Path, a: &PeerAddArgs) -> Result<()> {
         Some(s) => Some(parse_expires(s, now)?),
         None => None,
     };
-    let preshared_key = (!a.no_psk).then(PresharedKey::generate);
+    let preshared_key = (!a.delivery.no_psk).then(PresharedKey::generate);
 
     let mut store = Store::open(&cfg.store)?;
-    let sink = admin::ConfigSink::new(a.output.as_deref(), a.qr)?;
+    let sink = admin::ConfigSink::new(a.delivery.output.as_deref(), a.delivery.qr)?;
     let added = store.add_peer(
         &cfg.interface,
         NewPeer {
@@ -583,7 +580,7 @@ pub fn peer_add(config: &Path, a: &PeerAddArgs) -> Result<()> {
         gateway_public_key: &server_public,
         preshared_key: peer.preshared_key.as_ref(),
         endpoint: &cfg.interface.endpoint,
-        kill_switch: a.kill_switch,
+        kill_switch: a.delivery.kill_switch,
     });
     sink.deliver(&peer, &text, "issued")?;
     admin::audit_failure(&format!("peer `{}`", peer.name), audit)

@@ -349,31 +349,25 @@ fn log_admin_event(e: &AdminEvent) {
 }
 
 fn status_view(info: &Info, shared: &Shared) -> StatusView {
-    let now = SystemTime::now();
+    let wall = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
     let table = shared.table.load();
     let peers = table
         .peers
         .iter()
         .map(|p| {
-            let state = p.lock();
-            let (since, tx, rx, _, _) = state.tunn.stats();
-            let endpoint = state.endpoint;
-            let session = state.session_up;
-            drop(state);
-            let latest_handshake = since
-                .and_then(|s| now.checked_sub(s))
-                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-                .map(|d| d.as_secs() as i64);
+            let live = p.live(wall);
             let expires = p.expires_at.load(Ordering::Relaxed);
             PeerLive {
                 name: p.name.to_string(),
                 public_key: p.public_key.to_base64(),
                 addresses: p.addresses.iter().map(ToString::to_string).collect(),
-                endpoint: endpoint.map(|e| e.to_string()),
-                latest_handshake,
-                rx_bytes: rx as u64,
-                tx_bytes: tx as u64,
-                session,
+                endpoint: live.endpoint.map(|e| e.to_string()),
+                latest_handshake: live.last_handshake.map(|d| d.as_secs() as i64),
+                rx_bytes: live.rx_bytes,
+                tx_bytes: live.tx_bytes,
+                session: live.session,
                 expires_at: (expires != i64::MAX).then_some(expires),
                 denied: crate::policy::DenyReason::ALL
                     .iter()

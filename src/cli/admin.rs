@@ -313,9 +313,9 @@ pub fn peer_rotate(config: &Path, a: &PeerRotateArgs) -> Result<()> {
     let cfg = Config::load(config)?;
     let server = server_public_key(&cfg)?;
     let (private_key, public_key) = peer_key(a.public_key.as_deref(), &server)?;
-    let psk = (!a.no_psk).then(PresharedKey::generate);
+    let psk = (!a.delivery.no_psk).then(PresharedKey::generate);
     let mut store = Store::open(&cfg.store)?;
-    let sink = ConfigSink::new(a.output.as_deref(), a.qr)?;
+    let sink = ConfigSink::new(a.delivery.output.as_deref(), a.delivery.qr)?;
     let (peer, old) = match store.rotate_peer(&name, public_key, psk, unix_now()) {
         Ok(r) => r,
         Err(e) => {
@@ -334,7 +334,7 @@ pub fn peer_rotate(config: &Path, a: &PeerRotateArgs) -> Result<()> {
         gateway_public_key: &server,
         preshared_key: peer.preshared_key.as_ref(),
         endpoint: &cfg.interface.endpoint,
-        kill_switch: a.kill_switch,
+        kill_switch: a.delivery.kill_switch,
     });
     sink.deliver(&peer, &text, "rotated")?;
     audit_failure(&format!("the rotation of `{name}`"), audit)

@@ -67,15 +67,14 @@ pub fn view(shared: &Shared, private_key: [u8; KEY_LEN], listen_port: u16) -> ua
         .peers
         .iter()
         .map(|p| {
-            let state = p.lock();
-            let (since, tx, rx, _, _) = state.tunn.stats();
+            let live = p.live(wall);
             uapi::PeerView {
                 public_key: *p.public_key.as_bytes(),
                 preshared_key: p.preshared_key.as_ref().map(|k| *k.as_bytes()),
-                endpoint: state.endpoint,
-                last_handshake: since.map(|s| wall.saturating_sub(s)),
-                rx_bytes: rx as u64,
-                tx_bytes: tx as u64,
+                endpoint: live.endpoint,
+                last_handshake: live.last_handshake,
+                rx_bytes: live.rx_bytes,
+                tx_bytes: live.tx_bytes,
                 addresses: p.addresses.clone(),
             }
         })

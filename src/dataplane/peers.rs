@@ -58,12 +58,38 @@ impl PeerSlot {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// A consistent snapshot of the peer's live state. `wall_now` is the time
+    /// since the Unix epoch, to turn boringtun's relative handshake age into a
+    /// timestamp.
+    pub fn live(&self, wall_now: std::time::Duration) -> Live {
+        let state = self.lock();
+        let (since, tx, rx, _, _) = state.tunn.stats();
+        Live {
+            endpoint: state.endpoint,
+            last_handshake: since.map(|s| wall_now.saturating_sub(s)),
+            rx_bytes: rx as u64,
+            tx_bytes: tx as u64,
+            session: state.session_up,
+        }
+    }
+
     fn same_identity(&self, p: &Peer) -> bool {
         self.name == p.name
             && self.public_key == p.public_key
             && self.preshared_key == p.preshared_key
             && self.addresses == p.addresses
     }
+}
+
+/// What `wg show` and `sitegate status` report about a peer.
+#[derive(Debug, Clone, Copy)]
+pub struct Live {
+    pub endpoint: Option<SocketAddr>,
+    /// Since the Unix epoch.
+    pub last_handshake: Option<std::time::Duration>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    pub session: bool,
 }
 
 /// Why a known key is not admitted.

@@ -52,7 +52,8 @@ pub fn run_until_signal(cfg: Config) -> anyhow::Result<()> {
 /// `Tunn`s.
 struct Registry {
     store: Store,
-    data_version: i64,
+    /// `Store::registry_version` at the last reload.
+    registry_version: i64,
     next_index: u32,
     secret: x25519_dalek::StaticSecret,
 }
@@ -66,9 +67,9 @@ impl Registry {
             .store
             .revoked_keys()
             .context("cannot read the peer store")?;
-        self.data_version = self
+        self.registry_version = self
             .store
-            .data_version()
+            .registry_version()
             .context("cannot read the peer store")?;
         let secret = &self.secret;
         let old = shared.table.load_full();
@@ -98,11 +99,11 @@ impl Registry {
         Ok(active)
     }
 
-    /// Whether another process committed to the store since the last read.
+    /// Whether another process changed the registry since the last read.
     fn changed(&self) -> bool {
         self.store
-            .data_version()
-            .is_ok_and(|v| v != self.data_version)
+            .registry_version()
+            .is_ok_and(|v| v != self.registry_version)
     }
 }
 
@@ -161,7 +162,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     let shared = Arc::new(Shared::new(Box::new(Arc::clone(&device)), &key));
     let mut registry = Registry {
         store,
-        data_version: -1,
+        registry_version: -1,
         next_index: 1,
         secret,
     };

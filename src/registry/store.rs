@@ -81,6 +81,23 @@ const MIGRATIONS: &[&str] = &[
     -- deleted); they stay visible here, comma-separated, for `peer show`.
     ALTER TABLE peers ADD COLUMN former_addresses TEXT;
     "#,
+    // 3: a counter of registry changes, kept by triggers, so a running daemon can
+    // tell a peer change from the audit head updates that every event writes.
+    r#"
+    CREATE TABLE registry_version (
+        id  INTEGER PRIMARY KEY CHECK (id = 1),
+        v   INTEGER NOT NULL
+    );
+    INSERT INTO registry_version (id, v) VALUES (1, 0);
+    CREATE TRIGGER peers_ins AFTER INSERT ON peers BEGIN UPDATE registry_version SET v = v + 1; END;
+    CREATE TRIGGER peers_upd AFTER UPDATE ON peers BEGIN UPDATE registry_version SET v = v + 1; END;
+    CREATE TRIGGER peers_del AFTER DELETE ON peers BEGIN UPDATE registry_version SET v = v + 1; END;
+    CREATE TRIGGER addr_ins AFTER INSERT ON peer_addresses BEGIN UPDATE registry_version SET v = v + 1; END;
+    CREATE TRIGGER addr_del AFTER DELETE ON peer_addresses BEGIN UPDATE registry_version SET v = v + 1; END;
+    CREATE TRIGGER svc_ins AFTER INSERT ON peer_services BEGIN UPDATE registry_version SET v = v + 1; END;
+    CREATE TRIGGER svc_del AFTER DELETE ON peer_services BEGIN UPDATE registry_version SET v = v + 1; END;
+    CREATE TRIGGER rk_ins AFTER INSERT ON revoked_keys BEGIN UPDATE registry_version SET v = v + 1; END;
+    "#,
 ];
 
 /// Why the store could not do what was asked.
@@ -254,15 +271,18 @@ impl Store {
         &self.path
     }
 
-    /// SQLite's `PRAGMA data_version`: changes whenever another connection (another
-    /// process) commits, so the daemon can poll it cheaply and reload on change.
+    /// A number that changes with every change to peers, their addresses and
+    /// services, or the revocation list (kept by triggers), and with nothing
+    /// else: audit head updates do not move it.
     ///
     /// # Errors
     /// Database errors.
-    pub fn data_version(&self) -> Result<i64, StoreError> {
+    pub fn registry_version(&self) -> Result<i64, StoreError> {
         Ok(self
             .conn
-            .query_row("PRAGMA data_version", [], |r| r.get(0))?)
+            .query_row("SELECT v FROM registry_version WHERE id = 1", [], |r| {
+                r.get(0)
+            })?)
     }
 
     /// Every peer, revoked and expired included, ordered by id; addresses sorted
@@ -883,17 +903,17 @@ mod tests {
         std::fs::remove_dir_all(dir).unwrap();
     }
 
-    /// data_version changes when another connection commits.
+    /// The registry version a reader sees moves when another connection adds a peer.
     #[test]
-    fn data_version_sees_other_writers() {
+    fn registry_version_sees_other_writers() {
         let (cfg, dir) = temp_store("dv");
         let mut writer = Store::create(&cfg).unwrap();
         let reader = Store::open(&cfg).unwrap();
-        let before = reader.data_version().unwrap();
+        let before = reader.registry_version().unwrap();
         writer
             .add_peer(&iface("'10.8.0.1/24'"), new_peer("alice"))
             .unwrap();
-        assert_ne!(reader.data_version().unwrap(), before);
+        assert_ne!(reader.registry_version().unwrap(), before);
         std::fs::remove_dir_all(dir).unwrap();
     }
 
@@ -1027,6 +1047,36 @@ mod tests {
             assert_eq!(s.audit_head().unwrap(), Some(h));
         }
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// Peer changes move the registry version; audit head updates do not.
+    #[test]
+    fn registry_version_ignores_audit_head() {
+        let dir = std::env::temp_dir().join(format!("sg-regver-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let cfg = StoreConfig::Sqlite {
+            path: dir.join("s.db"),
+        };
+        let store = Store::create(&cfg).unwrap();
+        let v0 = store.registry_version().unwrap();
+        store
+            .set_audit_head(&crate::audit::chain::Head::genesis())
+            .unwrap();
+        assert_eq!(
+            store.registry_version().unwrap(),
+            v0,
+            "audit head is not a registry change"
+        );
+        store
+            .conn
+            .execute(
+                "INSERT INTO revoked_keys (public_key, peer_name, revoked_at) VALUES ('k', 'p', 1)",
+                [],
+            )
+            .unwrap();
+        assert!(store.registry_version().unwrap() > v0);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// A version-1 store (issue 3) is migrated on open and keeps its peers.

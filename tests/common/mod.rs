@@ -755,3 +755,23 @@ pub fn recv_stream(r: &mut impl Read) -> (usize, String) {
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+impl Gateway {
+    /// Starts `run` again after the previous daemon exited, with the same config
+    /// (see [`Gateway::start`]); the previous log is kept as `gateway.log.N`
+    /// (N = 1, 2, ...) and [`Gateway::log`] starts empty.
+    pub fn restart(&mut self) {
+        assert!(
+            !self.is_running(),
+            "gateway {} still running: stop it before restart",
+            self.ifname
+        );
+        let kept = (1..100)
+            .map(|i| self.dir.path.join(format!("gateway.log.{i}")))
+            .find(|p| !p.exists())
+            .expect("fewer than 100 restarts");
+        let _ = fs::rename(&self.log, kept);
+        self.child = None;
+        self.start();
+    }
+}

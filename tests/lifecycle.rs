@@ -63,44 +63,61 @@ fn cli_json(gw: &Gateway, args: &[&str]) -> Value {
         .unwrap_or_else(|e| panic!("`{}`: not JSON ({e}):\n{out}", args.join(" ")))
 }
 
-/// One echo reply as `ping -D` printed it: sequence number and wall-clock time.
+/// A request as one `ping -D` line reported it: sequence number and the
+/// wall-clock time of the line.
 #[derive(Clone, Copy, Debug)]
 struct Reply {
     seq: u64,
     at: f64,
 }
 
-/// Parses `[1795619031.121326] 64 bytes from 10.8.0.1: icmp_seq=1 ttl=64 time=0.03 ms`.
-fn parse_reply(line: &str) -> Option<Reply> {
+/// What one line of `ping -n -D -O` says about a request.
+#[derive(Clone, Copy, Debug)]
+enum PingLine {
+    /// `[1795619031.121326] 64 bytes from 10.8.0.1: icmp_seq=1 ttl=64 time=0.03 ms`
+    Reply(Reply),
+    /// `[1795619031.171326] no answer yet for icmp_seq=2`, printed when the next
+    /// request goes out (one interval after this one was sent).
+    NoAnswerYet(Reply),
+}
+
+fn parse_ping_line(line: &str) -> Option<PingLine> {
     let rest = line.strip_prefix('[')?;
     let (ts, rest) = rest.split_once(']')?;
-    if !rest.contains("bytes from") {
-        return None;
-    }
     let seq = rest
         .split_whitespace()
         .find_map(|w| w.strip_prefix("icmp_seq="))?
         .parse()
         .ok()?;
-    Some(Reply {
+    let r = Reply {
         seq,
         at: ts.parse().ok()?,
-    })
+    };
+    if rest.contains("bytes from") {
+        Some(PingLine::Reply(r))
+    } else if rest.contains("no answer yet") {
+        Some(PingLine::NoAnswerYet(r))
+    } else {
+        None
+    }
 }
 
-/// A continuous `ping -n -D -i INTERVAL` in a namespace whose replies are
-/// collected as they arrive; ended (SIGINT) by [`Pinger::stop`] or on drop.
+/// A continuous `ping -n -D -O -i INTERVAL` in a namespace whose replies (and
+/// requests reported unanswered) are collected as they arrive; ended (SIGINT)
+/// by [`Pinger::stop`] or on drop.
 struct Pinger {
     what: String,
+    interval: f64,
     child: Child,
     replies: Arc<Mutex<Vec<Reply>>>,
+    unanswered: Arc<Mutex<Vec<Reply>>>,
     reader: Option<JoinHandle<()>>,
 }
 
 impl Pinger {
     fn start(ns: &Netns, dst: &str, interval: &str, what: &str) -> Pinger {
         let mut child = ns
-            .cmd(&["ping", "-n", "-D", "-W", "1", "-i", interval, dst])
+            .cmd(&["ping", "-n", "-D", "-O", "-W", "1", "-i", interval, dst])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -108,18 +125,23 @@ impl Pinger {
             .expect("spawn ping");
         let out = child.stdout.take().expect("ping stdout");
         let replies = Arc::new(Mutex::new(Vec::new()));
-        let sink = Arc::clone(&replies);
+        let unanswered = Arc::new(Mutex::new(Vec::new()));
+        let (r_sink, u_sink) = (Arc::clone(&replies), Arc::clone(&unanswered));
         let reader = std::thread::spawn(move || {
             for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if let Some(r) = parse_reply(&line) {
-                    sink.lock().unwrap().push(r);
+                match parse_ping_line(&line) {
+                    Some(PingLine::Reply(r)) => r_sink.lock().unwrap().push(r),
+                    Some(PingLine::NoAnswerYet(r)) => u_sink.lock().unwrap().push(r),
+                    None => {}
                 }
             }
         });
         Pinger {
             what: what.to_string(),
+            interval: interval.parse().expect("ping interval in seconds"),
             child,
             replies,
+            unanswered,
             reader: Some(reader),
         }
     }
@@ -130,6 +152,17 @@ impl Pinger {
 
     fn last(&self) -> Option<Reply> {
         self.replies.lock().unwrap().last().copied()
+    }
+
+    /// When the first request after `last` that never got a reply was sent
+    /// (its "no answer yet" time less one interval), if one was reported.
+    fn first_failed_sent(&self, last: &Reply) -> Option<f64> {
+        self.unanswered
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|r| r.seq > last.seq)
+            .map(|r| r.at - self.interval)
     }
 
     /// Waits until `n` replies arrived; panics naming the pinger otherwise.
@@ -279,12 +312,17 @@ fn revoke_mid_ping_cuts_within_1s_and_spares_other_site() {
         String::from_utf8_lossy(&out.stderr)
     );
     let last_a = wait_silence(&ping_a, Duration::from_secs(5)).expect("sitea had replies");
+    let failed_a = ping_a
+        .first_failed_sent(&last_a)
+        .expect("ping reported the request after the last reply unanswered");
     eprintln!(
         "revoke: command took {:.3} s; sitea's last reply {:+.3} s after the command \
-         started, {:+.3} s after it returned",
+         started ({:+.3} s after it returned); first unanswered request sent {:+.3} s \
+         after the command started",
         returned - started,
         last_a.at - started,
-        last_a.at - returned
+        last_a.at - returned,
+        failed_a - started
     );
     assert!(
         last_a.at - returned < CUT_WITHIN_SECS,
@@ -392,6 +430,9 @@ fn expiry_cuts_within_1s_and_refuses_redial() {
         "clock did not pass the deadline"
     );
     let last = wait_silence(&ping, Duration::from_secs(5)).expect("sitec replies");
+    let failed = ping
+        .first_failed_sent(&last)
+        .expect("ping reported the request after the last reply unanswered");
     let closed = gw.wait_event(
         "session_closed reason=expired",
         Duration::from_secs(2),
@@ -399,9 +440,10 @@ fn expiry_cuts_within_1s_and_refuses_redial() {
     );
     let closed_lag = event_time(&closed) - deadline;
     eprintln!(
-        "expiry: last reply {:+.3} s, session_closed {closed_lag:+.3} s from expires_at \
-         ({:.3} s after the add)",
+        "expiry: last reply {:+.3} s, first unanswered request sent {:+.3} s, \
+         session_closed {closed_lag:+.3} s from expires_at ({:.3} s after the add)",
         last.at - deadline,
+        failed - deadline,
         expires_at as f64 - added
     );
     assert!(
@@ -413,6 +455,11 @@ fn expiry_cuts_within_1s_and_refuses_redial() {
         last.at - deadline < CUT_WITHIN_SECS,
         "sitec still answered {:.3} s after its deadline",
         last.at - deadline
+    );
+    assert!(
+        failed - deadline < CUT_WITHIN_SECS,
+        "sitec's first unanswered request went out {:.3} s after its deadline",
+        failed - deadline
     );
     assert!(
         (-0.1..CUT_WITHIN_SECS).contains(&closed_lag),

@@ -324,10 +324,12 @@ fn revoke_mid_ping_cuts_within_1s_and_spares_other_site() {
         last_a.at - returned,
         failed_a - started
     );
+    // The claim is "within 1 s of the revoke": from the command's start, which
+    // includes its store commit and the control-socket round trip.
     assert!(
-        last_a.at - returned < CUT_WITHIN_SECS,
-        "sitea still answered {:.3} s after `peer revoke` returned",
-        last_a.at - returned
+        last_a.at - started < CUT_WITHIN_SECS && failed_a - started < CUT_WITHIN_SECS,
+        "sitea still answered {:.3} s after `peer revoke` started",
+        last_a.at - started
     );
     let closed = gw.wait_event(
         "session_closed reason=revoked",

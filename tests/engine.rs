@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use boringtun::noise::{Tunn, TunnResult};
 use sitegate::dataplane::peers::PeerTable;
-use sitegate::dataplane::{rx, tx, Shared, Wire};
+use sitegate::dataplane::{rx, tx, DropReason, Shared, Wire};
 use sitegate::events::{CloseReason, HandshakeFailure};
 use sitegate::keys::{PresharedKey, PrivateKey};
 use sitegate::policy::DenyReason;
@@ -388,7 +388,12 @@ fn junk_is_harmless() {
     }
     assert!(gw.cap.take_packets().is_empty());
     assert!(gw.cap.take_datagrams().is_empty(), "junk gets no answer");
-    assert!(gw.shared.anon.malformed.total() > 0);
+    let dropped = |r: DropReason| gw.shared.anon.dropped[r.index()].total();
+    assert!(dropped(DropReason::Malformed) > 0);
+    assert!(
+        dropped(DropReason::UnknownSession) > 0,
+        "data/response junk names no session"
+    );
     a.send(&mut gw, &icmp("10.8.0.2", "10.8.0.1"));
     assert_eq!(
         gw.cap.take_packets().len(),

@@ -65,9 +65,34 @@ pub type Offender = (Option<PublicKey>, SocketAddr);
 pub struct AnonFailures {
     pub throttles: [Throttle; HandshakeFailure::ALL.len()],
     pub last: Mutex<[Option<Offender>; HandshakeFailure::ALL.len()]>,
-    /// Datagrams that are not WireGuard messages at all (wrong type or size).
-    pub malformed: Throttle,
-    pub malformed_last: Mutex<Option<SocketAddr>>,
+    /// Datagrams dropped before any peer could be charged with them.
+    pub dropped: [Throttle; DropReason::ALL.len()],
+    pub dropped_last: Mutex<[Option<SocketAddr>; DropReason::ALL.len()]>,
+}
+
+/// `reason` values of `datagram_dropped`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// Not a WireGuard message at all (wrong type or size).
+    Malformed,
+    /// A well-formed message for a session index the gateway does not have: a
+    /// site still using a session from before a restart or revocation, or junk.
+    UnknownSession,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 2] = [DropReason::Malformed, DropReason::UnknownSession];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::Malformed => "malformed",
+            DropReason::UnknownSession => "unknown_session",
+        }
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
 }
 
 /// Where the data plane's output goes. The daemon's [`Device`] writes to the

@@ -9,7 +9,7 @@ use boringtun::noise::{Packet, TunnResult};
 
 use super::packet::Header;
 use super::peers::{PeerSlot, PeerTable};
-use super::{Shared, MAX_PACKET};
+use super::{DropReason, Shared, MAX_PACKET};
 use crate::events::HandshakeFailure;
 use crate::keys::PublicKey;
 use crate::policy::{self, Verdict};
@@ -61,7 +61,7 @@ pub fn handle(shared: &Shared, datagram: &[u8], src: SocketAddr, out: &mut [u8])
             return;
         }
         Err(_) => {
-            malformed(shared, src);
+            dropped(shared, DropReason::Malformed, src);
             return;
         }
     };
@@ -69,7 +69,7 @@ pub fn handle(shared: &Shared, datagram: &[u8], src: SocketAddr, out: &mut [u8])
         Packet::HandshakeInit(init) => {
             match parse_handshake_anon(&shared.static_secret, &shared.static_public, init) {
                 Ok(half) => match table.by_key(&half.peer_static_public) {
-                    Some(pos) => (pos, Kind::Initiation),
+                    Some(pos) => (Some(pos), Kind::Initiation),
                     None => {
                         let key = PublicKey::from_bytes(half.peer_static_public);
                         refused_key(shared, &table, key, src);
@@ -82,18 +82,13 @@ pub fn handle(shared: &Shared, datagram: &[u8], src: SocketAddr, out: &mut [u8])
                 }
             }
         }
-        Packet::HandshakeResponse(r) => match table.by_receiver(r.receiver_idx) {
-            Some(pos) => (pos, Kind::Response),
-            None => return,
-        },
-        Packet::PacketCookieReply(c) => match table.by_receiver(c.receiver_idx) {
-            Some(pos) => (pos, Kind::Other),
-            None => return,
-        },
-        Packet::PacketData(d) => match table.by_receiver(d.receiver_idx) {
-            Some(pos) => (pos, Kind::Other),
-            None => return,
-        },
+        Packet::HandshakeResponse(r) => (table.by_receiver(r.receiver_idx), Kind::Response),
+        Packet::PacketCookieReply(c) => (table.by_receiver(c.receiver_idx), Kind::Other),
+        Packet::PacketData(d) => (table.by_receiver(d.receiver_idx), Kind::Other),
+    };
+    let Some(pos) = pos else {
+        dropped(shared, DropReason::UnknownSession, src);
+        return;
     };
     let peer = &table.peers[pos];
     let mut state = peer.lock();
@@ -276,11 +271,16 @@ fn anon_failure(
     }
 }
 
-fn malformed(shared: &Shared, src: SocketAddr) {
-    if let Ok(mut last) = shared.anon.malformed_last.lock() {
-        *last = Some(src);
+fn dropped(shared: &Shared, reason: DropReason, src: SocketAddr) {
+    if let Ok(mut last) = shared.anon.dropped_last.lock() {
+        last[reason.index()] = Some(src);
     }
-    if shared.anon.malformed.hit(shared.clock.now_ms()) {
-        tracing::warn!(event = "datagram_dropped", reason = "malformed", endpoint = %src, count = 1u64);
+    if shared.anon.dropped[reason.index()].hit(shared.clock.now_ms()) {
+        tracing::warn!(
+            event = "datagram_dropped",
+            reason = reason.as_str(),
+            endpoint = %src,
+            count = 1u64,
+        );
     }
 }

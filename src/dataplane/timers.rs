@@ -7,7 +7,7 @@ use std::time::Duration;
 use boringtun::noise::TunnResult;
 
 use super::peers::PeerSlot;
-use super::{Shared, MAX_PACKET};
+use super::{DropReason, Shared, MAX_PACKET};
 use crate::events::{CloseReason, HandshakeFailure};
 use crate::policy::DenyReason;
 
@@ -132,17 +132,20 @@ fn summarise_anon(shared: &Shared, now_ms: u64) {
             summary = true,
         );
     }
-    if let Some(count) = shared.anon.malformed.take_summary(now_ms) {
+    for reason in DropReason::ALL {
+        let Some(count) = shared.anon.dropped[reason.index()].take_summary(now_ms) else {
+            continue;
+        };
         let endpoint = shared
             .anon
-            .malformed_last
+            .dropped_last
             .lock()
             .ok()
-            .and_then(|l| *l)
+            .and_then(|l| l[reason.index()])
             .map(|ep| ep.to_string());
         tracing::warn!(
             event = "datagram_dropped",
-            reason = "malformed",
+            reason = reason.as_str(),
             endpoint = endpoint.as_deref().unwrap_or(""),
             count,
             summary = true,

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # End-to-end throughput: one stock wireguard-go site (wg-quick) in namespace
 # `client`, the gateway under test in namespace `gw`, a veth between them, and
-# iperf3 from the site to the gateway's tunnel address: one TCP stream (bulk), then
-# UDP with 64-byte payloads at unlimited rate (small packets).
+# iperf3 between the site and the gateway's tunnel address: one TCP stream up
+# (site -> gateway), one down (-R), then UDP up with 64-byte payloads at
+# unlimited rate (small packets).
 #
 # The same namespaces, keys and addresses are used for every gateway:
 #   sitegate       `sitegate run` with a config from `sitegate init` + `peer add`
@@ -197,15 +198,19 @@ bench_one() {
     if ip netns exec "$CL" ping -n -c 1 -W 1 10.8.0.1 >/dev/null 2>&1; then ok=1; break; fi
   done
   if [ "$ok" = 1 ]; then
-    local tcp_ticks udp_ticks
+    local tcp_ticks down_ticks udp_ticks
     if tcp_ticks=$(iperf_once "$work/tcp.json") &&
+       down_ticks=$(iperf_once "$work/down.json" -R) &&
        udp_ticks=$(iperf_once "$work/udp.json" -u -b 0 -l "$udp_len"); then
       python3 - "$name" "$tcp_ticks" "$udp_ticks" "$(getconf CLK_TCK)" "$udp_len" \
-        "$work/tcp.json" "$work/udp.json" >>"$results" <<'PY'
+        "$work/tcp.json" "$work/udp.json" "$down_ticks" "$work/down.json" >>"$results" <<'PY'
 import json, sys
 name, tcp_ticks, udp_ticks, hz, udp_len = sys.argv[1], *map(int, sys.argv[2:6])
 tcp = json.load(open(sys.argv[6]))["end"]
 udp = json.load(open(sys.argv[7]))["end"]["sum_received"]
+down_ticks = int(sys.argv[8])
+down = json.load(open(sys.argv[9]))["end"]["sum_received"]
+down_gb = down["bytes"] / 1e9
 recv = tcp["sum_received"]
 cpu = tcp_ticks / hz
 gb = recv["bytes"] / 1e9
@@ -215,6 +220,9 @@ print(json.dumps({"gateway": name, "mbit_s": round(recv["bits_per_second"] / 1e6
                   "retransmits": tcp.get("sum_sent", {}).get("retransmits"),
                   "gateway_cpu_s": round(cpu, 2),
                   "gateway_cpu_s_per_gb": round(cpu / gb, 2) if gb else None,
+                  "down_mbit_s": round(down["bits_per_second"] / 1e6, 1),
+                  "down_gateway_cpu_s_per_gb":
+                      round(down_ticks / hz / down_gb, 2) if down_gb else None,
                   "udp_payload_bytes": udp_len,
                   "udp_pps": round(udp_pkts / udp["seconds"]),
                   "udp_lost_percent": round(udp.get("lost_percent", 0), 1),
@@ -246,12 +254,13 @@ if as_json:
     print(json.dumps({"test": f"iperf3 -t {secs}: one TCP stream; UDP 64-byte payloads, -b 0",
                   "results": rows}, indent=2))
     sys.exit(0)
-print(f"site (wireguard-go) -> gateway, iperf3 -t {secs}: one TCP stream; UDP, 64-byte payloads, unlimited rate")
-print(f"{'gateway':<15} {'TCP Mbit/s':>10} {'CPU s/GB':>9} {'retrans':>8} {'UDP pkt/s':>10} {'UDP lost':>9} {'CPU us/pkt':>10}")
+print(f"site (wireguard-go) <-> gateway, iperf3 -t {secs}: one TCP stream up (site -> gateway) and down (-R); UDP up, 64-byte payloads, unlimited rate")
+print(f"{'gateway':<15} {'up Mbit/s':>10} {'CPU s/GB':>9} {'retrans':>8} {'down Mbit/s':>11} {'CPU s/GB':>9} {'UDP pkt/s':>10} {'UDP lost':>9} {'CPU us/pkt':>10}")
 for r in rows:
     if "error" in r:
-        print(f"{r['gateway']:<15} {'-':>10} {'-':>9} {'-':>8} {'-':>10} {'-':>9} {'-':>10}  ({r['error']})")
+        print(f"{r['gateway']:<15} {'-':>10} {'-':>9} {'-':>8} {'-':>11} {'-':>9} {'-':>10} {'-':>9} {'-':>10}  ({r['error']})")
     else:
         print(f"{r['gateway']:<15} {r['mbit_s']:>10} {r['gateway_cpu_s_per_gb']:>9} {str(r['retransmits']):>8}"
+              f" {r['down_mbit_s']:>11} {r['down_gateway_cpu_s_per_gb']:>9}"
               f" {r['udp_pps']:>10} {str(r['udp_lost_percent']) + '%':>9} {r['udp_gateway_cpu_us_per_packet']:>10}")
 PY

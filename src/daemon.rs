@@ -120,7 +120,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     let mut builder = tun_rs::DeviceBuilder::new()
         .name(&iface.name)
         .ipv4(iface.address_v4.addr(), iface.address_v4.prefix_len(), None)
-        .mtu(iface.mtu);
+        .mtu(iface.mtu)
+        // Virtio-net headers: GSO super-packets in, GRO-coalesced packets out.
+        .offload(true);
     if let Some(v6) = iface.address_v6 {
         builder = builder.ipv6(v6.addr(), v6.prefix_len());
     }
@@ -156,7 +158,10 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         None => None,
     };
 
-    let device = Arc::new(Device { udp, tun });
+    // tun-rs falls back to plain packets where the kernel refuses offload.
+    let offload = tun.tcp_gso();
+    let mtu = usize::from(iface.mtu);
+    let device = Arc::new(Device { udp, tun, offload });
     let interrupt =
         Arc::new(tun_rs::InterruptEvent::new().context("cannot create the shutdown event")?);
     let shared = Arc::new(Shared::new(Box::new(Arc::clone(&device)), &key));
@@ -170,7 +175,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
 
     let rx_thread = {
         let (shared, device) = (Arc::clone(&shared), Arc::clone(&device));
-        spawn_loop("sg-rx", move || rx::run(&shared, &device.udp))?
+        spawn_loop("sg-rx", move || {
+            rx::run(&shared, &device.udp, &device.tun, device.offload)
+        })?
     };
     let tx_thread = {
         let (shared, device, interrupt) = (
@@ -178,7 +185,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
             Arc::clone(&device),
             Arc::clone(&interrupt),
         );
-        spawn_loop("sg-tx", move || tx::run(&shared, &device.tun, &interrupt))?
+        spawn_loop("sg-tx", move || {
+            tx::run(&shared, &device.udp, &device.tun, &interrupt, mtu)
+        })?
     };
     tracing::info!(
         event = "started",

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use boringtun::noise::{Tunn, TunnResult};
 use sitegate::dataplane::peers::PeerTable;
-use sitegate::dataplane::{rx, tx, DropReason, Shared, Wire};
+use sitegate::dataplane::{rx, tx, DropReason, Shared, TunSink, Wire};
 use sitegate::events::{CloseReason, HandshakeFailure};
 use sitegate::keys::{PresharedKey, PrivateKey};
 use sitegate::policy::DenyReason;
@@ -30,7 +30,10 @@ impl Wire for CaptureWire {
             .unwrap()
             .push((datagram.to_vec(), dst));
     }
-    fn send_packet(&self, ip: &[u8]) {
+}
+
+impl TunSink for CaptureWire {
+    fn packet(&mut self, ip: &[u8]) {
         self.0.packets.lock().unwrap().push(ip.to_vec());
     }
 }
@@ -118,7 +121,8 @@ impl Gateway {
     }
 
     fn receive(&mut self, datagram: &[u8], from: SocketAddr) {
-        rx::handle(&self.shared, datagram, from, &mut self.out);
+        let mut sink = CaptureWire(Arc::clone(&self.cap));
+        rx::handle(&self.shared, datagram, from, &mut self.out, &mut sink);
     }
 
     fn tun_packet(&mut self, ip: &[u8]) {

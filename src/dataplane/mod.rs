@@ -11,6 +11,7 @@
 //! sending peer's own `Tunn` mutex, held for the crypto and released before any
 //! I/O. [`timers::tick`] drives boringtun's timers and the event summaries.
 
+pub mod batch;
 pub mod packet;
 pub mod peers;
 pub mod rx;
@@ -95,28 +96,32 @@ impl DropReason {
     }
 }
 
-/// Where the data plane's output goes. The daemon's [`Device`] writes to the
-/// real UDP socket and TUN device; engine tests capture instead. Sends are
-/// best effort, like the network itself: a full buffer drops the packet.
+/// Where encrypted datagrams go. The daemon's [`Device`] writes to the real UDP
+/// socket; engine tests capture instead. Sends are best effort, like the
+/// network itself: a full buffer drops the datagram.
 pub trait Wire: Send + Sync {
     fn send_datagram(&self, datagram: &[u8], dst: SocketAddr);
-    fn send_packet(&self, ip: &[u8]);
+}
+
+/// Where decrypted packets go: the receive loop's [`batch::TunBatch`] (written
+/// to the TUN device once per received batch, coalesced by GRO), or a capture
+/// in tests.
+pub trait TunSink {
+    fn packet(&mut self, ip: &[u8]);
 }
 
 /// The gateway's real I/O endpoints.
 pub struct Device {
     pub udp: udp::Udp,
     pub tun: tun_rs::SyncDevice,
+    /// The TUN device carries virtio-net headers (GSO/GRO offload).
+    pub offload: bool,
 }
 
 impl Wire for std::sync::Arc<Device> {
     #[inline]
     fn send_datagram(&self, datagram: &[u8], dst: SocketAddr) {
         let _ = self.udp.send_to(datagram, dst);
-    }
-    #[inline]
-    fn send_packet(&self, ip: &[u8]) {
-        let _ = self.tun.send(ip);
     }
 }
 

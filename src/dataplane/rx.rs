@@ -7,9 +7,11 @@ use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::{Packet, TunnResult};
 
+use super::batch::TunBatch;
 use super::packet::Header;
 use super::peers::{PeerSlot, PeerTable};
-use super::{DropReason, Shared, MAX_PACKET};
+use super::udp::{RecvBatch, Udp};
+use super::{DropReason, Shared, TunSink, MAX_PACKET};
 use crate::events::HandshakeFailure;
 use crate::keys::PublicKey;
 use crate::policy::{self, Verdict};
@@ -17,13 +19,31 @@ use crate::policy::{self, Verdict};
 /// WireGuard message type of a handshake response (what a responder sends back).
 const MSG_HANDSHAKE_RESPONSE: u8 = 2;
 
-/// Receives until shutdown. Owns its buffers: nothing is allocated per datagram.
-pub fn run(shared: &Shared, udp: &super::udp::Udp) {
-    let mut datagram = vec![0u8; MAX_PACKET];
+/// Receives until shutdown, a batch of datagrams per system call, and writes
+/// what they carry to the TUN device once per batch. Owns its buffers: nothing
+/// is allocated per datagram.
+pub fn run(shared: &Shared, udp: &Udp, tun: &tun_rs::SyncDevice, offload: bool) {
+    let mut batch = RecvBatch::default();
+    let mut packets = TunBatch::new(offload);
     let mut out = vec![0u8; MAX_PACKET];
     while !shared.is_stopping() {
-        match udp.recv_from(&mut datagram) {
-            Ok((n, src)) => handle(shared, &datagram[..n], src, &mut out),
+        match udp.recv_batch(&mut batch) {
+            Ok(n) => {
+                for i in 0..n {
+                    match batch.datagram(i) {
+                        Some((datagram, src)) => {
+                            handle(shared, datagram, src, &mut out, &mut packets)
+                        }
+                        // Truncated (longer than any tunnel MTU) or of an
+                        // unknown address family: counted, summarised later.
+                        None => {
+                            shared.anon.dropped[DropReason::Malformed.index()]
+                                .hit(shared.clock.now_ms());
+                        }
+                    }
+                }
+                packets.flush(tun);
+            }
             Err(e)
                 if matches!(
                     e.kind(),
@@ -42,8 +62,15 @@ pub fn run(shared: &Shared, udp: &super::udp::Udp) {
     }
 }
 
-/// Handles one datagram from `src`.
-pub fn handle(shared: &Shared, datagram: &[u8], src: SocketAddr, out: &mut [u8]) {
+/// Handles one datagram from `src`; a decrypted packet that passes policy goes
+/// to `sink`.
+pub fn handle(
+    shared: &Shared,
+    datagram: &[u8],
+    src: SocketAddr,
+    out: &mut [u8],
+    sink: &mut impl TunSink,
+) {
     let table = shared.table.load();
     let mut cookie = [0u8; 64];
     let packet = match shared
@@ -124,7 +151,7 @@ pub fn handle(shared: &Shared, datagram: &[u8], src: SocketAddr, out: &mut [u8])
             flush_queue(shared, peer, out);
         }
         TunnResult::WriteToTunnelV4(ip, _) | TunnResult::WriteToTunnelV6(ip, _) => {
-            deliver(shared, &table, pos, peer, ip);
+            deliver(shared, &table, pos, peer, ip, sink);
         }
     }
 }
@@ -138,13 +165,20 @@ enum Kind {
 
 /// Applies policy to a decrypted packet and writes it to the TUN device.
 #[inline]
-fn deliver(shared: &Shared, table: &PeerTable, pos: usize, peer: &PeerSlot, ip: &[u8]) {
+fn deliver(
+    shared: &Shared,
+    table: &PeerTable,
+    pos: usize,
+    peer: &PeerSlot,
+    ip: &[u8],
+    sink: &mut impl TunSink,
+) {
     let Some(header) = Header::parse(ip) else {
         return;
     };
     match policy::decide(&pos, &header, &table.routes) {
         Verdict::Forward => {
-            shared.wire.send_packet(ip);
+            sink.packet(ip);
         }
         Verdict::Noise => {
             peer.noise.fetch_add(1, Ordering::Relaxed);

@@ -56,6 +56,103 @@ impl Udp {
         Ok((n, canonical(src)))
     }
 
+    /// Receives up to [`RECV_BATCH`] datagrams with one `recvmmsg(2)`: it waits
+    /// (up to [`RECV_TIMEOUT`]) for the first, then takes what is already queued.
+    ///
+    /// # Errors
+    /// As `recvmmsg(2)`; a timeout is `WouldBlock`.
+    pub fn recv_batch(&self, b: &mut RecvBatch) -> io::Result<usize> {
+        for i in 0..RECV_BATCH {
+            b.iovs[i] = libc::iovec {
+                iov_base: b.bufs[i].as_mut_ptr().cast(),
+                iov_len: b.bufs[i].len(),
+            };
+            let h = &mut b.hdrs[i];
+            h.msg_hdr.msg_name = (&mut b.addrs[i] as *mut libc::sockaddr_storage).cast();
+            h.msg_hdr.msg_namelen =
+                std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            h.msg_hdr.msg_iov = &mut b.iovs[i];
+            h.msg_hdr.msg_iovlen = 1;
+            h.msg_hdr.msg_control = std::ptr::null_mut();
+            h.msg_hdr.msg_controllen = 0;
+            h.msg_hdr.msg_flags = 0;
+            h.msg_len = 0;
+        }
+        // SAFETY: every header points at buffers owned by `b` that outlive the
+        // call, with their true lengths; the kernel writes at most that much.
+        let n = unsafe {
+            libc::recvmmsg(
+                std::os::fd::AsRawFd::as_raw_fd(&self.sock),
+                b.hdrs.as_mut_ptr(),
+                RECV_BATCH as libc::c_uint,
+                libc::MSG_WAITFORONE,
+                std::ptr::null_mut(),
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let n = n as usize;
+        for i in 0..n {
+            let h = &b.hdrs[i];
+            b.lens[i] = h.msg_len as usize;
+            b.srcs[i] = if h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
+                None
+            } else {
+                socket_addr(&b.addrs[i])
+            };
+        }
+        Ok(n)
+    }
+
+    /// Sends `buf` as datagrams of `segment` bytes each (the last may be shorter)
+    /// to `dst` with one `sendmsg(2)` (UDP GSO, `UDP_SEGMENT`): the kernel cuts
+    /// them, so a 64 KiB burst costs one system call instead of forty-five.
+    ///
+    /// # Errors
+    /// As `sendmsg(2)`; `EIO`/`EINVAL` where the kernel or device cannot do GSO.
+    pub fn send_segments(&self, buf: &[u8], segment: u16, dst: SocketAddr) -> io::Result<()> {
+        let dst = match dst {
+            SocketAddr::V4(v4) if self.v6 => {
+                SocketAddr::V6(SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0))
+            }
+            other => other,
+        };
+        let (mut storage, len) = sockaddr(dst);
+        let mut iov = libc::iovec {
+            iov_base: buf.as_ptr() as *mut libc::c_void,
+            iov_len: buf.len(),
+        };
+        // Room for one cmsghdr carrying a u16, aligned as the kernel expects.
+        let mut control = [0u64; 4];
+        // SAFETY: msghdr is a plain C struct; all-zero is a valid empty value.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_name = (&mut storage as *mut libc::sockaddr_storage).cast();
+        msg.msg_namelen = len;
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        // SAFETY: CMSG_SPACE is a pure size computation.
+        msg.msg_controllen =
+            unsafe { libc::CMSG_SPACE(std::mem::size_of::<u16>() as u32) } as usize;
+        // SAFETY: msg_control points at `control`, which is large enough for one
+        // cmsghdr with a u16 payload (checked by msg_controllen above).
+        unsafe {
+            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            (*cmsg).cmsg_level = libc::SOL_UDP;
+            (*cmsg).cmsg_type = libc::UDP_SEGMENT;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<u16>() as u32) as usize;
+            std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<u16>(), segment);
+        }
+        // SAFETY: every pointer in `msg` refers to a local that outlives the call;
+        // the kernel only reads them.
+        let n = unsafe { libc::sendmsg(std::os::fd::AsRawFd::as_raw_fd(&self.sock), &msg, 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     #[inline]
     pub fn send_to(&self, buf: &[u8], dst: SocketAddr) -> io::Result<usize> {
         match dst {
@@ -65,6 +162,106 @@ impl Udp {
             ),
             _ => self.sock.send_to(buf, dst),
         }
+    }
+}
+
+/// Datagrams taken from the socket per `recvmmsg(2)`.
+pub const RECV_BATCH: usize = 64;
+/// Receive buffer per datagram: a WireGuard message for a 1420-byte MTU is 1452
+/// bytes; larger tunnel MTUs up to jumbo frames still fit, anything longer is
+/// truncated and dropped as malformed.
+pub const DATAGRAM_BUF: usize = 9216;
+
+/// Buffers and headers for one `recvmmsg(2)` call, allocated once per loop.
+pub struct RecvBatch {
+    bufs: Vec<Vec<u8>>,
+    addrs: Vec<libc::sockaddr_storage>,
+    iovs: Vec<libc::iovec>,
+    hdrs: Vec<libc::mmsghdr>,
+    lens: Vec<usize>,
+    srcs: Vec<Option<SocketAddr>>,
+}
+
+impl Default for RecvBatch {
+    fn default() -> Self {
+        // SAFETY: sockaddr_storage, iovec and mmsghdr are plain C structs for
+        // which all-zero bytes are a valid (empty) value.
+        let zeroed_addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        let zeroed_hdr: libc::mmsghdr = unsafe { std::mem::zeroed() };
+        RecvBatch {
+            bufs: vec![vec![0u8; DATAGRAM_BUF]; RECV_BATCH],
+            addrs: vec![zeroed_addr; RECV_BATCH],
+            iovs: vec![
+                libc::iovec {
+                    iov_base: std::ptr::null_mut(),
+                    iov_len: 0
+                };
+                RECV_BATCH
+            ],
+            hdrs: vec![zeroed_hdr; RECV_BATCH],
+            lens: vec![0; RECV_BATCH],
+            srcs: vec![None; RECV_BATCH],
+        }
+    }
+}
+
+impl RecvBatch {
+    /// The `i`th datagram of the last receive and its canonical source; `None`
+    /// for a truncated datagram or an unknown address family.
+    pub fn datagram(&self, i: usize) -> Option<(&[u8], SocketAddr)> {
+        let src = self.srcs.get(i).copied().flatten()?;
+        Some((&self.bufs[i][..self.lens[i]], src))
+    }
+}
+
+/// The C form of `addr` for `sendmsg(2)`.
+fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: all-zero is a valid sockaddr_storage.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            // SAFETY: sockaddr_storage is large and aligned enough for sockaddr_in.
+            let sin = unsafe { &mut *(&mut ss as *mut _ as *mut libc::sockaddr_in) };
+            sin.sin_family = libc::AF_INET as libc::sa_family_t;
+            sin.sin_port = a.port().to_be();
+            sin.sin_addr.s_addr = u32::from(*a.ip()).to_be();
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            // SAFETY: sockaddr_storage is large and aligned enough for sockaddr_in6.
+            let sin6 = unsafe { &mut *(&mut ss as *mut _ as *mut libc::sockaddr_in6) };
+            sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            sin6.sin6_port = a.port().to_be();
+            sin6.sin6_addr.s6_addr = a.ip().octets();
+            sin6.sin6_flowinfo = a.flowinfo();
+            sin6.sin6_scope_id = a.scope_id();
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (ss, len as libc::socklen_t)
+}
+
+fn socket_addr(ss: &libc::sockaddr_storage) -> Option<SocketAddr> {
+    match i32::from(ss.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the family says the storage holds a sockaddr_in, which fits.
+            let a: &libc::sockaddr_in = unsafe { &*(ss as *const _ as *const libc::sockaddr_in) };
+            Some(SocketAddr::new(
+                Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)).into(),
+                u16::from_be(a.sin_port),
+            ))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says the storage holds a sockaddr_in6, which fits.
+            let a: &libc::sockaddr_in6 = unsafe { &*(ss as *const _ as *const libc::sockaddr_in6) };
+            Some(canonical(SocketAddr::V6(SocketAddrV6::new(
+                Ipv6Addr::from(a.sin6_addr.s6_addr),
+                u16::from_be(a.sin6_port),
+                a.sin6_flowinfo,
+                a.sin6_scope_id,
+            ))))
+        }
+        _ => None,
     }
 }
 
@@ -105,6 +302,47 @@ mod tests {
         assert_eq!(canonical(mapped), "192.0.2.1:51820".parse().unwrap());
         let v6: SocketAddr = "[2001:db8::1]:51820".parse().unwrap();
         assert_eq!(canonical(v6), v6);
+    }
+
+    /// One GSO send arrives as separate datagrams of the segment size.
+    #[test]
+    fn send_segments_splits() {
+        let udp = Udp::bind(0).unwrap();
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let payload: Vec<u8> = (0..250u32).map(|i| i as u8).collect();
+        udp.send_segments(&payload, 100, client.local_addr().unwrap())
+            .unwrap();
+        let mut buf = [0u8; 512];
+        let sizes: Vec<usize> = (0..3)
+            .map(|_| client.recv_from(&mut buf).unwrap().0)
+            .collect();
+        assert_eq!(sizes, [100, 100, 50]);
+        assert_eq!(&buf[..50], &payload[200..]);
+    }
+
+    /// A burst arrives in one batch, in order, with canonical sources.
+    #[test]
+    fn recv_batch_takes_a_burst() {
+        let udp = Udp::bind(0).unwrap();
+        let port = udp.local_port().unwrap();
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        for i in 0..10u8 {
+            client.send_to(&[i; 3], ("127.0.0.1", port)).unwrap();
+        }
+        let mut batch = RecvBatch::default();
+        let mut got = Vec::new();
+        while got.len() < 10 {
+            let n = udp.recv_batch(&mut batch).unwrap();
+            for i in 0..n {
+                let (d, src) = batch.datagram(i).unwrap();
+                assert_eq!(src, client.local_addr().unwrap());
+                got.push(d.to_vec());
+            }
+        }
+        assert_eq!(got, (0..10u8).map(|i| vec![i; 3]).collect::<Vec<_>>());
     }
 
     /// A datagram sent to the dual-stack socket over IPv4 loopback arrives with a

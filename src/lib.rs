@@ -13,7 +13,9 @@
 //! - [`events`]: event names and rate-limited summaries of repeated failures.
 //!
 //! I/O shell:
-//! - [`dataplane`]: TUN and UDP loops around boringtun's `noise::Tunn`, timers.
+//! - [`dataplane`]: TUN and UDP loops around boringtun's `noise::Tunn` (batched
+//!   I/O: recvmmsg, TUN GRO/GSO offload, UDP GSO), timers.
+//! - [`audit`]: the hash-chained audit log: chain and verify (pure), writer, sink.
 //! - [`control`]: UAPI socket so stock `wg show` works.
 //! - [`daemon`]: wires it together; signals and clean shutdown.
 //! - [`cli`]: the clap command tree.

@@ -1,15 +1,16 @@
 //! The packet path. Two loops, each on its own thread with its own buffers:
 //!
-//! - [`rx::run`]: UDP datagram → identify the peer (anonymous handshake parse for
-//!   initiations, receiver index otherwise) → `Tunn::decapsulate` →
-//!   [`crate::policy::decide`] → TUN write.
-//! - [`tx::run`]: TUN read → [`crate::routing`] lookup by destination →
-//!   `Tunn::encapsulate` → UDP send.
+//! - [`rx::run`]: UDP datagrams (a `recvmmsg` batch) → identify the peer
+//!   (anonymous handshake parse for initiations, receiver index otherwise) →
+//!   `Tunn::decapsulate` → [`crate::policy::decide`] → [`batch::TunBatch`] →
+//!   one GRO-coalesced TUN write pass per batch.
+//! - [`tx::run`]: TUN read (a GSO super-packet, split) → [`crate::routing`]
+//!   lookup by destination → `Tunn::encapsulate` → UDP GSO send per endpoint.
 //!
 //! Both read the peer set from an immutable [`peers::PeerTable`] snapshot that the
 //! control plane swaps whole ([`arc_swap`]), so the only lock on the path is the
 //! sending peer's own `Tunn` mutex, held for the crypto and released before any
-//! I/O. [`timers::tick`] drives boringtun's timers and the event summaries.
+//! I/O. [`timers::Timers::tick`] drives boringtun's timers and the event summaries.
 
 pub mod batch;
 pub mod packet;

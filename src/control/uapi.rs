@@ -1,6 +1,6 @@
 //! The WireGuard cross-platform userspace API (`get=1`) rendered as text, so
 //! stock `wg show NAME` reads a running gateway. Pure: the socket lives in
-//! [`super::serve_uapi`].
+//! [`super::serve_uapi_client`].
 
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};

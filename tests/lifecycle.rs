@@ -649,7 +649,8 @@ fn assert_live(what: &str, live: &Value, endpoint: &str) {
 }
 
 /// While a site is up, `peer list --json`, `peer show --json` and `status
-/// --json` parse and carry its live endpoint, handshake time, bytes and session.
+/// --json` parse and carry its live endpoint, handshake time, bytes and session;
+/// SIGHUP then reloads the store (`config_reloaded`) and the session survives.
 #[test]
 fn listings_json_carry_live_state() {
     if !rig_ready("listings") {
@@ -694,6 +695,23 @@ fn listings_json_carry_live_state() {
         .and_then(|ps| ps.iter().find(|p| p["name"] == "sitea"))
         .unwrap_or_else(|| panic!("status lists no sitea: {status}"));
     assert_live("status sitea", p, &endpoint);
+
+    // SIGHUP reloads the whole store without disturbing the live session.
+    // SAFETY: kill(2) on the gateway's own pid with a valid signal number.
+    assert_eq!(
+        unsafe { libc::kill(gw.pid(), libc::SIGHUP) },
+        0,
+        "send SIGHUP"
+    );
+    let reloaded = gw.wait_event("config_reloaded", Duration::from_secs(5), |e| {
+        field_str(e, "event") == "config_reloaded"
+    });
+    assert_eq!(field_u64(&reloaded, "peers"), Some(2), "{reloaded}");
+    assert!(!field_str(&reloaded, "actor").is_empty(), "{reloaded}");
+    assert!(
+        sites[0].ping_once(GATEWAY_TUNNEL_ADDR, None),
+        "the session survives a reload"
+    );
     assert!(gw.is_running(), "gateway died; log:\n{}", gw.log_tail(40));
 }
 

@@ -438,7 +438,20 @@ fn sigterm_exits_zero_and_cleans_up() {
     if !rig_ready("sigterm") {
         return;
     }
-    let n = names("st");
+    stop_cleanly(libc::SIGTERM, "st");
+}
+
+/// SIGINT (Ctrl-C in a foreground `run`) stops as cleanly as SIGTERM.
+#[test]
+fn sigint_exits_zero_and_cleans_up() {
+    if !rig_ready("sigint") {
+        return;
+    }
+    stop_cleanly(libc::SIGINT, "si");
+}
+
+fn stop_cleanly(signal: i32, code: &str) {
+    let n = names(code);
     let gw_ns = Netns::new(&n.netns("gw"));
     let site_ns = Netns::new(&n.netns("s1"));
     Underlay::attach(&n, &gw_ns, &site_ns, 1);
@@ -458,8 +471,13 @@ fn sigterm_exits_zero_and_cleans_up() {
     );
 
     let status = gw
-        .signal_and_wait(libc::SIGTERM, Duration::from_secs(10))
-        .unwrap_or_else(|| panic!("no exit within 10 s of SIGTERM; log:\n{}", gw.log_tail(40)));
+        .signal_and_wait(signal, Duration::from_secs(10))
+        .unwrap_or_else(|| {
+            panic!(
+                "no exit within 10 s of signal {signal}; log:\n{}",
+                gw.log_tail(40)
+            )
+        });
     assert_eq!(
         status.code(),
         Some(0),

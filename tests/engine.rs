@@ -443,3 +443,47 @@ fn rotation_is_reported_as_rotated() {
         1
     );
 }
+
+/// A packet for a peer whose session is not usable yet is queued, the gateway
+/// initiates a handshake, and the queued packet follows once it completes.
+#[test]
+fn queued_packet_flushed_after_handshake() {
+    let mut gw = Gateway::new();
+    let mut a = Site::new(&gw, "alpha", "10.8.0.2", 40001);
+    gw.load(std::slice::from_ref(&a.record));
+    let mut buf = vec![0u8; 2048];
+    // The site initiates; the gateway answers but has no confirmed session yet.
+    let init = match a.tunn.format_handshake_initiation(&mut buf, true) {
+        TunnResult::WriteToNetwork(p) => p.to_vec(),
+        other => panic!("no initiation: {other:?}"),
+    };
+    gw.receive(&init, a.addr);
+    let response = gw.cap.take_datagrams().remove(0).0;
+    // A packet for the site arrives from the TUN device before any data from it.
+    let reply = icmp("10.8.0.1", "10.8.0.2");
+    gw.tun_packet(&reply);
+    let sent = gw.cap.take_datagrams();
+    assert_eq!(
+        sent.len(),
+        1,
+        "the gateway initiates instead of sending data"
+    );
+    assert_eq!(sent[0].0.first(), Some(&1u8), "a handshake initiation");
+    // The site completes its own handshake, then answers the gateway's.
+    let _ = a.tunn.decapsulate(None, &response, &mut buf);
+    let answer = match a.tunn.decapsulate(None, &sent[0].0, &mut buf) {
+        TunnResult::WriteToNetwork(p) => p.to_vec(),
+        other => panic!("site did not answer the gateway's initiation: {other:?}"),
+    };
+    gw.receive(&answer, a.addr);
+    let delivered: Vec<Vec<u8>> = gw
+        .cap
+        .take_datagrams()
+        .into_iter()
+        .filter_map(|(d, _)| match a.tunn.decapsulate(None, &d, &mut buf) {
+            TunnResult::WriteToTunnelV4(p, _) => Some(p.to_vec()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(delivered, vec![reply], "the queued packet reached the site");
+}

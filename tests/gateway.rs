@@ -6,6 +6,7 @@
 
 mod common;
 
+use std::fs;
 use std::io::Read;
 use std::net::{Shutdown, TcpListener, TcpStream, UdpSocket};
 use std::process::Command;
@@ -21,11 +22,11 @@ const BULK_DEADLINE: Duration = Duration::from_secs(120);
 /// Datagrams in the junk flood.
 const JUNK_DATAGRAMS: usize = 20_000;
 
-/// Moves `BULK_BYTES` from the site namespace to a listener on the gateway's
-/// tunnel address (`upload`), or the other way, and returns both SHA-256 digests
-/// (sent, received) and the received length.
-fn bulk_transfer(gw_ns: &str, site_ns: &str, port: u16, upload: bool) -> (String, String, usize) {
-    let addr = format!("{GATEWAY_TUNNEL_ADDR}:{port}");
+/// Moves `BULK_BYTES` from the site namespace to a listener on `addr` (a
+/// gateway tunnel address and port) when `upload`, or the other way, and
+/// returns both SHA-256 digests (sent, received) and the received length.
+fn bulk_transfer(gw_ns: &str, site_ns: &str, addr: &str, upload: bool) -> (String, String, usize) {
+    let addr = addr.to_string();
     let listener = {
         let addr = addr.clone();
         in_netns(gw_ns, move || {
@@ -118,10 +119,20 @@ fn interop_stock_client_ping_bulk_and_wg_show() {
         "handshake event: {hs}"
     );
 
-    let (sent, received, len) = bulk_transfer(&gw_ns.name, &site_ns.name, 5001, true);
+    let (sent, received, len) = bulk_transfer(
+        &gw_ns.name,
+        &site_ns.name,
+        &format!("{GATEWAY_TUNNEL_ADDR}:5001"),
+        true,
+    );
     assert_eq!(len, BULK_BYTES, "site → gateway length");
     assert_eq!(sent, received, "site → gateway SHA-256");
-    let (sent, received, len) = bulk_transfer(&gw_ns.name, &site_ns.name, 5002, false);
+    let (sent, received, len) = bulk_transfer(
+        &gw_ns.name,
+        &site_ns.name,
+        &format!("{GATEWAY_TUNNEL_ADDR}:5002"),
+        false,
+    );
     assert_eq!(len, BULK_BYTES, "gateway → site length");
     assert_eq!(sent, received, "gateway → site SHA-256");
 
@@ -559,4 +570,54 @@ fn harness_cleans_up_after_a_panic() {
                 && args.contains(&ifname.as_bytes())
         });
     assert!(!leftover, "wireguard-go for {ifname} still running");
+}
+
+/// With an IPv6 ULA on the tunnel, the issued config carries both families and
+/// ping and bulk TCP over IPv6 cross the tunnel intact (batched I/O included).
+#[test]
+fn ipv6_tunnel_carries_ping_and_bulk_tcp() {
+    if !rig_ready("ipv6") {
+        return;
+    }
+    let n = names("sx");
+    let gw_ns = Netns::new(&n.netns("gw"));
+    let site_ns = Netns::new(&n.netns("s1"));
+    Underlay::attach(&n, &gw_ns, &site_ns, 1);
+    let mut gw = Gateway::init(&gw_ns, &n.name("g"));
+    let text = fs::read_to_string(&gw.config).expect("read config");
+    let dual = text.replacen(
+        "address = \"10.8.0.1/24\"",
+        "address = [\"10.8.0.1/24\", \"fd00:8::1/64\"]",
+        1,
+    );
+    assert_ne!(dual, text, "init wrote no `address = \"10.8.0.1/24\"` line");
+    fs::write(&gw.config, dual).expect("write config");
+    let conf = gw.add_peer("site1");
+    assert!(
+        conf.lines()
+            .any(|l| l.starts_with("Address") && l.contains("fd00:8::2/128")),
+        "issued config lacks the IPv6 address:\n{conf}"
+    );
+    gw.start();
+    let _site = Site::up(&site_ns, &n.name("w1"), &conf);
+    assert!(
+        site_ns.ping_until("fd00:8::1", CONNECT_DEADLINE),
+        "site cannot ping fd00:8::1; gateway log:\n{}",
+        gw.log_tail(40)
+    );
+    for (port, upload) in [(5003, true), (5004, false)] {
+        let (sent, received, len) = bulk_transfer(
+            &gw_ns.name,
+            &site_ns.name,
+            &format!("[fd00:8::1]:{port}"),
+            upload,
+        );
+        assert_eq!(len, BULK_BYTES, "bytes received (upload: {upload})");
+        assert_eq!(sent, received, "SHA-256 over IPv6 (upload: {upload})");
+    }
+    assert!(
+        gw.events_named("packet_denied").is_empty(),
+        "{}",
+        gw.log_tail(20)
+    );
 }

@@ -97,6 +97,11 @@ pub fn names(code: &str) -> Names {
         code.len() <= 3,
         "test code `{code}` too long for interface names"
     );
+    // The stale-namespace sweep reads the digits after the code as a pid.
+    assert!(
+        !code.ends_with(|c: char| c.is_ascii_digit()),
+        "test code `{code}` must not end with a digit"
+    );
     Names {
         base: format!("{code}{}", std::process::id()),
     }

@@ -359,15 +359,12 @@ fn log_admin_event(e: &AdminEvent) {
 }
 
 fn status_view(info: &Info, shared: &Shared) -> StatusView {
-    let wall = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
     let table = shared.table.load();
     let peers = table
         .peers
         .iter()
         .map(|p| {
-            let live = p.live(wall);
+            let live = p.live();
             let expires = p.expires_at.load(Ordering::Relaxed);
             PeerLive {
                 name: p.name.to_string(),

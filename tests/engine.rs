@@ -356,7 +356,6 @@ fn transmit_routes_by_destination() {
             .load(std::sync::atomic::Ordering::Relaxed),
         1
     );
-    let _ = &mut a;
 }
 
 /// An authenticated packet from a new address moves the peer's endpoint (roaming).

@@ -11,7 +11,7 @@ use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -59,15 +59,12 @@ pub fn bind_private_socket(path: &Path, dir_mode: u32) -> io::Result<UnixListene
 
 /// Builds the UAPI view of the live peers.
 pub fn view(shared: &Shared, private_key: [u8; KEY_LEN], listen_port: u16) -> uapi::InterfaceView {
-    let wall = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
     let table = shared.table.load();
     let peers = table
         .peers
         .iter()
         .map(|p| {
-            let live = p.live(wall);
+            let live = p.live();
             uapi::PeerView {
                 public_key: *p.public_key.as_bytes(),
                 preshared_key: p.preshared_key.as_ref().map(|k| *k.as_bytes()),

@@ -35,7 +35,6 @@ pub struct PeerState {
 pub struct PeerSlot {
     /// boringtun's 24-bit local index; the upper bits of every receiver index.
     pub index: u32,
-    pub id: i64,
     pub name: PeerName,
     pub public_key: PublicKey,
     pub preshared_key: Option<PresharedKey>,
@@ -58,10 +57,12 @@ impl PeerSlot {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A consistent snapshot of the peer's live state. `wall_now` is the time
-    /// since the Unix epoch, to turn boringtun's relative handshake age into a
-    /// timestamp.
-    pub fn live(&self, wall_now: std::time::Duration) -> Live {
+    /// A consistent snapshot of the peer's live state, with boringtun's
+    /// relative handshake age turned into a wall-clock time.
+    pub fn live(&self) -> Live {
+        let wall_now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
         let state = self.lock();
         let (since, tx, rx, _, _) = state.tunn.stats();
         Live {
@@ -240,7 +241,6 @@ impl PeerSlot {
     fn new(index: u32, p: &Peer, tunn: Tunn) -> Self {
         PeerSlot {
             index,
-            id: p.id,
             name: p.name.clone(),
             public_key: p.public_key,
             preshared_key: p.preshared_key.clone(),

@@ -34,12 +34,14 @@ pub fn run(shared: &Shared, udp: &Udp, tun: &tun_rs::SyncDevice, offload: bool) 
                         Some((datagram, src)) => {
                             handle(shared, datagram, src, &mut out, &mut packets)
                         }
-                        // Truncated (longer than any tunnel MTU) or of an
-                        // unknown address family: counted, summarised later.
-                        None => {
-                            shared.anon.dropped[DropReason::Malformed.index()]
-                                .hit(shared.clock.now_ms());
-                        }
+                        // Longer than any tunnel MTU: not a message we sent for.
+                        None => match batch.source(i) {
+                            Some(src) => dropped(shared, DropReason::Malformed, src),
+                            None => {
+                                shared.anon.dropped[DropReason::Malformed.index()]
+                                    .hit(shared.clock.now_ms());
+                            }
+                        },
                     }
                 }
                 packets.flush(tun);

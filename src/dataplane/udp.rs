@@ -49,13 +49,6 @@ impl Udp {
         self.sock.local_addr().map(|a| a.port())
     }
 
-    /// Receives one datagram; the source is canonical (IPv4-mapped → IPv4).
-    #[inline]
-    pub fn recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
-        let (n, src) = self.sock.recv_from(buf)?;
-        Ok((n, canonical(src)))
-    }
-
     /// Receives up to [`RECV_BATCH`] datagrams with one `recvmmsg(2)`: it waits
     /// (up to [`RECV_TIMEOUT`]) for the first, then takes what is already queued.
     ///
@@ -96,11 +89,8 @@ impl Udp {
         for i in 0..n {
             let h = &b.hdrs[i];
             b.lens[i] = h.msg_len as usize;
-            b.srcs[i] = if h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
-                None
-            } else {
-                socket_addr(&b.addrs[i])
-            };
+            b.truncated[i] = h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
+            b.srcs[i] = socket_addr(&b.addrs[i]);
         }
         Ok(n)
     }
@@ -180,6 +170,7 @@ pub struct RecvBatch {
     hdrs: Vec<libc::mmsghdr>,
     lens: Vec<usize>,
     srcs: Vec<Option<SocketAddr>>,
+    truncated: Vec<bool>,
 }
 
 impl Default for RecvBatch {
@@ -201,6 +192,7 @@ impl Default for RecvBatch {
             hdrs: vec![zeroed_hdr; RECV_BATCH],
             lens: vec![0; RECV_BATCH],
             srcs: vec![None; RECV_BATCH],
+            truncated: vec![false; RECV_BATCH],
         }
     }
 }
@@ -210,7 +202,12 @@ impl RecvBatch {
     /// for a truncated datagram or an unknown address family.
     pub fn datagram(&self, i: usize) -> Option<(&[u8], SocketAddr)> {
         let src = self.srcs.get(i).copied().flatten()?;
-        Some((&self.bufs[i][..self.lens[i]], src))
+        (!self.truncated[i]).then(|| (&self.bufs[i][..self.lens[i]], src))
+    }
+
+    /// The source of the `i`th datagram, also when it was truncated.
+    pub fn source(&self, i: usize) -> Option<SocketAddr> {
+        self.srcs.get(i).copied().flatten()
     }
 }
 
@@ -356,12 +353,30 @@ mod tests {
             .set_read_timeout(Some(Duration::from_secs(5)))
             .unwrap();
         client.send_to(b"ping", ("127.0.0.1", port)).unwrap();
-        let mut buf = [0u8; 16];
-        let (n, src) = udp.recv_from(&mut buf).unwrap();
-        assert_eq!(&buf[..n], b"ping");
+        let mut batch = RecvBatch::default();
+        assert_eq!(udp.recv_batch(&mut batch).unwrap(), 1);
+        let (d, src) = batch.datagram(0).unwrap();
+        assert_eq!(d, b"ping");
         assert!(src.is_ipv4());
         udp.send_to(b"pong", src).unwrap();
+        let mut buf = [0u8; 16];
         let (n, _) = client.recv_from(&mut buf).unwrap();
         assert_eq!(&buf[..n], b"pong");
+    }
+
+    /// A datagram longer than the receive buffer is not handed on as data, but
+    /// its source is still known (for the `datagram_dropped` event).
+    #[test]
+    fn truncated_datagram_flagged() {
+        let udp = Udp::bind(0).unwrap();
+        let port = udp.local_port().unwrap();
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        client
+            .send_to(&vec![7u8; DATAGRAM_BUF + 1], ("127.0.0.1", port))
+            .unwrap();
+        let mut batch = RecvBatch::default();
+        assert_eq!(udp.recv_batch(&mut batch).unwrap(), 1);
+        assert!(batch.datagram(0).is_none());
+        assert_eq!(batch.source(0), Some(client.local_addr().unwrap()));
     }
 }

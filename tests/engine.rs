@@ -486,3 +486,160 @@ fn queued_packet_flushed_after_handshake() {
         .collect();
     assert_eq!(delivered, vec![reply], "the queued packet reached the site");
 }
+
+/// Event names logged while `f` runs on this thread.
+fn events_during(f: impl FnOnce()) -> Vec<String> {
+    use tracing_subscriber::layer::SubscriberExt;
+    struct Names(Arc<Mutex<Vec<String>>>);
+    struct Visitor(Option<String>);
+    impl tracing::field::Visit for Visitor {
+        fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+            if field.name() == "event" {
+                self.0 = Some(value.to_string());
+            }
+        }
+        fn record_debug(&mut self, _: &tracing::field::Field, _: &dyn std::fmt::Debug) {}
+    }
+    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Names {
+        fn on_event(
+            &self,
+            event: &tracing::Event<'_>,
+            _: tracing_subscriber::layer::Context<'_, S>,
+        ) {
+            let mut v = Visitor(None);
+            event.record(&mut v);
+            if let Some(name) = v.0 {
+                self.0.lock().unwrap().push(name);
+            }
+        }
+    }
+    let names = Arc::new(Mutex::new(Vec::new()));
+    let subscriber = tracing_subscriber::registry().with(Names(Arc::clone(&names)));
+    tracing::subscriber::with_default(subscriber, f);
+    let out = names.lock().unwrap().clone();
+    out
+}
+
+/// WireGuard's mac1 over `msg` (everything before the two MACs) for `responder`.
+fn mac1(responder: &sitegate::keys::PublicKey, msg: &[u8]) -> [u8; 16] {
+    use blake2::digest::{FixedOutput, KeyInit, Update};
+    use blake2::{Blake2s256, Blake2sMac, Digest};
+    let key: [u8; 32] = Blake2s256::new()
+        .chain_update(b"mac1----")
+        .chain_update(responder.as_bytes())
+        .finalize()
+        .into();
+    let mut mac = <Blake2sMac<blake2::digest::consts::U16>>::new_from_slice(&key).unwrap();
+    mac.update(msg);
+    mac.finalize_fixed().into()
+}
+
+/// A handshake response anyone can write: the gateway's public key (in every
+/// client config) gives a valid mac1; the rest is random.
+fn forged_response(gw: &Gateway, receiver_idx: u32, seed: u64) -> Vec<u8> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut m = vec![0u8; 92];
+    m[0] = 2;
+    rng.fill(&mut m[4..60]);
+    m[8..12].copy_from_slice(&receiver_idx.to_le_bytes());
+    let mac = mac1(&gw.key.public_key(), &m[..60]);
+    m[60..76].copy_from_slice(&mac);
+    m
+}
+
+/// Sends `n` handshake messages with a valid mac1 for no session from a third
+/// address: each counts once against the gateway's handshake limiter.
+fn fill_limiter(gw: &mut Gateway, n: u64) {
+    let filler: SocketAddr = "198.51.100.7:7".parse().unwrap();
+    for i in 0..n {
+        let m = forged_response(gw, 0x00ab_cd00, 1_000 + i);
+        gw.receive(&m, filler);
+    }
+    gw.cap.take_datagrams();
+}
+
+/// How full the limiter is before an attack: empty (a per-peer limit used to
+/// answer the 11th message with a cookie), one short of the limit (the peer's
+/// `Tunn` is the one to answer with a cookie), and far over it (the gateway
+/// answers with a cookie before any peer is involved).
+fn limiter_fills() -> [u64; 3] {
+    let limit = sitegate::dataplane::HANDSHAKE_RATE_LIMIT;
+    [0, limit - 1, 2 * limit]
+}
+
+/// Where the gateway now sends the site's traffic.
+fn endpoint_of_site(gw: &mut Gateway) -> Option<SocketAddr> {
+    gw.tun_packet(&icmp("10.8.0.1", "10.8.0.2"));
+    gw.cap.take_datagrams().last().map(|d| d.1)
+}
+
+/// A forged handshake response (valid mac1, the peer's real index) sent 12 times
+/// from another address never moves the endpoint and never logs `handshake`,
+/// whatever the load.
+#[test]
+fn forged_response_does_not_roam() {
+    for fill in limiter_fills() {
+        let mut gw = Gateway::new();
+        let mut a = Site::new(&gw, "alpha", "10.8.0.2", 40001);
+        gw.load(std::slice::from_ref(&a.record));
+        assert!(a.connect(&mut gw));
+        let index = gw.shared.table.load().peers[0].index;
+        let attacker: SocketAddr = "203.0.113.66:6666".parse().unwrap();
+        let events = events_during(|| {
+            fill_limiter(&mut gw, fill);
+            for i in 0..12u32 {
+                let m = forged_response(&gw, (index << 8) | (i & 0xff), u64::from(i));
+                gw.receive(&m, attacker);
+            }
+        });
+        assert!(
+            !events.iter().any(|e| e == "handshake"),
+            "fill {fill}: {events:?}"
+        );
+        gw.cap.take_datagrams();
+        assert_eq!(endpoint_of_site(&mut gw), Some(a.addr), "fill {fill}");
+        a.send(&mut gw, &icmp("10.8.0.2", "10.8.0.1"));
+        assert_eq!(gw.cap.take_packets().len(), 1, "the session still works");
+    }
+}
+
+/// A site's initiation captured and replayed 12 times from another address
+/// never moves the endpoint nor logs `handshake`, whatever the load.
+#[test]
+fn replayed_initiation_does_not_roam() {
+    for fill in limiter_fills() {
+        let mut gw = Gateway::new();
+        let mut a = Site::new(&gw, "alpha", "10.8.0.2", 40001);
+        gw.load(std::slice::from_ref(&a.record));
+        let mut buf = vec![0u8; 2048];
+        let init = match a.tunn.format_handshake_initiation(&mut buf, true) {
+            TunnResult::WriteToNetwork(p) => p.to_vec(),
+            other => panic!("no initiation: {other:?}"),
+        };
+        gw.receive(&init, a.addr);
+        let (resp, _) = gw.cap.take_datagrams().remove(0);
+        match a.tunn.decapsulate(None, &resp, &mut buf) {
+            TunnResult::WriteToNetwork(k) => {
+                let k = k.to_vec();
+                gw.receive(&k, a.addr);
+            }
+            other => panic!("no keepalive: {other:?}"),
+        }
+        let attacker: SocketAddr = "203.0.113.66:6666".parse().unwrap();
+        let events = events_during(|| {
+            fill_limiter(&mut gw, fill);
+            for _ in 0..12 {
+                gw.receive(&init, attacker);
+            }
+        });
+        assert!(
+            !events.iter().any(|e| e == "handshake"),
+            "fill {fill}: {events:?}"
+        );
+        gw.cap.take_datagrams();
+        assert_eq!(endpoint_of_site(&mut gw), Some(a.addr), "fill {fill}");
+        a.send(&mut gw, &icmp("10.8.0.2", "10.8.0.1"));
+        assert_eq!(gw.cap.take_packets().len(), 1, "the session still works");
+    }
+}

@@ -18,6 +18,9 @@ use crate::policy::{self, Verdict};
 
 /// WireGuard message type of a handshake response (what a responder sends back).
 const MSG_HANDSHAKE_RESPONSE: u8 = 2;
+/// WireGuard message type of a transport packet (the keepalive an initiator
+/// sends once it accepted a response).
+const MSG_TRANSPORT: u8 = 4;
 
 /// Receives until shutdown, a batch of datagrams per system call, and writes
 /// what they carry to the TUN device once per batch. Owns its buffers: nothing
@@ -112,8 +115,8 @@ pub fn handle(
             }
         }
         Packet::HandshakeResponse(r) => (table.by_receiver(r.receiver_idx), Kind::Response),
-        Packet::PacketCookieReply(c) => (table.by_receiver(c.receiver_idx), Kind::Other),
-        Packet::PacketData(d) => (table.by_receiver(d.receiver_idx), Kind::Other),
+        Packet::PacketCookieReply(c) => (table.by_receiver(c.receiver_idx), Kind::CookieReply),
+        Packet::PacketData(d) => (table.by_receiver(d.receiver_idx), Kind::Data),
     };
     let Some(pos) = pos else {
         dropped(shared, DropReason::UnknownSession, src);
@@ -122,7 +125,8 @@ pub fn handle(
     let peer = &table.peers[pos];
     let mut state = peer.lock();
     let result = state.tunn.decapsulate(Some(src.ip()), datagram, out);
-    if !matches!(result, TunnResult::Err(_)) && state.endpoint != Some(src) {
+    let authenticated = authenticated(kind, &result);
+    if authenticated && state.endpoint != Some(src) {
         state.endpoint = Some(src);
     }
     drop(state);
@@ -130,13 +134,10 @@ pub fn handle(
         TunnResult::Done => {}
         TunnResult::Err(e) => peer_failure(shared, peer, e, kind, src),
         TunnResult::WriteToNetwork(reply) => {
-            let established = match kind {
-                Kind::Initiation => reply.first() == Some(&MSG_HANDSHAKE_RESPONSE),
-                Kind::Response => true,
-                Kind::Other => false,
-            };
-            if kind == Kind::Initiation && !established {
-                // boringtun answered with a cookie: this peer is over its rate.
+            let established = authenticated;
+            if !established {
+                // boringtun answered with a cookie: the gateway is under load and
+                // this handshake message carried no valid mac2 for `src`.
                 failure_event(shared, peer, HandshakeFailure::RateLimited, src);
             }
             shared.wire.send_datagram(reply, src);
@@ -162,7 +163,32 @@ pub fn handle(
 enum Kind {
     Initiation,
     Response,
-    Other,
+    CookieReply,
+    Data,
+}
+
+/// Whether boringtun authenticated the message, so that its source may become
+/// the peer's endpoint (WireGuard's roaming rule). `WriteToNetwork` alone proves
+/// nothing: under load boringtun answers any message with a valid mac1 (which
+/// needs only the gateway's public key) with a cookie reply, before any
+/// cryptographic check. Only the reply's type tells an accepted handshake apart:
+/// an initiation is answered with a response, a response with a keepalive.
+/// Cookie replies never move the endpoint; a data packet does once it decrypted
+/// (a keepalive decrypts to `Done`, which no failing data packet returns).
+fn authenticated(kind: Kind, result: &TunnResult<'_>) -> bool {
+    match (kind, result) {
+        (Kind::Initiation, TunnResult::WriteToNetwork(reply)) => {
+            reply.first() == Some(&MSG_HANDSHAKE_RESPONSE)
+        }
+        (Kind::Response, TunnResult::WriteToNetwork(reply)) => {
+            reply.first() == Some(&MSG_TRANSPORT)
+        }
+        (
+            Kind::Data,
+            TunnResult::Done | TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..),
+        ) => true,
+        _ => false,
+    }
 }
 
 /// Applies policy to a decrypted packet and writes it to the TUN device.
@@ -228,7 +254,9 @@ fn peer_failure(
     src: SocketAddr,
 ) {
     let reason = match (kind, err) {
-        (Kind::Other, _) => return, // data-path noise: stale counters, no session
+        // Data-path noise (stale counters, no session) and cookie replies that
+        // do not fit a handshake in flight.
+        (Kind::Data | Kind::CookieReply, _) => return,
         (_, WireGuardError::WrongTai64nTimestamp) => HandshakeFailure::Replay,
         (_, WireGuardError::InvalidMac) => HandshakeFailure::BadMac,
         (_, WireGuardError::UnderLoad) => HandshakeFailure::RateLimited,

@@ -7,15 +7,16 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use boringtun::noise::Tunn;
 
 use crate::audit;
 use crate::config::Config;
+use crate::config::StoreConfig;
 use crate::control::protocol::{self, AdminEvent, PeerLive, Request, Response, StatusView};
 use crate::control::{self, server};
+use crate::dataplane::peers::Removed;
 use crate::dataplane::timers::{self, Timers};
-use crate::dataplane::{rx, tx, udp::Udp, Device, Shared};
-use crate::events::CloseReason;
+use crate::dataplane::{rx, tx, udp::Udp, Device, Hooks, Shared};
+use crate::events::{CloseReason, Throttle};
 use crate::keys::PrivateKey;
 use crate::registry::Store;
 
@@ -48,63 +49,107 @@ pub fn run_until_signal(cfg: Config) -> anyhow::Result<()> {
     })
 }
 
-/// The reloadable part of the daemon: the store and the index counter for new
-/// `Tunn`s.
+/// The daemon's view of the peer store. It opens the store afresh for every
+/// read, so that a database file that was moved, replaced or made unreadable
+/// shows as a failed read instead of a stale connection that still works.
 struct Registry {
-    store: Store,
-    /// `Store::registry_version` at the last reload.
+    store: StoreConfig,
+    /// `Store::registry_version` of the snapshot in force.
     registry_version: i64,
-    next_index: u32,
-    secret: x25519_dalek::StaticSecret,
+    /// How long each read pauses inside its transaction (test hook).
+    pause: std::time::Duration,
+    /// `reload_failed`, throttled: an unreadable store must not flood the log.
+    failures: Throttle,
 }
 
 impl Registry {
-    /// Re-reads the store and swaps in a new peer table; peers that left get
-    /// their `session_closed` event.
+    /// Re-reads the store as one snapshot and swaps in a new peer table; peers
+    /// that left get their `session_closed` event. On error the table in force
+    /// stays (the timer still expires its peers from memory).
     fn reload(&mut self, shared: &Shared) -> anyhow::Result<usize> {
-        let records = self.store.peers().context("cannot read the peer store")?;
-        let revoked = self
-            .store
-            .revoked_keys()
+        let store = Store::open(&self.store).context("cannot open the peer store")?;
+        let pause = self.pause;
+        let snapshot = store
+            .snapshot(|| {
+                if !pause.is_zero() {
+                    std::thread::sleep(pause);
+                }
+            })
             .context("cannot read the peer store")?;
-        self.registry_version = self
-            .store
-            .registry_version()
-            .context("cannot read the peer store")?;
-        let secret = &self.secret;
         let old = shared.table.load_full();
         let (table, removed) = old.rebuild(
-            &records,
-            &revoked,
+            &snapshot.peers,
+            &snapshot.revoked,
             unix_now(),
-            &mut self.next_index,
-            |index, p| {
-                Tunn::new(
-                    secret.clone(),
-                    p.public_key.to_x25519(),
-                    p.preshared_key.as_ref().map(|k| *k.as_bytes()),
-                    None,
-                    index,
-                    None,
-                )
-            },
+            |index, p| shared.new_tunn(index, p),
         );
         let active = table.peers.len();
         shared.table.store(Arc::new(table));
-        for r in removed {
-            if r.slot.lock().session_up {
-                timers::session_closed(&r.slot, r.reason);
-            }
-        }
+        self.registry_version = snapshot.version;
+        close_removed(removed);
         Ok(active)
     }
 
-    /// Whether another process changed the registry since the last read.
-    fn changed(&self) -> bool {
-        self.store
-            .registry_version()
-            .is_ok_and(|v| v != self.registry_version)
+    /// Reloads when another process changed the registry since the snapshot
+    /// in force (the safety net behind the control socket's notify).
+    fn poll(&mut self, shared: &Shared) {
+        let version = Store::open(&self.store)
+            .context("cannot open the peer store")
+            .and_then(|s| s.registry_version().context("cannot read the peer store"));
+        match version {
+            Ok(v) if v == self.registry_version => {}
+            Ok(_) => {
+                if let Err(e) = self.reload(shared) {
+                    self.failed(shared, &e);
+                }
+            }
+            Err(e) => self.failed(shared, &e),
+        }
     }
+
+    /// Logs a failed read, throttled: the first at once, then a summary with
+    /// the count at most every few seconds.
+    fn failed(&self, shared: &Shared, e: &anyhow::Error) {
+        if self.failures.hit(shared.clock.now_ms()) {
+            tracing::error!(event = "reload_failed", error = %format!("{e:#}"), count = 1u64);
+        }
+    }
+
+    fn summarise(&self, shared: &Shared) {
+        if let Some(count) = self.failures.take_summary(shared.clock.now_ms()) {
+            tracing::error!(event = "reload_failed", count, summary = true);
+        }
+    }
+}
+
+/// Ends peers whose expiry has passed, from the table in memory: no store
+/// read is needed, so expiry holds while the store cannot be read.
+fn expire(shared: &Shared) {
+    let now = unix_now();
+    let old = shared.table.load_full();
+    if old.next_expiry().is_none_or(|t| t > now) {
+        return;
+    }
+    if let Some((table, removed)) = old.without_expired(now) {
+        shared.table.store(Arc::new(table));
+        close_removed(removed);
+    }
+}
+
+/// `session_closed` for removed peers that had a session.
+fn close_removed(removed: Vec<Removed>) {
+    for r in removed {
+        if r.slot.lock().session_up {
+            timers::session_closed(&r.slot, r.reason);
+        }
+    }
+}
+
+/// A packet loop that ended on its own: a panic or an error it cannot survive.
+#[derive(Debug)]
+struct Fatal {
+    thread: &'static str,
+    error: String,
 }
 
 /// Runs the gateway until `shutdown` completes.
@@ -113,9 +158,13 @@ impl Registry {
 /// Startup failures, with the file, device or port named.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let iface = &cfg.interface;
+    let hooks = match std::env::var(Hooks::ENV) {
+        Ok(v) => Hooks::parse(&v).map_err(anyhow::Error::msg)?,
+        Err(_) => Hooks::default(),
+    };
     let key = PrivateKey::from_file(&iface.private_key_file)?;
-    let secret = key.to_x25519();
-    let store = crate::registry::Store::open(&cfg.store)?;
+    // Opened once here so that a missing or too-new store stops the start.
+    drop(crate::registry::Store::open(&cfg.store)?);
 
     let mut builder = tun_rs::DeviceBuilder::new()
         .name(&iface.name)
@@ -164,18 +213,21 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     let device = Arc::new(Device { udp, tun, offload });
     let interrupt =
         Arc::new(tun_rs::InterruptEvent::new().context("cannot create the shutdown event")?);
-    let shared = Arc::new(Shared::new(Box::new(Arc::clone(&device)), &key));
+    let mut shared = Shared::new(Box::new(Arc::clone(&device)), &key);
+    shared.hooks = hooks;
+    let shared = Arc::new(shared);
     let mut registry = Registry {
-        store,
+        store: cfg.store.clone(),
         registry_version: -1,
-        next_index: 1,
-        secret,
+        pause: std::time::Duration::from_millis(hooks.reload_pause_ms),
+        failures: Throttle::default(),
     };
     let active = registry.reload(&shared)?;
 
+    let (fatal_tx, fatal_rx) = tokio::sync::mpsc::unbounded_channel::<Fatal>();
     let rx_thread = {
         let (shared, device) = (Arc::clone(&shared), Arc::clone(&device));
-        spawn_loop("sg-rx", move || {
+        spawn_loop("sg-rx", fatal_tx.clone(), move || {
             rx::run(&shared, &device.udp, &device.tun, device.offload)
         })?
     };
@@ -185,7 +237,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
             Arc::clone(&device),
             Arc::clone(&interrupt),
         );
-        spawn_loop("sg-tx", move || {
+        spawn_loop("sg-tx", fatal_tx, move || {
             tx::run(&shared, &device.udp, &device.tun, &interrupt, mtu)
         })?
     };
@@ -205,15 +257,18 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         started_at: unix_now(),
         private_key: *key.as_bytes(),
     };
-    let sockets = Sockets { uapi, control };
+    let sockets = Sockets {
+        uapi,
+        control,
+        fatal: fatal_rx,
+    };
     let result = serve(&info, &shared, &mut registry, sockets, shutdown).await;
 
     shared.stopping.store(true, Ordering::Relaxed);
     let _ = interrupt.trigger();
     for t in [rx_thread, tx_thread] {
-        if t.join().is_err() {
-            tracing::error!(event = "thread_panicked");
-        }
+        // A loop's failure was reported through the fatal channel already.
+        let _ = t.join();
     }
     for peer in shared.table.load().peers.iter() {
         if peer.lock().session_up {
@@ -231,13 +286,33 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     result
 }
 
+/// Starts a packet loop on its own thread. If the loop panics or returns an
+/// error, the control loop hears of it through `fatal` and ends the daemon: a
+/// gateway with one direction dead must not keep answering `wg show`.
 fn spawn_loop(
-    name: &str,
-    body: impl FnOnce() + Send + 'static,
+    name: &'static str,
+    fatal: tokio::sync::mpsc::UnboundedSender<Fatal>,
+    body: impl FnOnce() -> std::io::Result<()> + Send + 'static,
 ) -> anyhow::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name(name.to_string())
-        .spawn(body)
+        .spawn(move || {
+            let error = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)) {
+                Ok(Ok(())) => return,
+                Ok(Err(e)) => e.to_string(),
+                Err(panic) => match panic.downcast_ref::<&str>() {
+                    Some(s) => format!("panic: {s}"),
+                    None => match panic.downcast_ref::<String>() {
+                        Some(s) => format!("panic: {s}"),
+                        None => "panic".to_string(),
+                    },
+                },
+            };
+            let _ = fatal.send(Fatal {
+                thread: name,
+                error,
+            });
+        })
         .with_context(|| format!("cannot start thread {name}"))
 }
 
@@ -253,6 +328,7 @@ struct Info {
 struct Sockets {
     uapi: tokio::net::UnixListener,
     control: tokio::net::UnixListener,
+    fatal: tokio::sync::mpsc::UnboundedReceiver<Fatal>,
 }
 
 /// The control loop: timers, store changes, SIGHUP, UAPI and admin clients,
@@ -261,7 +337,7 @@ async fn serve(
     info: &Info,
     shared: &Arc<Shared>,
     registry: &mut Registry,
-    sockets: Sockets,
+    mut sockets: Sockets,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
@@ -275,23 +351,27 @@ async fn serve(
     loop {
         tokio::select! {
             _ = &mut shutdown => return Ok(()),
+            Some(f) = sockets.fatal.recv() => {
+                tracing::error!(event = "fatal", thread = f.thread, error = %f.error);
+                anyhow::bail!("packet thread {} failed: {}", f.thread, f.error);
+            }
             _ = tick.tick() => {
+                // Expiry from memory, every tick (within 250 ms of the deadline),
+                // before the timers run so an expired peer gets no keepalive.
+                expire(shared);
                 timers.tick(shared);
                 ticks += 1;
-                // Expiry is checked every tick (within 250 ms of the deadline);
-                // commits by other processes once a second, as the safety net
+                // Commits by other processes, once a second: the safety net
                 // behind the control socket.
-                let expired = shared.table.load().next_expiry().is_some_and(|t| t <= unix_now());
-                if expired || (ticks.is_multiple_of(4) && registry.changed()) {
-                    if let Err(e) = registry.reload(shared) {
-                        tracing::error!(event = "reload_failed", error = %format!("{e:#}"));
-                    }
+                if ticks.is_multiple_of(4) {
+                    registry.poll(shared);
+                    registry.summarise(shared);
                 }
             }
             _ = hup.recv() => {
                 match registry.reload(shared) {
                     Ok(peers) => tracing::info!(event = "config_reloaded", trigger = "sighup", peers, actor = "signal"),
-                    Err(e) => tracing::error!(event = "reload_failed", error = %format!("{e:#}")),
+                    Err(e) => registry.failed(shared, &e),
                 }
             }
             Some((request, reply)) = requests.recv() => {
@@ -335,9 +415,12 @@ fn handle_request(
             }
             match registry.reload(shared) {
                 Ok(active_peers) => Response::Reloaded { active_peers },
-                Err(e) => Response::Error {
-                    message: format!("{e:#}"),
-                },
+                Err(e) => {
+                    registry.failed(shared, &e);
+                    Response::Error {
+                        message: format!("{e:#}"),
+                    }
+                }
             }
         }
         Request::Status {} => Response::Status(status_view(info, shared)),

@@ -51,7 +51,6 @@ struct Gateway {
     key: PrivateKey,
     shared: Shared,
     cap: Arc<Capture>,
-    next_index: u32,
     out: Vec<u8>,
     revoked: Vec<RevokedKey>,
 }
@@ -87,7 +86,6 @@ impl Gateway {
             key,
             shared,
             cap,
-            next_index: 1,
             out: vec![0u8; 65_600],
             revoked: Vec::new(),
         }
@@ -95,24 +93,10 @@ impl Gateway {
 
     /// Swaps in a table built from `records`; returns who was removed and why.
     fn load(&mut self, records: &[Peer]) -> Vec<(String, CloseReason)> {
-        let secret = self.key.to_x25519();
         let old = self.shared.table.load_full();
-        let (table, removed): (PeerTable, _) = old.rebuild(
-            records,
-            &self.revoked,
-            1_000,
-            &mut self.next_index,
-            |i, p| {
-                Tunn::new(
-                    secret.clone(),
-                    p.public_key.to_x25519(),
-                    p.preshared_key.as_ref().map(|k| *k.as_bytes()),
-                    None,
-                    i,
-                    None,
-                )
-            },
-        );
+        let shared = &self.shared;
+        let (table, removed): (PeerTable, _) =
+            old.rebuild(records, &self.revoked, 1_000, |i, p| shared.new_tunn(i, p));
         self.shared.table.store(Arc::new(table));
         removed
             .into_iter()
@@ -642,4 +626,276 @@ fn replayed_initiation_does_not_roam() {
         a.send(&mut gw, &icmp("10.8.0.2", "10.8.0.1"));
         assert_eq!(gw.cap.take_packets().len(), 1, "the session still works");
     }
+}
+
+/// The gateway's reply to one initiation from `site`: its first datagram.
+fn initiate(gw: &mut Gateway, site: &mut Site) -> Vec<u8> {
+    let mut buf = vec![0u8; 2048];
+    let init = match site.tunn.format_handshake_initiation(&mut buf, true) {
+        TunnResult::WriteToNetwork(p) => p.to_vec(),
+        other => panic!("no initiation: {other:?}"),
+    };
+    gw.receive(&init, site.addr);
+    gw.cap
+        .take_datagrams()
+        .into_iter()
+        .next()
+        .map(|(d, _)| d)
+        .unwrap_or_default()
+}
+
+/// 200 initiations in a burst for one key: the first ones are answered, the
+/// rest get cookie replies once the gateway-wide limit is reached; a cookie fed
+/// back to the site lets its next initiation through under load.
+#[test]
+fn initiation_burst_gets_cookies_past_the_limit() {
+    let mut gw = Gateway::new();
+    let mut a = Site::new(&gw, "alpha", "10.8.0.2", 40001);
+    gw.load(std::slice::from_ref(&a.record));
+    let (mut answered, mut cookies, mut first_cookie) = (0, 0, None);
+    let mut last_cookie = Vec::new();
+    for i in 0..200 {
+        let reply = initiate(&mut gw, &mut a);
+        match reply.first() {
+            Some(2) => answered += 1,
+            Some(3) => {
+                cookies += 1;
+                first_cookie.get_or_insert(i);
+                last_cookie = reply;
+            }
+            other => panic!("initiation {i}: unexpected reply {other:?}"),
+        }
+    }
+    let limit = sitegate::dataplane::HANDSHAKE_RATE_LIMIT as usize;
+    assert!(
+        answered >= limit / 2 - 1,
+        "answered {answered} before the limit"
+    );
+    assert!(cookies >= 200 - limit / 2 - 1, "cookies {cookies}");
+    assert!(first_cookie.is_some_and(|i| i >= limit / 2 - 1));
+    // The site takes the cookie; its next initiation carries mac2 and is answered.
+    let mut buf = vec![0u8; 256];
+    assert!(matches!(
+        a.tunn.decapsulate(None, &last_cookie, &mut buf),
+        TunnResult::Done
+    ));
+    assert_eq!(initiate(&mut gw, &mut a).first(), Some(&2));
+    // A cookie reply to another address does not let that address through.
+    let mut b = Site::new(&gw, "alpha", "10.8.0.2", 40001);
+    b.tunn = std::mem::replace(&mut a.tunn, b.tunn);
+    b.addr = "203.0.113.5:1".parse().unwrap();
+    assert_eq!(initiate(&mut gw, &mut b).first(), Some(&3));
+}
+
+/// Connects `site`, taking a cookie reply and retrying as a stock client does.
+fn connect_with_cookie(gw: &mut Gateway, site: &mut Site) -> Vec<u8> {
+    let mut buf = vec![0u8; 2048];
+    for _ in 0..3 {
+        let reply = initiate(gw, site);
+        match reply.first() {
+            Some(3) => {
+                let _ = site.tunn.decapsulate(None, &reply, &mut buf);
+            }
+            Some(2) => {
+                if let TunnResult::WriteToNetwork(k) = site.tunn.decapsulate(None, &reply, &mut buf)
+                {
+                    let k = k.to_vec();
+                    gw.receive(&k, site.addr);
+                }
+                return reply;
+            }
+            other => panic!("unexpected reply {other:?}"),
+        }
+    }
+    panic!("no response after a cookie");
+}
+
+/// 1,000 peers get random, distinct, nonzero 24-bit indices, and the gateway's
+/// handshake responses carry them as the upper bits of its session index.
+#[test]
+fn indices_are_random_and_unique() {
+    let mut gw = Gateway::new();
+    let mut sites: Vec<Site> = (0..1_000u32)
+        .map(|i| {
+            let ip = format!("10.8.{}.{}", 1 + i / 250, 2 + i % 250);
+            Site::new(&gw, &format!("site{}x", i), &ip, 20_000 + i as u16)
+        })
+        .collect();
+    let records: Vec<Peer> = sites.iter().map(|s| s.record.clone()).collect();
+    gw.load(&records);
+    let table = gw.shared.table.load_full();
+    let indices: Vec<u32> = table.peers.iter().map(|p| p.index).collect();
+    let distinct: std::collections::HashSet<u32> = indices.iter().copied().collect();
+    assert_eq!(distinct.len(), 1_000, "no collision");
+    assert!(indices.iter().all(|&i| i != 0 && i < 1 << 24));
+    let steps = indices
+        .windows(2)
+        .filter(|w| w[1].wrapping_sub(w[0]) == 1)
+        .count();
+    assert!(
+        steps < 5,
+        "{steps} of 999 consecutive indices are sequential"
+    );
+    // A rebuild with 1,000 more peers keeps the live indices and collides with none.
+    let more: Vec<Site> = (0..1_000u32)
+        .map(|i| {
+            let ip = format!("10.9.{}.{}", 1 + i / 250, 2 + i % 250);
+            Site::new(&gw, &format!("more{}x", i), &ip, 30_000 + i as u16)
+        })
+        .collect();
+    let all: Vec<Peer> = records
+        .iter()
+        .cloned()
+        .chain(more.iter().map(|s| s.record.clone()))
+        .collect();
+    gw.load(&all);
+    let after: Vec<u32> = gw
+        .shared
+        .table
+        .load()
+        .peers
+        .iter()
+        .map(|p| p.index)
+        .collect();
+    assert_eq!(
+        &after[..1_000],
+        &indices[..],
+        "live sessions keep their index"
+    );
+    let distinct: std::collections::HashSet<u32> = after.iter().copied().collect();
+    assert_eq!(distinct.len(), 2_000);
+    // On the wire: each response's sender index belongs to that peer.
+    let mut wire = std::collections::HashSet::new();
+    for (site, &index) in sites.iter_mut().zip(&indices).take(300) {
+        let resp = connect_with_cookie(&mut gw, site);
+        let sender = u32::from_le_bytes(resp[4..8].try_into().unwrap());
+        assert_eq!(sender >> 8, index);
+        assert!(wire.insert(sender));
+    }
+}
+
+/// A source that fails more than the threshold is ignored for the backoff:
+/// its handshakes go unprocessed, but a live session's transport packets from
+/// the same address still pass, and a live site's own address is never blocked.
+#[test]
+fn failing_source_is_backed_off() {
+    use sitegate::dataplane::sources::FAILURE_THRESHOLD;
+    let mut gw = Gateway::new();
+    let mut a = Site::new(&gw, "alpha", "10.8.0.2", 40001);
+    let mut b = Site::new(&gw, "beta", "10.8.0.3", 40002);
+    b.addr = "203.0.113.9:4000".parse().unwrap();
+    gw.load(&[a.record.clone(), b.record.clone()]);
+    assert!(b.connect(&mut gw), "beta connects from the attacker's host");
+    let gw_pub = gw.key.public_key().to_x25519();
+    let mut buf = vec![0u8; 2048];
+    let attacker: SocketAddr = "203.0.113.9:5000".parse().unwrap();
+    let unknown_total =
+        |gw: &Gateway| gw.shared.anon.throttles[HandshakeFailure::UnknownKey.index()].total();
+    for _ in 0..FAILURE_THRESHOLD + 20 {
+        let mut t = Tunn::new(
+            PrivateKey::generate().to_x25519(),
+            gw_pub,
+            None,
+            None,
+            1,
+            None,
+        );
+        if let TunnResult::WriteToNetwork(init) = t.format_handshake_initiation(&mut buf, true) {
+            let init = init.to_vec();
+            gw.receive(&init, attacker);
+        }
+    }
+    assert_eq!(
+        unknown_total(&gw),
+        u64::from(FAILURE_THRESHOLD),
+        "past the threshold the source is not even decrypted"
+    );
+    // beta's handshakes from the blocked address are ignored too...
+    assert!(initiate(&mut gw, &mut b).is_empty());
+    // ...but its live session's packets pass.
+    b.send(&mut gw, &icmp("10.8.0.3", "10.8.0.1"));
+    assert_eq!(gw.cap.take_packets().len(), 1);
+
+    // alpha has a session; the timer notes its address; forging that address
+    // with failing handshakes does not block it.
+    assert!(a.connect(&mut gw));
+    sitegate::dataplane::timers::Timers::default().tick(&gw.shared);
+    for _ in 0..FAILURE_THRESHOLD + 20 {
+        let mut t = Tunn::new(
+            PrivateKey::generate().to_x25519(),
+            gw_pub,
+            None,
+            None,
+            1,
+            None,
+        );
+        if let TunnResult::WriteToNetwork(init) = t.format_handshake_initiation(&mut buf, true) {
+            let init = init.to_vec();
+            gw.receive(&init, a.addr);
+        }
+    }
+    assert_eq!(initiate(&mut gw, &mut a).first(), Some(&2), "alpha renews");
+}
+
+/// Refused-key failures remember the distinct keys tried (the first few plus a
+/// count) for the summary line.
+#[test]
+fn refused_keys_are_listed() {
+    let mut gw = Gateway::new();
+    let gw_pub = gw.key.public_key().to_x25519();
+    let mut buf = vec![0u8; 2048];
+    let mut keys = Vec::new();
+    for i in 0..8u16 {
+        let k = PrivateKey::generate();
+        keys.push(k.public_key());
+        let mut t = Tunn::new(k.to_x25519(), gw_pub, None, None, 1, None);
+        for _ in 0..2 {
+            if let TunnResult::WriteToNetwork(init) = t.format_handshake_initiation(&mut buf, true)
+            {
+                let init = init.to_vec();
+                gw.receive(
+                    &init,
+                    SocketAddr::new("192.0.2.50".parse().unwrap(), 100 + i),
+                );
+            }
+        }
+    }
+    let seen = gw.shared.anon.seen.lock().unwrap()[HandshakeFailure::UnknownKey.index()];
+    // The first attempt was logged at once with its key; the summary lists the
+    // distinct keys tried after it in order (the first again, for its second
+    // try), then counts the attempts with other keys: two each for four keys.
+    let listed: Vec<_> = seen.keys.iter().flatten().copied().collect();
+    assert_eq!(listed, keys[..sitegate::dataplane::SUMMARY_KEYS].to_vec());
+    assert_eq!(seen.other_keys, 8);
+    assert_eq!(seen.key_list().split(',').count(), 4);
+}
+
+/// An expired peer is dropped from the table in memory, with no store, and
+/// then refused as expired.
+#[test]
+fn expiry_from_memory() {
+    let mut gw = Gateway::new();
+    let mut a = Site::new(&gw, "alpha", "10.8.0.2", 40001);
+    a.record.expires_at = Some(1_500);
+    let b = Site::new(&gw, "beta", "10.8.0.3", 40002);
+    gw.load(&[a.record.clone(), b.record.clone()]);
+    assert!(a.connect(&mut gw));
+    let table = gw.shared.table.load_full();
+    assert!(table.without_expired(1_499).is_none());
+    let (next, removed) = table.without_expired(1_500).expect("alpha expired");
+    assert_eq!(removed.len(), 1);
+    assert_eq!(removed[0].reason, CloseReason::Expired);
+    assert_eq!(next.peers.len(), 1);
+    assert_eq!(next.peers[0].name.to_string(), "beta");
+    gw.shared.table.store(Arc::new(next));
+    a.send(&mut gw, &icmp("10.8.0.2", "10.8.0.1"));
+    assert!(gw.cap.take_packets().is_empty(), "the session is gone");
+    assert!(
+        initiate(&mut gw, &mut a).is_empty(),
+        "no reply to an expired key"
+    );
+    assert_eq!(
+        gw.shared.anon.throttles[HandshakeFailure::Expired.index()].total(),
+        1
+    );
 }

@@ -16,27 +16,34 @@ pub mod batch;
 pub mod packet;
 pub mod peers;
 pub mod rx;
+pub mod sources;
 pub mod timers;
 pub mod tx;
 pub mod udp;
 
-use std::net::SocketAddr;
+use std::collections::HashSet;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::noise::Tunn;
 
 use crate::events::{HandshakeFailure, Throttle};
 use crate::keys::PublicKey;
+use crate::registry::Peer;
 
 /// Largest datagram or IP packet a loop handles (64 KiB plus WireGuard overhead).
 pub const MAX_PACKET: usize = 65_536 + 64;
 
-/// Handshake initiations per second, gateway-wide, before boringtun answers with
-/// cookies (mac2) instead of doing Diffie-Hellman work: a flood costs a MAC check.
-pub const HANDSHAKE_RATE_LIMIT: u64 = 100;
+/// Handshake checks per second, gateway-wide, before boringtun answers with
+/// cookie replies (demanding mac2, which proves the sender receives at its
+/// address) instead of doing Diffie-Hellman work. The one limiter is shared by
+/// the receive loop's first check and every peer's `Tunn`, and a handshake that
+/// reaches a `Tunn` passes both, so this is about 100 handshakes per second.
+pub const HANDSHAKE_RATE_LIMIT: u64 = 200;
 
 /// A monotonic millisecond clock starting at 1 (0 means "never" in throttles).
 #[derive(Debug, Clone, Copy)]
@@ -61,12 +68,52 @@ impl Default for Clock {
 /// The key (when the handshake revealed one) and address behind a failure.
 pub type Offender = (Option<PublicKey>, SocketAddr);
 
+/// Distinct public keys named in summaries of refused keys.
+pub const SUMMARY_KEYS: usize = 4;
+
+/// What a summary says about who failed: the latest offender, and the first
+/// few distinct keys tried since the last line plus a count of further tries.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Seen {
+    pub last: Option<Offender>,
+    pub keys: [Option<PublicKey>; SUMMARY_KEYS],
+    /// Attempts with a key not among `keys`.
+    pub other_keys: u64,
+}
+
+impl Seen {
+    /// Notes one attempt by `key` from `src`.
+    pub fn note(&mut self, key: Option<PublicKey>, src: SocketAddr) {
+        self.last = Some((key, src));
+        let Some(key) = key else { return };
+        if self.keys.iter().flatten().any(|k| *k == key) {
+            return;
+        }
+        match self.keys.iter_mut().find(|k| k.is_none()) {
+            Some(slot) => *slot = Some(key),
+            None => self.other_keys += 1,
+        }
+    }
+
+    /// The keys as one comma-separated field value (empty when none).
+    pub fn key_list(&self) -> String {
+        let mut out = String::new();
+        for k in self.keys.iter().flatten() {
+            if !out.is_empty() {
+                out.push(',');
+            }
+            out.push_str(&k.to_base64());
+        }
+        out
+    }
+}
+
 /// Failures not attributable to an issued peer (unknown keys, bad MACs, junk):
-/// throttled per reason, with the latest offender kept for the summary line.
+/// throttled per reason, with who failed kept for the summary line.
 #[derive(Debug, Default)]
 pub struct AnonFailures {
     pub throttles: [Throttle; HandshakeFailure::ALL.len()],
-    pub last: Mutex<[Option<Offender>; HandshakeFailure::ALL.len()]>,
+    pub seen: Mutex<[Seen; HandshakeFailure::ALL.len()]>,
     /// Datagrams dropped before any peer could be charged with them.
     pub dropped: [Throttle; DropReason::ALL.len()],
     pub dropped_last: Mutex<[Option<SocketAddr>; DropReason::ALL.len()]>,
@@ -132,9 +179,22 @@ pub struct Shared {
     pub wire: Box<dyn Wire>,
     pub static_secret: x25519_dalek::StaticSecret,
     pub static_public: x25519_dalek::PublicKey,
-    pub rate_limiter: RateLimiter,
+    /// The gateway's one handshake limiter, shared by every peer's `Tunn`.
+    pub rate_limiter: Arc<RateLimiter>,
     pub clock: Clock,
     pub anon: AnonFailures,
+    /// Failed handshakes per source address; sources over the threshold are
+    /// ignored for a while. Locked by the receive loop for handshake messages
+    /// only, and by the timer for its summary.
+    pub sources: Mutex<sources::SourceTable>,
+    /// Sources put into backoff, throttled like other failures.
+    pub source_blocks: Throttle,
+    /// Endpoint addresses of peers with a session, refreshed by the timer:
+    /// never put into backoff.
+    pub live_endpoints: ArcSwap<HashSet<IpAddr>>,
+    /// Errors of the packet loops (`tun_error`, `udp_error`), throttled.
+    pub loop_errors: [Throttle; LoopError::ALL.len()],
+    pub hooks: Hooks,
     /// Packets from the TUN device with no peer owning the destination.
     pub no_route: AtomicU64,
     pub stopping: AtomicBool,
@@ -148,11 +208,16 @@ impl Shared {
         Shared {
             table: ArcSwap::from_pointee(peers::PeerTable::default()),
             wire,
-            rate_limiter: RateLimiter::new(&static_public, HANDSHAKE_RATE_LIMIT),
+            rate_limiter: Arc::new(RateLimiter::new(&static_public, HANDSHAKE_RATE_LIMIT)),
             static_secret,
             static_public,
             clock: Clock::new(),
             anon: AnonFailures::default(),
+            sources: Mutex::new(sources::SourceTable::default()),
+            source_blocks: Throttle::default(),
+            live_endpoints: ArcSwap::from_pointee(HashSet::new()),
+            loop_errors: Default::default(),
+            hooks: Hooks::default(),
             no_route: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
         }
@@ -160,5 +225,91 @@ impl Shared {
 
     pub fn is_stopping(&self) -> bool {
         self.stopping.load(Ordering::Relaxed)
+    }
+
+    /// A `Tunn` for `peer` with boringtun index `index`, answering as the
+    /// gateway and sharing the gateway's handshake limiter.
+    pub fn new_tunn(&self, index: u32, peer: &Peer) -> Tunn {
+        Tunn::new(
+            self.static_secret.clone(),
+            peer.public_key.to_x25519(),
+            peer.preshared_key.as_ref().map(|k| *k.as_bytes()),
+            None,
+            index,
+            Some(Arc::clone(&self.rate_limiter)),
+        )
+    }
+
+    /// Logs a packet loop's error, throttled like every other failure.
+    pub fn loop_error(&self, which: LoopError, error: &std::io::Error) {
+        if self.loop_errors[which.index()].hit(self.clock.now_ms()) {
+            tracing::error!(event = which.as_str(), error = %error, count = 1u64);
+        }
+    }
+}
+
+/// Errors of the packet loops, each its own event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoopError {
+    Tun,
+    Udp,
+}
+
+impl LoopError {
+    pub const ALL: [LoopError; 2] = [LoopError::Tun, LoopError::Udp];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LoopError::Tun => "tun_error",
+            LoopError::Udp => "udp_error",
+        }
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// A loop that has seen nothing but errors for this long gives up: the daemon
+/// ends (exit 1) so that its supervisor restarts it, instead of running on
+/// with one direction of traffic dead.
+pub const FATAL_AFTER: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Fault injection for the integration tests, from the environment variable
+/// `SITEGATE_TEST_HOOKS` (comma-separated): `panic_rx` and `panic_tx` make the
+/// receive or transmit loop panic on its first packet; `reload_pause_ms=N`
+/// pauses every registry read inside its transaction. Unset in production; all
+/// they can do is stop or slow the daemon, which whoever sets its environment
+/// can do anyway.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Hooks {
+    pub panic_rx: bool,
+    pub panic_tx: bool,
+    pub reload_pause_ms: u64,
+}
+
+impl Hooks {
+    pub const ENV: &'static str = "SITEGATE_TEST_HOOKS";
+
+    /// Parses the variable's value; unknown words are an error, so a typo in a
+    /// test does not silently test nothing.
+    ///
+    /// # Errors
+    /// A word that is not a hook, or a pause that is not a number.
+    pub fn parse(value: &str) -> Result<Hooks, String> {
+        let mut hooks = Hooks::default();
+        for word in value.split(',').map(str::trim).filter(|w| !w.is_empty()) {
+            match word.split_once('=') {
+                None if word == "panic_rx" => hooks.panic_rx = true,
+                None if word == "panic_tx" => hooks.panic_tx = true,
+                Some(("reload_pause_ms", ms)) => {
+                    hooks.reload_pause_ms = ms
+                        .parse()
+                        .map_err(|_| format!("{}: {word:?} is not a number of ms", Self::ENV))?;
+                }
+                _ => return Err(format!("{}: unknown hook {word:?}", Self::ENV)),
+            }
+        }
+        Ok(hooks)
     }
 }

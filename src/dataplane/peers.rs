@@ -151,13 +151,15 @@ impl PeerTable {
 
     /// Builds the next table from the registry at `now` (Unix seconds). Slots whose
     /// name, key, PSK and addresses are unchanged are carried over with their
-    /// sessions; others get a fresh `Tunn` from `new_tunn(index, peer)`.
+    /// sessions; others get a fresh `Tunn` from `new_tunn(index, peer)`, with a
+    /// random 24-bit index that no slot of this table or the next one holds (so
+    /// that a message for an old session never reaches a new one, and an
+    /// off-path attacker cannot guess a live index).
     pub fn rebuild(
         &self,
         records: &[Peer],
         revoked: &[RevokedKey],
         now: i64,
-        next_index: &mut u32,
         mut new_tunn: impl FnMut(u32, &Peer) -> Tunn,
     ) -> (PeerTable, Vec<Removed>) {
         let mut next = PeerTable::default();
@@ -185,18 +187,13 @@ impl PeerTable {
                     Arc::clone(s)
                 }
                 None => {
-                    let index = *next_index & 0x00ff_ffff;
-                    *next_index = (next_index.wrapping_add(1) & 0x00ff_ffff).max(1);
+                    let index = fresh_index(|i| {
+                        self.by_index.contains_key(&i) || next.by_index.contains_key(&i)
+                    });
                     Arc::new(PeerSlot::new(index, p, new_tunn(index, p)))
                 }
             };
-            let pos = next.peers.len();
-            next.by_key.insert(*p.public_key.as_bytes(), pos);
-            next.by_index.insert(slot.index, pos);
-            for a in &slot.addresses {
-                next.routes.insert(IpNet::from(*a), pos);
-            }
-            next.peers.push(slot);
+            next.insert(slot);
         }
         let removed = self
             .peers
@@ -217,6 +214,46 @@ impl PeerTable {
         (next, removed)
     }
 
+    /// The same table without the peers expired at `now` (Unix seconds), or
+    /// `None` when none is. Needs no store: expiry holds even when the store
+    /// cannot be read.
+    pub fn without_expired(&self, now: i64) -> Option<(PeerTable, Vec<Removed>)> {
+        let expired = |s: &PeerSlot| s.expires_at.load(Ordering::Relaxed) <= now;
+        if !self.peers.iter().any(|s| expired(s)) {
+            return None;
+        }
+        let mut next = PeerTable {
+            inactive: self.inactive.clone(),
+            ..PeerTable::default()
+        };
+        let mut removed = Vec::new();
+        for slot in &self.peers {
+            if expired(slot) {
+                next.inactive.insert(
+                    *slot.public_key.as_bytes(),
+                    (slot.name.clone(), Inactive::Expired),
+                );
+                removed.push(Removed {
+                    slot: Arc::clone(slot),
+                    reason: CloseReason::Expired,
+                });
+                continue;
+            }
+            next.insert(Arc::clone(slot));
+        }
+        Some((next, removed))
+    }
+
+    fn insert(&mut self, slot: Arc<PeerSlot>) {
+        let pos = self.peers.len();
+        self.by_key.insert(*slot.public_key.as_bytes(), pos);
+        self.by_index.insert(slot.index, pos);
+        for a in &slot.addresses {
+            self.routes.insert(IpNet::from(*a), pos);
+        }
+        self.peers.push(slot);
+    }
+
     /// Earliest expiry among active peers (Unix seconds), for the timer to act on.
     pub fn next_expiry(&self) -> Option<i64> {
         self.peers
@@ -224,6 +261,17 @@ impl PeerTable {
             .map(|s| s.expires_at.load(Ordering::Relaxed))
             .filter(|&t| t != i64::MAX)
             .min()
+    }
+}
+
+/// A random nonzero 24-bit index for which `taken` is false.
+fn fresh_index(taken: impl Fn(u32) -> bool) -> u32 {
+    use rand_core::{OsRng, RngCore};
+    loop {
+        let i = OsRng.next_u32() & 0x00ff_ffff;
+        if i != 0 && !taken(i) {
+            return i;
+        }
     }
 }
 

@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::handshake::parse_handshake_anon;
@@ -11,7 +12,7 @@ use super::batch::TunBatch;
 use super::packet::Header;
 use super::peers::{PeerSlot, PeerTable};
 use super::udp::{RecvBatch, Udp};
-use super::{DropReason, Shared, TunSink, MAX_PACKET};
+use super::{DropReason, LoopError, Seen, Shared, TunSink, FATAL_AFTER, MAX_PACKET};
 use crate::events::HandshakeFailure;
 use crate::keys::PublicKey;
 use crate::policy::{self, Verdict};
@@ -25,13 +26,27 @@ const MSG_TRANSPORT: u8 = 4;
 /// Receives until shutdown, a batch of datagrams per system call, and writes
 /// what they carry to the TUN device once per batch. Owns its buffers: nothing
 /// is allocated per datagram.
-pub fn run(shared: &Shared, udp: &Udp, tun: &tun_rs::SyncDevice, offload: bool) {
+///
+/// # Errors
+/// The socket has failed for [`FATAL_AFTER`] without a single successful
+/// receive: the daemon is to end rather than run half-deaf.
+pub fn run(
+    shared: &Shared,
+    udp: &Udp,
+    tun: &tun_rs::SyncDevice,
+    offload: bool,
+) -> std::io::Result<()> {
     let mut batch = RecvBatch::default();
     let mut packets = TunBatch::new(offload);
     let mut out = vec![0u8; MAX_PACKET];
+    let mut failing_since: Option<Instant> = None;
     while !shared.is_stopping() {
         match udp.recv_batch(&mut batch) {
             Ok(n) => {
+                failing_since = None;
+                if n > 0 && shared.hooks.panic_rx {
+                    panic!("test hook panic_rx");
+                }
                 for i in 0..n {
                     match batch.datagram(i) {
                         Some((datagram, src)) => {
@@ -60,11 +75,22 @@ pub fn run(shared: &Shared, udp: &Udp, tun: &tun_rs::SyncDevice, offload: bool) 
             // nothing about this socket's health.
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
             Err(e) => {
-                tracing::error!(event = "udp_error", error = %e);
+                shared.loop_error(LoopError::Udp, &e);
+                let since = *failing_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= FATAL_AFTER {
+                    return Err(e);
+                }
                 std::thread::sleep(super::udp::RECV_TIMEOUT);
             }
         }
     }
+    Ok(())
+}
+
+/// WireGuard handshake messages: initiation, response, cookie reply.
+#[inline]
+fn is_handshake(datagram: &[u8]) -> bool {
+    matches!(datagram.first(), Some(1..=3))
 }
 
 /// Handles one datagram from `src`; a decrypted packet that passes policy goes
@@ -76,6 +102,11 @@ pub fn handle(
     out: &mut [u8],
     sink: &mut impl TunSink,
 ) {
+    // A source in backoff costs a table lookup: no MAC, no cookie reply.
+    // Transport packets never wait here: a spoofed flood must not cut a session.
+    if is_handshake(datagram) && source_blocked(shared, src) {
+        return;
+    }
     let table = shared.table.load();
     let mut cookie = [0u8; 64];
     let packet = match shared
@@ -89,6 +120,7 @@ pub fn handle(
             return;
         }
         Err(TunnResult::Err(WireGuardError::InvalidMac)) => {
+            source_failed(shared, src);
             anon_failure(shared, HandshakeFailure::BadMac, None, src);
             return;
         }
@@ -104,11 +136,13 @@ pub fn handle(
                     Some(pos) => (Some(pos), Kind::Initiation),
                     None => {
                         let key = PublicKey::from_bytes(half.peer_static_public);
+                        source_failed(shared, src);
                         refused_key(shared, &table, key, src);
                         return;
                     }
                 },
                 Err(_) => {
+                    source_failed(shared, src);
                     anon_failure(shared, HandshakeFailure::Decrypt, None, src);
                     return;
                 }
@@ -262,6 +296,9 @@ fn peer_failure(
         (_, WireGuardError::UnderLoad) => HandshakeFailure::RateLimited,
         _ => HandshakeFailure::Decrypt,
     };
+    if reason != HandshakeFailure::RateLimited {
+        source_failed(shared, src);
+    }
     failure_event(shared, peer, reason, src);
 }
 
@@ -304,10 +341,57 @@ fn record_anon(
     key: Option<PublicKey>,
     src: SocketAddr,
 ) -> bool {
-    if let Ok(mut last) = shared.anon.last.lock() {
-        last[reason.index()] = Some((key, src));
+    let log_now = shared.anon.throttles[reason.index()].hit(shared.clock.now_ms());
+    if let Ok(mut seen) = shared.anon.seen.lock() {
+        let seen = &mut seen[reason.index()];
+        if log_now {
+            // This line names the key; the next summary lists what follows it.
+            *seen = Seen::default();
+            seen.last = Some((key, src));
+        } else {
+            seen.note(key, src);
+        }
     }
-    shared.anon.throttles[reason.index()].hit(shared.clock.now_ms())
+    log_now
+}
+
+/// Whether `src` is in backoff for failing too many handshakes.
+#[inline]
+fn source_blocked(shared: &Shared, src: SocketAddr) -> bool {
+    let now_ms = shared.clock.now_ms();
+    shared
+        .sources
+        .lock()
+        .is_ok_and(|mut t| t.is_blocked(src.ip(), now_ms))
+}
+
+/// Charges `src` with a failed handshake; logs once when that puts it into
+/// backoff (the timer summarises what it then sends). The address of a live
+/// session is never put into backoff: a sender forging it could otherwise keep
+/// that site from renewing its session.
+fn source_failed(shared: &Shared, src: SocketAddr) {
+    let now_ms = shared.clock.now_ms();
+    let blocked = match shared.sources.lock() {
+        Ok(mut t) => t.record_failure(src.ip(), now_ms),
+        Err(_) => None,
+    };
+    let Some(b) = blocked else { return };
+    if shared.live_endpoints.load().contains(&b.source) {
+        if let Ok(mut t) = shared.sources.lock() {
+            t.unblock(b.source);
+        }
+        return;
+    }
+    if shared.source_blocks.hit(now_ms) {
+        tracing::warn!(
+            event = "handshake_failed",
+            reason = HandshakeFailure::RateLimited.as_str(),
+            source = %b.source,
+            failures = b.failures,
+            backoff_secs = super::sources::BACKOFF_MS / 1000,
+            count = 1u64,
+        );
+    }
 }
 
 fn anon_failure(

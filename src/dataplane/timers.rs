@@ -2,13 +2,16 @@
 //! handshake retries, session expiry), the end-of-session event, and draining
 //! throttled event summaries. Called every [`TICK`] by the daemon.
 
+use std::collections::HashSet;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use boringtun::noise::TunnResult;
 
 use super::peers::PeerSlot;
-use super::{DropReason, Shared, MAX_PACKET};
-use crate::events::{CloseReason, HandshakeFailure};
+use super::{DropReason, LoopError, Shared, MAX_PACKET};
+use crate::events::{CloseReason, HandshakeFailure, SUMMARY_INTERVAL_MS};
 use crate::policy::DenyReason;
 
 /// Timer resolution: boringtun's timers are second-granular; 250 ms keeps
@@ -19,6 +22,8 @@ pub const TICK: Duration = Duration::from_millis(250);
 pub struct Timers {
     buf: Vec<u8>,
     ticks: u64,
+    sources_summarised_ms: u64,
+    named: Vec<(IpAddr, u64)>,
 }
 
 impl Default for Timers {
@@ -26,6 +31,8 @@ impl Default for Timers {
         Self {
             buf: vec![0u8; MAX_PACKET],
             ticks: 0,
+            sources_summarised_ms: 0,
+            named: Vec::with_capacity(SUMMARY_SOURCES * 4),
         }
     }
 }
@@ -34,19 +41,26 @@ impl Timers {
     /// One tick over every peer.
     pub fn tick(&mut self, shared: &Shared) {
         self.ticks += 1;
-        if self.ticks.is_multiple_of(4) {
-            shared.rate_limiter.reset_count();
-        }
+        // boringtun resets the count only when a second has passed since the
+        // last reset, so calling every tick resets it once a second.
+        shared.rate_limiter.reset_count();
         let now_ms = shared.clock.now_ms();
         let table = shared.table.load();
+        let mut live = HashSet::with_capacity(table.peers.len());
         for peer in table.peers.iter() {
-            self.update(shared, peer);
+            if let Some(ep) = self.update(shared, peer) {
+                live.insert(ep.ip());
+            }
             summarise_peer(peer, now_ms);
         }
+        shared.live_endpoints.store(Arc::new(live));
         summarise_anon(shared, now_ms);
+        self.summarise_sources(shared, now_ms);
+        summarise_loop_errors(shared, now_ms);
     }
 
-    fn update(&mut self, shared: &Shared, peer: &PeerSlot) {
+    /// Runs one peer's timers; returns its endpoint while it has a session.
+    fn update(&mut self, shared: &Shared, peer: &PeerSlot) -> Option<SocketAddr> {
         let mut state = peer.lock();
         let result = state.tunn.update_timers(&mut self.buf);
         let usable = state.tunn.time_since_last_handshake().is_some();
@@ -58,12 +72,68 @@ impl Timers {
             ended = std::mem::replace(&mut state.session_up, false);
         }
         let endpoint = state.endpoint;
+        let session = state.session_up;
         drop(state);
         if let (TunnResult::WriteToNetwork(packet), Some(ep)) = (result, endpoint) {
             shared.wire.send_datagram(packet, ep);
         }
         if ended {
             session_closed(peer, CloseReason::Timeout);
+        }
+        endpoint.filter(|_| session)
+    }
+
+    /// Sources in backoff that kept sending: the worst by name, then a total.
+    /// At most [`SUMMARY_SOURCES`] + 1 lines per interval, whatever the flood.
+    fn summarise_sources(&mut self, shared: &Shared, now_ms: u64) {
+        if now_ms.saturating_sub(self.sources_summarised_ms) < SUMMARY_INTERVAL_MS {
+            return;
+        }
+        self.sources_summarised_ms = now_ms;
+        let (others, other_count) = match shared.sources.lock() {
+            Ok(mut t) => t.take_ignored(SUMMARY_SOURCES, &mut self.named),
+            Err(_) => return,
+        };
+        for (source, count) in &self.named {
+            tracing::warn!(
+                event = "handshake_failed",
+                reason = HandshakeFailure::RateLimited.as_str(),
+                source = %source,
+                count = *count,
+                backoff = true,
+                summary = true,
+            );
+        }
+        if others > 0 {
+            tracing::warn!(
+                event = "handshake_failed",
+                reason = HandshakeFailure::RateLimited.as_str(),
+                other_sources = others as u64,
+                count = other_count,
+                backoff = true,
+                summary = true,
+            );
+        }
+        if let Some(count) = shared.source_blocks.take_summary(now_ms) {
+            tracing::warn!(
+                event = "handshake_failed",
+                reason = HandshakeFailure::RateLimited.as_str(),
+                sources_blocked = count,
+                count,
+                backoff = true,
+                summary = true,
+            );
+        }
+    }
+}
+
+/// Sources named one by one in a backoff summary.
+pub const SUMMARY_SOURCES: usize = 8;
+
+fn summarise_loop_errors(shared: &Shared, now_ms: u64) {
+    for which in LoopError::ALL {
+        if let Some(count) = shared.loop_errors[which.index()].take_summary(now_ms) {
+            tracing::error!(event = which.as_str(), count, summary = true);
         }
     }
 }
@@ -120,14 +190,24 @@ fn summarise_anon(shared: &Shared, now_ms: u64) {
         let Some(count) = shared.anon.throttles[reason.index()].take_summary(now_ms) else {
             continue;
         };
-        let last = shared.anon.last.lock().ok().and_then(|l| l[reason.index()]);
-        let key = last.and_then(|(k, _)| k).map(|k| k.to_base64());
-        let endpoint = last.map(|(_, ep)| ep.to_string());
+        let seen = shared
+            .anon
+            .seen
+            .lock()
+            .ok()
+            .map(|mut s| std::mem::take(&mut s[reason.index()]))
+            .unwrap_or_default();
+        let key = seen.last.and_then(|(k, _)| k).map(|k| k.to_base64());
+        let endpoint = seen.last.map(|(_, ep)| ep.to_string());
+        let source = seen.last.map(|(_, ep)| ep.ip().to_string());
         tracing::warn!(
             event = "handshake_failed",
             reason = reason.as_str(),
             public_key = key.as_deref().unwrap_or(""),
+            public_keys = seen.key_list(),
+            other_keys = seen.other_keys,
             endpoint = endpoint.as_deref().unwrap_or(""),
+            source = source.as_deref().unwrap_or(""),
             count,
             summary = true,
         );

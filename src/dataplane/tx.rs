@@ -7,27 +7,37 @@ use boringtun::noise::TunnResult;
 use std::net::SocketAddr;
 
 use super::udp::Udp;
-use super::{packet, Shared, MAX_PACKET};
+use super::{packet, LoopError, Shared, FATAL_AFTER, MAX_PACKET};
+use std::time::Instant;
 
 /// Reads the TUN device until shutdown. With offload on, one read may return a
 /// 64 KiB TCP/UDP super-packet that tun-rs splits into MTU-sized segments (the
 /// kernel skips segmentation and checksums); each is then routed and encrypted.
 /// Datagrams for the same endpoint leave together by UDP GSO. Owns its buffers.
+///
+/// # Errors
+/// The TUN device has failed for [`FATAL_AFTER`] without a single successful
+/// read: the daemon is to end rather than run with this direction dead.
 pub fn run(
     shared: &Shared,
     udp: &Udp,
     tun: &tun_rs::SyncDevice,
     interrupt: &tun_rs::InterruptEvent,
     mtu: usize,
-) {
+) -> std::io::Result<()> {
     let mut raw = vec![0u8; tun_rs::VIRTIO_NET_HDR_LEN + 65_535];
     let mut segments = vec![vec![0u8; mtu.max(1280) + 64]; tun_rs::IDEAL_BATCH_SIZE];
     let mut sizes = vec![0usize; tun_rs::IDEAL_BATCH_SIZE];
     let mut out = vec![0u8; MAX_PACKET];
     let mut gso = GsoBatch::new();
+    let mut failing_since: Option<Instant> = None;
     while !shared.is_stopping() {
         match tun.recv_multiple_intr(&mut raw, &mut segments, &mut sizes, 0, interrupt) {
             Ok(n) => {
+                failing_since = None;
+                if n > 0 && shared.hooks.panic_tx {
+                    panic!("test hook panic_tx");
+                }
                 for (seg, &len) in segments.iter().zip(&sizes).take(n) {
                     if let Some((datagram, ep)) = encrypt(shared, &seg[..len], &mut out) {
                         gso.push(datagram, ep, udp);
@@ -39,13 +49,18 @@ pub fn run(
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) => {
                 if shared.is_stopping() {
-                    return;
+                    return Ok(());
                 }
-                tracing::error!(event = "tun_error", error = %e);
+                shared.loop_error(LoopError::Tun, &e);
+                let since = *failing_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= FATAL_AFTER {
+                    return Err(e);
+                }
                 std::thread::sleep(super::udp::RECV_TIMEOUT);
             }
         }
     }
+    Ok(())
 }
 
 /// Encrypts one IP packet from the TUN device for the peer owning its

@@ -197,6 +197,16 @@ pub struct RevokedKey {
     pub revoked_at: i64,
 }
 
+/// One consistent view of the registry: see [`Store::snapshot`].
+#[derive(Debug)]
+pub struct Snapshot {
+    /// Every peer, revoked and expired included.
+    pub peers: Vec<Peer>,
+    pub revoked: Vec<RevokedKey>,
+    /// [`Store::registry_version`] as of this snapshot.
+    pub version: i64,
+}
+
 /// An open peer store.
 pub struct Store {
     conn: Connection,
@@ -295,6 +305,29 @@ impl Store {
         let peers = read_peers(&tx, None)?;
         tx.commit()?;
         Ok(peers)
+    }
+
+    /// The registry as the daemon needs it, read in one transaction so that the
+    /// three parts agree: a change committed while this runs is either wholly
+    /// in the snapshot or shows as a newer version at the next poll, never half
+    /// seen and then forgotten. `mid` runs inside the transaction after the
+    /// peers are read (the daemon's test hook pauses there).
+    ///
+    /// # Errors
+    /// Database errors; [`StoreError::Corrupt`] and
+    /// [`StoreError::CorruptRevoked`] for values that do not parse.
+    pub fn snapshot(&self, mid: impl FnOnce()) -> Result<Snapshot, StoreError> {
+        let tx = self.conn.unchecked_transaction()?;
+        let peers = read_peers(&tx, None)?;
+        mid();
+        let revoked = self.revoked_keys()?;
+        let version = self.registry_version()?;
+        tx.commit()?;
+        Ok(Snapshot {
+            peers,
+            revoked,
+            version,
+        })
     }
 
     /// Issues a peer in one transaction: checks name and key are unused (and the

@@ -313,3 +313,41 @@ impl Hooks {
         Ok(hooks)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Hooks parse from the variable; a typo is an error, not a silent no-op.
+    #[test]
+    fn hooks_parse() {
+        let h = Hooks::parse("panic_rx, reload_pause_ms=1500").unwrap();
+        assert!(h.panic_rx && !h.panic_tx);
+        assert_eq!(h.reload_pause_ms, 1500);
+        assert!(Hooks::parse("").is_ok());
+        assert!(Hooks::parse("panic_rxx")
+            .unwrap_err()
+            .contains("unknown hook"));
+        assert!(Hooks::parse("reload_pause_ms=soon")
+            .unwrap_err()
+            .contains("not a number"));
+    }
+
+    /// The first few distinct keys are kept in order; the rest only counted.
+    #[test]
+    fn seen_keys_bounded() {
+        let src: SocketAddr = "192.0.2.1:1".parse().unwrap();
+        let keys: Vec<PublicKey> = (0..6)
+            .map(|_| crate::keys::PrivateKey::generate().public_key())
+            .collect();
+        let mut seen = Seen::default();
+        for k in keys.iter().chain(keys.iter()) {
+            seen.note(Some(*k), src);
+        }
+        seen.note(None, src);
+        assert_eq!(seen.keys.map(Option::unwrap).to_vec(), keys[..SUMMARY_KEYS]);
+        assert_eq!(seen.other_keys, 4, "two tries each of two unlisted keys");
+        assert_eq!(seen.key_list().matches(',').count(), SUMMARY_KEYS - 1);
+        assert_eq!(seen.last, Some((None, src)));
+    }
+}

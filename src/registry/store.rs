@@ -950,6 +950,36 @@ mod tests {
         std::fs::remove_dir_all(dir).unwrap();
     }
 
+    /// A revoke that commits while a snapshot is being read is either wholly in
+    /// it or shows as a newer version afterwards: never half seen and lost.
+    #[test]
+    fn snapshot_is_consistent_under_a_concurrent_revoke() {
+        let (cfg, dir) = temp_store("snapshot");
+        let mut admin = Store::create(&cfg).unwrap();
+        let a = admin
+            .add_peer(&iface("'10.8.0.1/24'"), new_peer("alice"))
+            .unwrap();
+        let daemon = Store::open(&cfg).unwrap();
+        let snap = daemon
+            .snapshot(|| {
+                admin.revoke_peer(&a.name, None, 1_700_000_500).unwrap();
+            })
+            .unwrap();
+        assert_eq!(snap.peers.len(), 1);
+        assert_eq!(snap.peers[0].revoked_at, None, "taken before the revoke");
+        assert!(snap.revoked.is_empty(), "revocations from the same moment");
+        assert_ne!(
+            daemon.registry_version().unwrap(),
+            snap.version,
+            "the next poll sees the revoke"
+        );
+        let after = daemon.snapshot(|| {}).unwrap();
+        assert!(after.peers[0].revoked_at.is_some());
+        assert_eq!(after.revoked.len(), 1);
+        assert_eq!(after.version, daemon.registry_version().unwrap());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
     /// Parallel writers on separate connections all succeed with distinct addresses.
     #[test]
     fn concurrent_adds() {

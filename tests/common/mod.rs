@@ -428,6 +428,12 @@ impl Gateway {
     /// Starts `ip netns exec NS sitegate --config CONFIG run`, stderr to
     /// [`Gateway::log`], and waits until the TUN device exists (or the process died).
     pub fn start(&mut self) {
+        self.start_with_env(&[]);
+    }
+
+    /// [`Gateway::start`] with extra environment variables for the daemon
+    /// (e.g. `SITEGATE_TEST_HOOKS`).
+    pub fn start_with_env(&mut self, env: &[(&str, &str)]) {
         assert!(self.child.is_none(), "gateway already started");
         let err = fs::File::create(&self.log).expect("create gateway log");
         let out = fs::File::create(self.dir.path.join("gateway.stdout")).expect("create stdout");
@@ -435,6 +441,7 @@ impl Gateway {
             .args(["netns", "exec", &self.ns, sitegate_bin(), "--config"])
             .arg(&self.config)
             .arg("run")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)

@@ -1,0 +1,298 @@
+#!/usr/bin/env bash
+# Handshake load (issue 7, "Packet path under attack"): N initiator keys, all
+# issued by the gateway, send WireGuard handshake initiations at a fixed offered
+# rate from namespace `load` (benches/handshake_load.rs, one boringtun Tunn and
+# one UDP source port per key) to the gateway under test in namespace `gw`, over
+# a veth. Counts handshake responses (answered) and cookie replies, and gateway
+# CPU (utime+stime from /proc/PID/stat) per answered handshake.
+#
+# The same namespaces, keys and gateway key are used for every gateway:
+#   sitegate       `sitegate run`; peers from `sitegate peer add --public-key --no-psk`
+#   boringtun-cli  `wg setconf` with the same private key and peers, when on PATH
+#   wireguard-go   likewise, only with --only wireguard-go
+# Gateways are interleaved: round 1 runs each once, then round 2, and so on.
+# The generator needs CPU too (X25519 per initiation and per response); its own
+# CPU is reported. Absolute figures drift between days: compare inside one run.
+#
+# Usage: sudo benches/handshake.sh [--json] [--time SECS] [--rate N] [--keys N]
+#          [--rounds N] [--bin PATH] [--gen PATH] [--only NAME[,NAME]]
+#   --time 10 --rate 3000 --keys 1000 --rounds 2 by default; --bin: the sitegate
+#   binary (default: built from this checkout); --gen: the generator binary
+#   (default: built with `cargo bench --no-run`).
+set -euo pipefail
+
+secs=10
+rate=3000
+nkeys=1000
+rounds=2
+drain=1
+json=0
+bin=""
+gen=""
+only=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --json) json=1 ;;
+    --time) secs="$2"; shift ;;
+    --rate) rate="$2"; shift ;;
+    --keys) nkeys="$2"; shift ;;
+    --rounds) rounds="$2"; shift ;;
+    --bin) bin="$2"; shift ;;
+    --gen) gen="$2"; shift ;;
+    --only) only="$2"; shift ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    *) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+for v in "$secs" "$rate" "$nkeys" "$rounds"; do
+  case "$v" in ''|*[!0-9]*|0) echo "--time/--rate/--keys/--rounds take positive integers" >&2; exit 2 ;; esac
+done
+[ "$nkeys" -le 4000 ] || { echo "--keys: at most 4000 (one /20 of tunnel addresses)" >&2; exit 2; }
+[ "$rounds" -le 10 ] || { echo "--rounds: at most 10" >&2; exit 2; }
+
+[ "$(id -u)" = 0 ] || { echo "handshake.sh needs root (network namespaces)" >&2; exit 1; }
+for t in ip wg ss python3; do
+  command -v "$t" >/dev/null || { echo "handshake.sh needs $t (see .ci/run for the packages)" >&2; exit 1; }
+done
+# One UDP socket per key in the generator, one connected socket per peer in
+# boringtun-cli: both need more descriptors than the usual 1024.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+[ "$(ulimit -n)" = unlimited ] || [ "$(ulimit -n)" -ge $((nkeys + 256)) ] ||
+  { echo "handshake.sh: ulimit -n $(ulimit -n) is too low for $nkeys keys" >&2; exit 1; }
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+if [ -z "$bin" ]; then
+  (cd "$root" && cargo build --release --quiet --bin sitegate) >&2
+  bin="$root/target/release/sitegate"
+fi
+if [ -z "$gen" ]; then
+  gen=$(cd "$root" && cargo bench --quiet --bench handshake_load --no-run --message-format=json |
+        python3 -c 'import json, sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "handshake_load" and m.get("executable"):
+        print(m["executable"])')
+fi
+[ -x "$bin" ] || { echo "handshake.sh: no sitegate binary at $bin" >&2; exit 1; }
+[ -n "$gen" ] && [ -x "$gen" ] || { echo "handshake.sh: no generator binary (--gen)" >&2; exit 1; }
+
+tag=$$
+GW=sghs-gw-$tag
+LD=sghs-load-$tag
+GIF=sghg$tag        # gateway wg/TUN interface
+GW_IP=172.31.251.1
+LD_IP=172.31.251.2
+PORT=51820
+work=$(mktemp -d /tmp/sitegate-hsbench.XXXXXX)
+export WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1
+gwpid=""
+
+log() { [ "$json" = 1 ] || echo "# $*" >&2; }
+
+stop_gateway() {
+  if [ -n "$gwpid" ] && kill -0 "$gwpid" 2>/dev/null; then
+    kill -TERM "$gwpid" 2>/dev/null || true
+    for _ in $(seq 50); do kill -0 "$gwpid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$gwpid" 2>/dev/null || true
+    wait "$gwpid" 2>/dev/null || true
+  fi
+  gwpid=""
+  ip -n "$GW" link del "$GIF" 2>/dev/null || true
+  rm -f "/var/run/wireguard/$GIF.sock"
+}
+
+cleanup() {
+  set +e
+  stop_gateway
+  for ns in "$LD" "$GW"; do
+    for p in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$p" 2>/dev/null; done
+    ip netns del "$ns" 2>/dev/null
+  done
+  rm -f "/var/run/wireguard/$GIF.sock"
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+ip netns add "$GW"
+ip netns add "$LD"
+ip -n "$GW" link set lo up
+ip -n "$LD" link set lo up
+ip link add "sghv$tag" netns "$GW" type veth peer name "sghw$tag" netns "$LD"
+ip -n "$GW" addr add "$GW_IP/24" dev "sghv$tag"
+ip -n "$LD" addr add "$LD_IP/24" dev "sghw$tag"
+ip -n "$GW" link set "sghv$tag" up
+ip -n "$LD" link set "sghw$tag" up
+
+# Initiator keys: private keys for the generator, public keys issued as peers.
+"$gen" keygen --count "$nkeys" --out "$work/keys.txt" >"$work/keys.pub"
+
+cfg="$work/sitegate.toml"
+"$bin" --config "$cfg" init --endpoint "$GW_IP:$PORT" --interface "$GIF" \
+  --subnet 10.9.0.0/20 >/dev/null
+keyfile=$(sed -nE 's/^[[:space:]]*private_key_file[[:space:]]*=[[:space:]]*"(.*)".*/\1/p' "$cfg" | head -n1)
+case "$keyfile" in /*) ;; *) keyfile="$(dirname "$cfg")/$keyfile" ;; esac
+gwpub=$(wg pubkey <"$keyfile")
+log "issuing $nkeys peers (sitegate peer add --public-key --no-psk)"
+t_issue=$SECONDS
+i=0
+while read -r pub; do
+  i=$((i + 1))
+  # Each prints "no daemon running" on stderr: kept in a file, shown on failure.
+  "$bin" --config "$cfg" peer add "hs$i" --public-key "$pub" --no-psk >/dev/null 2>"$work/issue.err" ||
+    { cat "$work/issue.err" >&2; exit 1; }
+done <"$work/keys.pub"
+[ "$i" = "$nkeys" ] || { echo "handshake.sh: issued $i of $nkeys peers" >&2; exit 1; }
+log "issued $nkeys peers in $((SECONDS - t_issue)) s"
+
+# The same gateway key and peers for the stock gateways (addresses are only
+# there to make each peer's allowed-ips unique; no traffic flows).
+{
+  echo "[Interface]"
+  echo "PrivateKey = $(cat "$keyfile")"
+  echo "ListenPort = $PORT"
+  i=0
+  while read -r pub; do
+    i=$((i + 1)); h=$((i + 1))
+    printf '[Peer]\nPublicKey = %s\nAllowedIPs = 10.9.%d.%d/32\n' "$pub" $((h >> 8)) $((h & 255))
+  done <"$work/keys.pub"
+} >"$work/stock.conf"
+chmod 600 "$work/stock.conf"
+
+udp_bound() { ip netns exec "$GW" ss -ulnH "sport = :$PORT" | grep -q .; }
+
+# Brings up a stock userspace gateway ($1 = wireguard-go | boringtun-cli).
+start_stock_gateway() {
+  case "$1" in
+    wireguard-go) ip netns exec "$GW" wireguard-go -f "$GIF" >"$work/gw.log" 2>&1 & ;;
+    boringtun-cli) ip netns exec "$GW" env WG_SUDO=1 boringtun-cli --foreground \
+                     --disable-drop-privileges "$GIF" >"$work/gw.log" 2>&1 & ;;
+  esac
+  gwpid=$!
+  for _ in $(seq 100); do [ -S "/var/run/wireguard/$GIF.sock" ] && break; sleep 0.1; done
+  ip netns exec "$GW" wg setconf "$GIF" "$work/stock.conf"
+  ip -n "$GW" addr add 10.9.0.1/20 dev "$GIF"
+  ip -n "$GW" link set "$GIF" mtu 1420 up
+  local n
+  n=$(ip netns exec "$GW" wg show "$GIF" peers | wc -l)
+  [ "$n" = "$nkeys" ] || log "$1 has $n peers, not $nkeys"
+  for _ in $(seq 50); do udp_bound && break; sleep 0.1; done
+}
+
+start_sitegate() {
+  ip netns exec "$GW" "$bin" --config "$cfg" run 2>"$work/gw.log" >/dev/null &
+  gwpid=$!
+  for _ in $(seq 100); do
+    ip -n "$GW" link show "$GIF" >/dev/null 2>&1 && udp_bound && break
+    kill -0 "$gwpid" 2>/dev/null || break
+    sleep 0.1
+  done
+}
+
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+
+results="$work/results.jsonl"
+: >"$results"
+
+bench_one() {
+  local name=$1 round=$2
+  log "round $round, gateway: $name"
+  case "$name" in
+    sitegate) start_sitegate ;;
+    *) start_stock_gateway "$name" ;;
+  esac
+  if ! kill -0 "$gwpid" 2>/dev/null || ! udp_bound; then
+    log "$name did not start: $(tail -n 3 "$work/gw.log")"
+    echo "{\"gateway\":\"$name\",\"round\":$round,\"error\":\"did not start\"}" >>"$results"
+    stop_gateway; return
+  fi
+  sleep 0.5   # let it settle (peer table loaded, threads up)
+  local t0 t1 rc=0
+  t0=$(cpu_ticks "$gwpid")
+  ip netns exec "$LD" "$gen" run --endpoint "$GW_IP:$PORT" --gateway-key "$gwpub" \
+    --keys "$work/keys.txt" --rate "$rate" --time "$secs" --drain "$drain" --json \
+    >"$work/run.json" 2>"$work/gen.err" || rc=1
+  if ! kill -0 "$gwpid" 2>/dev/null; then
+    log "$name exited during the run: $(tail -n 3 "$work/gw.log")"
+    echo "{\"gateway\":\"$name\",\"round\":$round,\"error\":\"exited during the run\"}" >>"$results"
+    gwpid=""; stop_gateway; return
+  fi
+  t1=$(cpu_ticks "$gwpid")
+  if [ "$rc" = 0 ]; then
+    python3 - "$name" "$round" "$((t1 - t0))" "$(getconf CLK_TCK)" "$work/run.json" >>"$results" <<'PY'
+import json, sys
+name, rnd, ticks, hz, path = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+g = json.load(open(path))
+cpu = ticks / hz
+window = g["seconds"] + g["drain_s"]
+row = {"gateway": name, "round": rnd}
+row.update({k: g[k] for k in ("offered_per_s", "answered_per_s", "cookie_replies_per_s",
+                              "initiations", "initiations_with_mac2", "responses",
+                              "responses_accepted", "cookie_replies", "unanswered",
+                              "seconds", "latency_ms", "generator_cpu_s",
+                              "generator_cpu_us_per_initiation", "send_errors", "lag_resets")})
+row["gateway_cpu_s"] = round(cpu, 2)
+row["gateway_cpu_percent"] = round(100 * cpu / window, 1)
+row["gateway_cpu_us_per_handshake"] = round(cpu * 1e6 / g["responses"], 1) if g["responses"] else None
+row["generator_cpu_percent"] = round(100 * g["generator_cpu_s"] / window, 1)
+print(json.dumps(row))
+PY
+  else
+    log "generator failed: $(tail -n 3 "$work/gen.err")"
+    echo "{\"gateway\":\"$name\",\"round\":$round,\"error\":\"generator failed\"}" >>"$results"
+  fi
+  stop_gateway
+}
+
+gateways="sitegate"
+command -v boringtun-cli >/dev/null && gateways="$gateways boringtun-cli"
+[ -n "$only" ] && gateways=${only//,/ }
+for r in $(seq "$rounds"); do
+  for g in $gateways; do bench_one "$g" "$r"; done
+done
+
+python3 - "$json" "$secs" "$rate" "$nkeys" "$results" <<'PY'
+import json, sys
+as_json, secs, rate, nkeys, path = sys.argv[1] == "1", sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
+rows = [json.loads(l) for l in open(path) if l.strip()]
+keys = ("offered_per_s", "answered_per_s", "cookie_replies_per_s", "gateway_cpu_us_per_handshake",
+        "gateway_cpu_percent", "generator_cpu_percent")
+summary = {}
+for r in rows:
+    if "error" in r:
+        continue
+    s = summary.setdefault(r["gateway"], {"rounds": 0, **{k: 0.0 for k in keys}})
+    s["rounds"] += 1
+    for k in keys:
+        s[k] += r[k] or 0
+for s in summary.values():
+    for k in keys:
+        s[k] = round(s[k] / s["rounds"], 1)
+ratios = {}
+if "sitegate" in summary and "boringtun-cli" in summary:
+    a, b = summary["sitegate"], summary["boringtun-cli"]
+    ratios = {f"sitegate/boringtun-cli {k}": round(a[k] / b[k], 2)
+              for k in ("answered_per_s", "cookie_replies_per_s", "gateway_cpu_us_per_handshake")
+              if b[k]}
+test = f"{nkeys} initiator keys, {rate} initiations/s offered for {secs} s, round-robin"
+if as_json:
+    print(json.dumps({"test": test, "results": rows, "mean": summary, "ratios": ratios}, indent=2))
+    sys.exit(0)
+print(test)
+hdr = f"{'gateway':<15} {'round':>5} {'offered/s':>10} {'answered/s':>10} {'cookies/s':>10} {'p99 ms':>8} {'gw CPU us/hs':>12} {'gw CPU':>7} {'gen CPU':>8}"
+print(hdr)
+for r in rows:
+    if "error" in r:
+        print(f"{r['gateway']:<15} {r['round']:>5}  ({r['error']})")
+        continue
+    p99 = r["latency_ms"]["p99"]
+    print(f"{r['gateway']:<15} {r['round']:>5} {r['offered_per_s']:>10.1f} {r['answered_per_s']:>10.1f}"
+          f" {r['cookie_replies_per_s']:>10.1f} {('-' if p99 is None else f'{p99:.2f}'):>8}"
+          f" {str(r['gateway_cpu_us_per_handshake']):>12} {r['gateway_cpu_percent']:>6}% {r['generator_cpu_percent']:>7}%")
+for g, s in summary.items():
+    print(f"{g:<15} {'mean':>5} {s['offered_per_s']:>10.1f} {s['answered_per_s']:>10.1f}"
+          f" {s['cookie_replies_per_s']:>10.1f} {'':>8} {s['gateway_cpu_us_per_handshake']:>12} {s['gateway_cpu_percent']:>6}% {s['generator_cpu_percent']:>7}%")
+for k, v in ratios.items():
+    print(f"{k}: {v}")
+print("gw CPU: gateway utime+stime over the run (sending + drain) as % of one core; us/hs: per answered handshake")
+PY

@@ -1,0 +1,601 @@
+//! Handshake load generator (issue 7, "Packet path under attack"): many
+//! initiator keys, one boringtun `Tunn` each, sending handshake initiations to a
+//! gateway over UDP at a fixed offered rate, round-robin over the keys.
+//!
+//! Replies are read on a dedicated thread: a handshake response (type 2) counts
+//! as answered and goes into its `Tunn`, which then sends the keepalive that
+//! confirms the session (as a real initiator does; `--no-confirm` skips it); a
+//! cookie reply (type 3) goes into its `Tunn` too, so that key's later
+//! initiations carry mac2. It stops by itself after `--time` seconds or
+//! `--count` initiations, waits `--drain` seconds for late replies, and prints
+//! offered/s, answered/s, cookie replies/s, reply latency and its own CPU time
+//! (`--json` for one JSON object).
+//!
+//! The generator is not free: each initiation costs it two X25519 operations (a
+//! fresh ephemeral key and the ephemeral-static DH; nothing can be precomputed),
+//! and each response two more. Its own CPU is measured and reported.
+//!
+//! `benches/handshake.sh` drives it against sitegate and boringtun-cli. Run by
+//! hand:
+//!
+//! ```sh
+//! handshake_load keygen --count 1000 --out keys.txt > keys.pub
+//! handshake_load run --endpoint 172.31.251.1:51820 --gateway-key PUB \
+//!     --keys keys.txt --rate 3000 --time 10 [--json]
+//! ```
+//!
+//! With no subcommand (as `cargo bench` runs it) it prints a one-line note and
+//! exits 0.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::noise::{Tunn, TunnResult};
+use boringtun::x25519::{PublicKey, StaticSecret};
+use clap::{Args, Parser, Subcommand};
+use rand::{RngCore, SeedableRng};
+
+const NOTE: &str = "handshake_load: handshake load generator, not a micro-benchmark; run \
+`sudo benches/handshake.sh` (or `handshake_load run --help`)";
+
+/// WireGuard message types (first byte, three zero bytes after it).
+const MSG_RESPONSE: u8 = 2;
+const MSG_COOKIE: u8 = 3;
+const MSG_DATA: u8 = 4;
+const RESPONSE_LEN: usize = 92;
+const COOKIE_LEN: usize = 64;
+
+/// Largest number of keys: a `Tunn` index is 24 bits (its handshake indices are
+/// `index << 8 | counter`), which is how replies find their key.
+const MAX_KEYS: usize = 1 << 24;
+
+/// The sender stops catching up when it is this far behind its schedule, so a
+/// generator short of CPU never bursts; the achieved rate is what it reports.
+const MAX_LAG: Duration = Duration::from_millis(20);
+
+#[derive(Debug, Parser)]
+#[command(name = "handshake_load", about = "WireGuard handshake load generator")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Write COUNT initiator private keys (base64, one a line) to FILE and print
+    /// their public keys on stdout, in the same order.
+    Keygen {
+        #[arg(long, value_name = "N")]
+        count: usize,
+        /// Private key file to create (mode 0600; must not exist).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// Derive the keys from this seed (the same keys every time) instead of
+        /// the OS random source.
+        #[arg(long, value_name = "N")]
+        seed: Option<u64>,
+    },
+    /// Send initiations to a gateway and count its replies.
+    Run(RunArgs),
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// The gateway's UDP endpoint, IP:PORT.
+    #[arg(long, value_name = "IP:PORT")]
+    endpoint: SocketAddr,
+    /// The gateway's public key (base64).
+    #[arg(long, value_name = "KEY")]
+    gateway_key: String,
+    /// Initiator private keys, base64, one a line (see `keygen`).
+    #[arg(long, value_name = "FILE")]
+    keys: PathBuf,
+    /// Preshared key (base64) used by every initiator.
+    #[arg(long, value_name = "KEY")]
+    psk: Option<String>,
+    /// Offered initiations per second, round-robin over the keys.
+    #[arg(long, value_name = "N", default_value_t = 3000.0)]
+    rate: f64,
+    /// Seconds of sending.
+    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+    time: f64,
+    /// At most this many initiations (default: rate x time).
+    #[arg(long, value_name = "N")]
+    count: Option<u64>,
+    /// Seconds to wait for replies after the last initiation.
+    #[arg(long, value_name = "SECS", default_value_t = 1.0)]
+    drain: f64,
+    /// UDP sockets (source ports); key i uses socket i mod N. Default: one per
+    /// key, like real sites (boringtun-cli connects one socket per peer
+    /// endpoint, so keys sharing a source port confuse it).
+    #[arg(long, value_name = "N")]
+    sockets: Option<usize>,
+    /// Local address to bind the sockets to.
+    #[arg(long, value_name = "IP", default_value_t = IpAddr::V4(Ipv4Addr::UNSPECIFIED))]
+    bind: IpAddr,
+    /// Do not send the keepalive that confirms a session after a response.
+    #[arg(long)]
+    no_confirm: bool,
+    /// One JSON object on stdout instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    // `cargo bench` runs every bench target with `--bench` (and maybe a filter):
+    // only an explicit subcommand or help request starts the generator.
+    let wanted = matches!(
+        args.get(1).map(String::as_str),
+        Some("run" | "keygen" | "help" | "-h" | "--help")
+    );
+    if !wanted {
+        println!("{NOTE}");
+        return ExitCode::SUCCESS;
+    }
+    let cli = match Cli::try_parse_from(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let result = match cli.command {
+        Command::Keygen { count, out, seed } => keygen(count, &out, seed),
+        Command::Run(a) => run(&a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("handshake_load: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn keygen(count: usize, out: &PathBuf, seed: Option<u64>) -> Result<()> {
+    if count == 0 || count > MAX_KEYS {
+        bail!("--count {count} is not from 1 to {MAX_KEYS}");
+    }
+    let mut rng: Box<dyn RngCore> = match seed {
+        Some(s) => Box::new(rand::rngs::StdRng::seed_from_u64(s)),
+        None => Box::new(rand::rngs::OsRng),
+    };
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(out)
+        .with_context(|| format!("cannot create {}", out.display()))?;
+    let mut private = String::with_capacity(count * 45);
+    let mut public = String::with_capacity(count * 45);
+    for _ in 0..count {
+        let mut bytes = [0u8; 32];
+        rng.fill_bytes(&mut bytes);
+        let secret = StaticSecret::from(bytes);
+        private.push_str(&B64.encode(secret.to_bytes()));
+        private.push('\n');
+        public.push_str(&B64.encode(PublicKey::from(&secret).as_bytes()));
+        public.push('\n');
+    }
+    file.write_all(private.as_bytes())
+        .with_context(|| format!("cannot write {}", out.display()))?;
+    std::io::stdout()
+        .lock()
+        .write_all(public.as_bytes())
+        .context("cannot write public keys to stdout")
+}
+
+fn key32(text: &str, what: &str) -> Result<[u8; 32]> {
+    let bytes = B64
+        .decode(text.trim())
+        .ok()
+        .filter(|b| b.len() == 32)
+        .with_context(|| format!("{what} is not a 32-byte base64 key"))?;
+    let mut k = [0u8; 32];
+    k.copy_from_slice(&bytes);
+    Ok(k)
+}
+
+fn read_keys(path: &PathBuf) -> Result<Vec<StaticSecret>> {
+    let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut keys = Vec::new();
+    for (n, line) in BufReader::new(file).lines().enumerate() {
+        let line = line.with_context(|| format!("cannot read {}", path.display()))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let what = format!("line {} of {}", n + 1, path.display());
+        keys.push(StaticSecret::from(key32(&line, &what)?));
+    }
+    if keys.is_empty() || keys.len() > MAX_KEYS {
+        bail!(
+            "{} holds {} keys; 1 to {MAX_KEYS} needed",
+            path.display(),
+            keys.len()
+        );
+    }
+    Ok(keys)
+}
+
+/// One initiator: its tunnel and the sender indices (with send times) of its
+/// last two initiations, which is what boringtun accepts a response for.
+struct Initiator {
+    tunn: Tunn,
+    in_flight: [(u32, Option<Instant>); 2],
+}
+
+#[derive(Default)]
+struct Counters {
+    sent: AtomicU64,
+    with_mac2: AtomicU64,
+    send_errors: AtomicU64,
+    responses: AtomicU64,
+    responses_accepted: AtomicU64,
+    cookies: AtomicU64,
+    cookies_accepted: AtomicU64,
+    keepalives_sent: AtomicU64,
+    data: AtomicU64,
+    other: AtomicU64,
+    recv_errors: AtomicU64,
+}
+
+fn add(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+struct Shared {
+    initiators: Vec<Mutex<Initiator>>,
+    counters: Counters,
+    /// Reply latency (µs) of accepted responses, kept by the receiver thread.
+    latency_us: Mutex<Vec<u32>>,
+    confirm: bool,
+}
+
+impl Shared {
+    /// Handles one datagram from the gateway; returns a datagram to send back.
+    fn handle<'a>(&self, datagram: &[u8], from: IpAddr, out: &'a mut [u8]) -> Option<&'a [u8]> {
+        let c = &self.counters;
+        let (kind, idx_at) = match datagram {
+            [MSG_RESPONSE, 0, 0, 0, ..] if datagram.len() == RESPONSE_LEN => (MSG_RESPONSE, 8),
+            [MSG_COOKIE, 0, 0, 0, ..] if datagram.len() == COOKIE_LEN => (MSG_COOKIE, 4),
+            [MSG_DATA, 0, 0, 0, ..] => {
+                add(&c.data);
+                return None;
+            }
+            _ => {
+                add(&c.other);
+                return None;
+            }
+        };
+        add(if kind == MSG_RESPONSE {
+            &c.responses
+        } else {
+            &c.cookies
+        });
+        let mut idx = [0u8; 4];
+        idx.copy_from_slice(&datagram[idx_at..idx_at + 4]);
+        let receiver_idx = u32::from_le_bytes(idx);
+        let initiator = self.initiators.get((receiver_idx >> 8) as usize)?;
+        let mut ini = initiator.lock().expect("initiator lock poisoned");
+        let sent_at = ini
+            .in_flight
+            .iter()
+            .find(|(i, _)| *i == receiver_idx)
+            .and_then(|(_, t)| *t);
+        match ini.tunn.decapsulate(Some(from), datagram, out) {
+            TunnResult::WriteToNetwork(keepalive) if kind == MSG_RESPONSE => {
+                add(&c.responses_accepted);
+                if let Some(t) = sent_at {
+                    let us = u32::try_from(t.elapsed().as_micros()).unwrap_or(u32::MAX);
+                    self.latency_us.lock().expect("latency lock").push(us);
+                }
+                self.confirm.then_some(&*keepalive)
+            }
+            TunnResult::Done if kind == MSG_COOKIE => {
+                add(&c.cookies_accepted);
+                None
+            }
+            // Stale (a newer initiation replaced the one answered) or bad.
+            _ => None,
+        }
+    }
+}
+
+/// Process CPU time (user + system, all threads).
+fn cpu_time() -> Duration {
+    // SAFETY: getrusage only writes the struct it is given.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: RUSAGE_SELF with a valid pointer to a rusage.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
+        return Duration::ZERO;
+    }
+    let tv = |t: libc::timeval| {
+        Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
+    };
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+fn run(a: &RunArgs) -> Result<()> {
+    if !(a.rate > 0.0 && a.rate <= 1e6) {
+        bail!("--rate {} is not from 1 to 1000000", a.rate);
+    }
+    if !(a.time > 0.0 && a.time <= 3600.0) {
+        bail!("--time {} is not from 0 to 3600 seconds", a.time);
+    }
+    if !(0.0..=60.0).contains(&a.drain) {
+        bail!("--drain {} is not from 0 to 60 seconds", a.drain);
+    }
+    let gateway = PublicKey::from(key32(&a.gateway_key, "--gateway-key")?);
+    let psk = a.psk.as_deref().map(|p| key32(p, "--psk")).transpose()?;
+    let keys = read_keys(&a.keys)?;
+    let nkeys = keys.len();
+    let nsockets = a.sockets.unwrap_or(nkeys);
+    if nsockets == 0 || nsockets > nkeys {
+        bail!("--sockets {nsockets} is not from 1 to the number of keys ({nkeys})");
+    }
+    let count = a.count.unwrap_or((a.rate * a.time).round() as u64);
+
+    let initiators = keys
+        .into_iter()
+        .enumerate()
+        .map(|(i, secret)| {
+            let public = PublicKey::from(&secret);
+            // An unlimited limiter of its own: boringtun's default (10 a second,
+            // reset only by update_timers, which is never called here) would
+            // soon demand mac2 on the gateway's responses.
+            let limiter = Arc::new(RateLimiter::new(&public, u64::MAX));
+            let index = u32::try_from(i).expect("fewer than 2^24 keys");
+            let tunn = Tunn::new(secret, gateway, psk, None, index, Some(limiter));
+            Mutex::new(Initiator {
+                tunn,
+                in_flight: [(0, None); 2],
+            })
+        })
+        .collect();
+    let shared = Arc::new(Shared {
+        initiators,
+        counters: Counters::default(),
+        latency_us: Mutex::new(Vec::with_capacity(count.min(10_000_000) as usize)),
+        confirm: !a.no_confirm,
+    });
+
+    let mut send_socks = Vec::with_capacity(nsockets);
+    let mut recv_socks = Vec::with_capacity(nsockets);
+    for _ in 0..nsockets {
+        let s = UdpSocket::bind(SocketAddr::new(a.bind, 0)).with_context(|| {
+            format!(
+                "cannot bind UDP socket {} of {nsockets} on {} (raise `ulimit -n`?)",
+                send_socks.len() + 1,
+                a.bind
+            )
+        })?;
+        s.connect(a.endpoint)
+            .with_context(|| format!("cannot connect a UDP socket to {}", a.endpoint))?;
+        s.set_nonblocking(true).context("cannot set O_NONBLOCK")?;
+        recv_socks.push(s.try_clone().context("cannot duplicate a UDP socket")?);
+        send_socks.push(s);
+    }
+
+    // Receiver: a current-thread tokio runtime, one task per socket.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let rx_shared = Arc::clone(&shared);
+    let endpoint_ip = a.endpoint.ip();
+    let receiver = std::thread::Builder::new()
+        .name("receiver".into())
+        .spawn(move || -> Result<()> {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_io()
+                .build()
+                .context("cannot start the receiver runtime")?;
+            rt.block_on(async move {
+                let mut tasks = Vec::with_capacity(recv_socks.len());
+                for s in recv_socks {
+                    let sock = tokio::net::UdpSocket::from_std(s)
+                        .context("cannot register a socket with the receiver")?;
+                    let shared = Arc::clone(&rx_shared);
+                    let mut stop = stop_rx.clone();
+                    tasks.push(tokio::spawn(async move {
+                        let mut buf = [0u8; 2048];
+                        let mut out = [0u8; 2048];
+                        loop {
+                            tokio::select! {
+                                r = sock.recv(&mut buf) => match r {
+                                    Ok(n) => {
+                                        let reply = shared.handle(&buf[..n], endpoint_ip, &mut out);
+                                        if let Some(reply) = reply {
+                                            match sock.try_send(reply) {
+                                                Ok(_) => add(&shared.counters.keepalives_sent),
+                                                Err(_) => add(&shared.counters.send_errors),
+                                            }
+                                        }
+                                    }
+                                    // ICMP port unreachable before the gateway listens, etc.
+                                    Err(_) => add(&shared.counters.recv_errors),
+                                },
+                                _ = stop.changed() => break,
+                            }
+                        }
+                    }));
+                }
+                for t in tasks {
+                    t.await.context("a receiver task panicked")?;
+                }
+                Ok(())
+            })
+        })
+        .context("cannot start the receiver thread")?;
+
+    let cpu0 = cpu_time();
+    let interval = Duration::from_secs_f64(1.0 / a.rate);
+    let window = Duration::from_secs_f64(a.time);
+    let c = &shared.counters;
+    let mut buf = [0u8; 256];
+    let mut lag_resets = 0u64;
+    let start = Instant::now();
+    let mut next = start;
+    let mut n: u64 = 0;
+    while n < count {
+        let now = Instant::now();
+        if now >= start + window {
+            break;
+        }
+        if next > now {
+            std::thread::sleep(next - now);
+        } else if now - next > MAX_LAG {
+            lag_resets += 1;
+            next = now;
+        }
+        let k = (n % nkeys as u64) as usize;
+        let len = {
+            let mut ini = shared.initiators[k].lock().expect("initiator lock poisoned");
+            match ini.tunn.format_handshake_initiation(&mut buf, true) {
+                TunnResult::WriteToNetwork(p) => {
+                    let len = p.len();
+                    let mut idx = [0u8; 4];
+                    idx.copy_from_slice(&p[4..8]);
+                    ini.in_flight[1] = ini.in_flight[0];
+                    ini.in_flight[0] = (u32::from_le_bytes(idx), Some(Instant::now()));
+                    if p[len - 16..].iter().any(|&b| b != 0) {
+                        add(&c.with_mac2);
+                    }
+                    len
+                }
+                _ => 0,
+            }
+        };
+        if len == 0 || send_socks[k % nsockets].send(&buf[..len]).is_err() {
+            add(&c.send_errors);
+        } else {
+            add(&c.sent);
+        }
+        n += 1;
+        next += interval;
+    }
+    let elapsed = start.elapsed();
+    std::thread::sleep(Duration::from_secs_f64(a.drain));
+    let _ = stop_tx.send(true);
+    receiver
+        .join()
+        .map_err(|_| anyhow::anyhow!("the receiver thread panicked"))??;
+    let cpu = cpu_time().saturating_sub(cpu0);
+
+    report(a, &shared, nkeys, nsockets, elapsed, cpu, lag_resets)
+}
+
+fn percentile(sorted: &[u32], p: f64) -> Option<f64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    Some(f64::from(sorted[i]) / 1000.0)
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+fn report(
+    a: &RunArgs,
+    shared: &Shared,
+    nkeys: usize,
+    nsockets: usize,
+    elapsed: Duration,
+    cpu: Duration,
+    lag_resets: u64,
+) -> Result<()> {
+    let c = &shared.counters;
+    let get = |x: &AtomicU64| x.load(Ordering::Relaxed);
+    let secs = elapsed.as_secs_f64();
+    let sent = get(&c.sent);
+    let responses = get(&c.responses);
+    let cookies = get(&c.cookies);
+    let mut lat = std::mem::take(&mut *shared.latency_us.lock().expect("latency lock"));
+    lat.sort_unstable();
+    let per_s = |x: u64| round2(x as f64 / secs);
+    let cpu_s = cpu.as_secs_f64();
+    let out = serde_json::json!({
+        "keys": nkeys,
+        "sockets": nsockets,
+        "endpoint": a.endpoint.to_string(),
+        "target_rate": a.rate,
+        "seconds": round2(secs),
+        "initiations": sent,
+        "initiations_with_mac2": get(&c.with_mac2),
+        "offered_per_s": per_s(sent),
+        "responses": responses,
+        "responses_accepted": get(&c.responses_accepted),
+        "answered_per_s": per_s(responses),
+        "cookie_replies": cookies,
+        "cookie_replies_accepted": get(&c.cookies_accepted),
+        "cookie_replies_per_s": per_s(cookies),
+        "unanswered": sent.saturating_sub(responses + cookies),
+        "keepalives_sent": get(&c.keepalives_sent),
+        "data_received": get(&c.data),
+        "other_received": get(&c.other),
+        "send_errors": get(&c.send_errors),
+        "recv_errors": get(&c.recv_errors),
+        "lag_resets": lag_resets,
+        "latency_ms": {
+            "p50": percentile(&lat, 0.5),
+            "p90": percentile(&lat, 0.9),
+            "p99": percentile(&lat, 0.99),
+            "max": lat.last().map(|&m| f64::from(m) / 1000.0),
+        },
+        "drain_s": a.drain,
+        "generator_cpu_s": round2(cpu_s),
+        "generator_cpu_us_per_initiation":
+            if sent > 0 { Some(round2(cpu_s * 1e6 / sent as f64)) } else { None },
+    });
+    if a.json {
+        println!("{out}");
+        return Ok(());
+    }
+    let ms = |p: f64| percentile(&lat, p).map_or("-".to_string(), |v| format!("{v:.2}"));
+    println!(
+        "{nkeys} keys, {nsockets} sockets -> {}: {sent} initiations in {secs:.2} s \
+         (target {}/s, {} with mac2, {lag_resets} lag resets)",
+        a.endpoint,
+        a.rate,
+        get(&c.with_mac2)
+    );
+    println!(
+        "offered {:.1}/s  answered {:.1}/s ({} accepted)  cookie replies {:.1}/s  unanswered {}",
+        per_s(sent),
+        per_s(responses),
+        get(&c.responses_accepted),
+        per_s(cookies),
+        sent.saturating_sub(responses + cookies)
+    );
+    println!(
+        "reply latency ms: p50 {}  p90 {}  p99 {}",
+        ms(0.5),
+        ms(0.9),
+        ms(0.99)
+    );
+    println!(
+        "generator CPU {cpu_s:.2} s ({:.0}% of one core, {:.1} us per initiation incl. responses)",
+        100.0 * cpu_s / secs,
+        if sent > 0 {
+            cpu_s * 1e6 / sent as f64
+        } else {
+            0.0
+        }
+    );
+    Ok(())
+}

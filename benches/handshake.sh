@@ -15,10 +15,11 @@
 # CPU is reported. Absolute figures drift between days: compare inside one run.
 #
 # Usage: sudo benches/handshake.sh [--json] [--time SECS] [--rate N] [--keys N]
-#          [--rounds N] [--bin PATH] [--gen PATH] [--only NAME[,NAME]]
+#          [--rounds N] [--bin PATH] [--gen PATH] [--only NAME[,NAME]] [--wait-quiet SECS]
 #   --time 10 --rate 3000 --keys 1000 --rounds 2 by default; --bin: the sitegate
 #   binary (default: built from this checkout); --gen: the generator binary
-#   (default: built with `cargo bench --no-run`).
+#   (default: built with `cargo bench --no-run`); --wait-quiet: before each run,
+#   wait up to SECS for the machine to be idle (shared machines; `bg` column).
 set -euo pipefail
 
 secs=10
@@ -26,6 +27,8 @@ rate=3000
 nkeys=1000
 rounds=2
 drain=1
+idle=2
+quiet=0
 json=0
 bin=""
 gen=""
@@ -40,11 +43,13 @@ while [ $# -gt 0 ]; do
     --bin) bin="$2"; shift ;;
     --gen) gen="$2"; shift ;;
     --only) only="$2"; shift ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    --wait-quiet) quiet="$2"; shift ;;
+    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
     *) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
 done
+case "$quiet" in ''|*[!0-9]*) echo "--wait-quiet takes a number of seconds" >&2; exit 2 ;; esac
 for v in "$secs" "$rate" "$nkeys" "$rounds"; do
   case "$v" in ''|*[!0-9]*|0) echo "--time/--rate/--keys/--rounds take positive integers" >&2; exit 2 ;; esac
 done
@@ -190,12 +195,27 @@ start_sitegate() {
 }
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# Busy ticks of all CPUs: user nice system irq softirq steal.
+machine_ticks() { awk '/^cpu /{print $2 + $3 + $4 + $7 + $8 + $9; exit}' /proc/stat; }
+
+# Waits (at most $quiet seconds) until the machine's other load is under 10% of
+# one core over a second.
+wait_quiet() {
+  local a b waited=0
+  while [ "$waited" -lt "$quiet" ]; do
+    a=$(machine_ticks); sleep 1; b=$(machine_ticks)
+    [ $(( (b - a) * 100 / $(getconf CLK_TCK) )) -lt 10 ] && return 0
+    waited=$((waited + 1))
+  done
+  [ "$quiet" = 0 ] || log "machine still busy after ${quiet} s; running anyway (see the bg column)"
+}
 
 results="$work/results.jsonl"
 : >"$results"
 
 bench_one() {
   local name=$1 round=$2
+  wait_quiet
   log "round $round, gateway: $name"
   case "$name" in
     sitegate) start_sitegate ;;
@@ -207,8 +227,13 @@ bench_one() {
     stop_gateway; return
   fi
   sleep 0.5   # let it settle (peer table loaded, threads up)
-  local t0 t1 rc=0
-  t0=$(cpu_ticks "$gwpid")
+  local i0 i1 b0 b1 t0 t1 m0 m1 w0 w1 rc=0
+  # Idle baseline: what the gateway burns with $nkeys peers and no traffic, and
+  # what the rest of the machine burns (another build, say: then say so).
+  b0=$(machine_ticks); i0=$(cpu_ticks "$gwpid")
+  sleep "$idle"
+  i1=$(cpu_ticks "$gwpid"); b1=$(machine_ticks)
+  w0=$(date +%s.%N); m0=$(machine_ticks); t0=$(cpu_ticks "$gwpid")
   ip netns exec "$LD" "$gen" run --endpoint "$GW_IP:$PORT" --gateway-key "$gwpub" \
     --keys "$work/keys.txt" --rate "$rate" --time "$secs" --drain "$drain" --json \
     >"$work/run.json" 2>"$work/gen.err" || rc=1
@@ -217,14 +242,16 @@ bench_one() {
     echo "{\"gateway\":\"$name\",\"round\":$round,\"error\":\"exited during the run\"}" >>"$results"
     gwpid=""; stop_gateway; return
   fi
-  t1=$(cpu_ticks "$gwpid")
+  t1=$(cpu_ticks "$gwpid"); m1=$(machine_ticks); w1=$(date +%s.%N)
   if [ "$rc" = 0 ]; then
-    python3 - "$name" "$round" "$((t1 - t0))" "$(getconf CLK_TCK)" "$work/run.json" >>"$results" <<'PY'
+    python3 - "$name" "$round" "$((t1 - t0))" "$(getconf CLK_TCK)" "$work/run.json" \
+      "$((i1 - i0))" "$idle" "$((b1 - b0))" "$((m1 - m0))" "$w0" "$w1" >>"$results" <<'PY'
 import json, sys
 name, rnd, ticks, hz, path = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+idle_ticks, idle_s, bg_ticks, busy_ticks = int(sys.argv[6]), float(sys.argv[7]), int(sys.argv[8]), int(sys.argv[9])
+window = float(sys.argv[11]) - float(sys.argv[10])
 g = json.load(open(path))
 cpu = ticks / hz
-window = g["seconds"] + g["drain_s"]
 row = {"gateway": name, "round": rnd}
 row.update({k: g[k] for k in ("offered_per_s", "answered_per_s", "cookie_replies_per_s",
                               "initiations", "initiations_with_mac2", "responses",
@@ -233,8 +260,13 @@ row.update({k: g[k] for k in ("offered_per_s", "answered_per_s", "cookie_replies
                               "generator_cpu_us_per_initiation", "send_errors", "lag_resets")})
 row["gateway_cpu_s"] = round(cpu, 2)
 row["gateway_cpu_percent"] = round(100 * cpu / window, 1)
+row["gateway_idle_cpu_percent"] = round(100 * idle_ticks / hz / idle_s, 1)
 row["gateway_cpu_us_per_handshake"] = round(cpu * 1e6 / g["responses"], 1) if g["responses"] else None
 row["generator_cpu_percent"] = round(100 * g["generator_cpu_s"] / window, 1)
+# All CPUs, % of one core: before the run with the gateway idle (other load),
+# and during it minus gateway and generator (kernel network work, other load).
+row["machine_idle_busy_percent"] = round(100 * (bg_ticks - idle_ticks) / hz / idle_s, 1)
+row["machine_other_percent"] = round(100 * (busy_ticks / hz - cpu - g["generator_cpu_s"]) / window, 1)
 print(json.dumps(row))
 PY
   else
@@ -256,7 +288,7 @@ import json, sys
 as_json, secs, rate, nkeys, path = sys.argv[1] == "1", sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
 rows = [json.loads(l) for l in open(path) if l.strip()]
 keys = ("offered_per_s", "answered_per_s", "cookie_replies_per_s", "gateway_cpu_us_per_handshake",
-        "gateway_cpu_percent", "generator_cpu_percent")
+        "gateway_cpu_percent", "gateway_idle_cpu_percent", "generator_cpu_percent")
 summary = {}
 for r in rows:
     if "error" in r:
@@ -279,7 +311,7 @@ if as_json:
     print(json.dumps({"test": test, "results": rows, "mean": summary, "ratios": ratios}, indent=2))
     sys.exit(0)
 print(test)
-hdr = f"{'gateway':<15} {'round':>5} {'offered/s':>10} {'answered/s':>10} {'cookies/s':>10} {'p99 ms':>8} {'gw CPU us/hs':>12} {'gw CPU':>7} {'gen CPU':>8}"
+hdr = f"{'gateway':<15} {'round':>5} {'offered/s':>10} {'answered/s':>10} {'cookies/s':>10} {'p99 ms':>8} {'gw CPU us/hs':>12} {'gw CPU':>7} {'gw idle':>8} {'gen CPU':>8} {'other':>6} {'bg':>5}"
 print(hdr)
 for r in rows:
     if "error" in r:
@@ -288,11 +320,16 @@ for r in rows:
     p99 = r["latency_ms"]["p99"]
     print(f"{r['gateway']:<15} {r['round']:>5} {r['offered_per_s']:>10.1f} {r['answered_per_s']:>10.1f}"
           f" {r['cookie_replies_per_s']:>10.1f} {('-' if p99 is None else f'{p99:.2f}'):>8}"
-          f" {str(r['gateway_cpu_us_per_handshake']):>12} {r['gateway_cpu_percent']:>6}% {r['generator_cpu_percent']:>7}%")
+          f" {str(r['gateway_cpu_us_per_handshake']):>12} {r['gateway_cpu_percent']:>6}% {r['gateway_idle_cpu_percent']:>7}% {r['generator_cpu_percent']:>7}%"
+          f" {r['machine_other_percent']:>5}% {r['machine_idle_busy_percent']:>4}%")
 for g, s in summary.items():
     print(f"{g:<15} {'mean':>5} {s['offered_per_s']:>10.1f} {s['answered_per_s']:>10.1f}"
-          f" {s['cookie_replies_per_s']:>10.1f} {'':>8} {s['gateway_cpu_us_per_handshake']:>12} {s['gateway_cpu_percent']:>6}% {s['generator_cpu_percent']:>7}%")
+          f" {s['cookie_replies_per_s']:>10.1f} {'':>8} {s['gateway_cpu_us_per_handshake']:>12} {s['gateway_cpu_percent']:>6}% {s['gateway_idle_cpu_percent']:>7}% {s['generator_cpu_percent']:>7}%")
 for k, v in ratios.items():
     print(f"{k}: {v}")
-print("gw CPU: gateway utime+stime over the run (sending + drain) as % of one core; us/hs: per answered handshake")
+print("gw CPU: gateway utime+stime over the run (sending + drain) as % of one core; us/hs: that CPU per answered")
+print("handshake (idle CPU not subtracted); gw idle: the same gateway with no traffic, measured just before;")
+print("gen CPU: the load generator's own CPU (X25519 for each initiation and response); other: the rest of the")
+print("machine's busy CPU during the run (kernel network work, other processes); bg: the machine's busy CPU just")
+print("before, gateway idle, no generator: above a few % another job shares the CPUs and the figures are unreliable")
 PY

@@ -463,7 +463,9 @@ fn run(a: &RunArgs) -> Result<()> {
         }
         let k = (n % nkeys as u64) as usize;
         let len = {
-            let mut ini = shared.initiators[k].lock().expect("initiator lock poisoned");
+            let mut ini = shared.initiators[k]
+                .lock()
+                .expect("initiator lock poisoned");
             match ini.tunn.format_handshake_initiation(&mut buf, true) {
                 TunnResult::WriteToNetwork(p) => {
                     let len = p.len();

@@ -27,6 +27,7 @@ rate=3000
 nkeys=1000
 rounds=2
 drain=1
+warmup=2
 idle=2
 quiet=0
 json=0
@@ -235,7 +236,8 @@ bench_one() {
   i1=$(cpu_ticks "$gwpid"); b1=$(machine_ticks)
   w0=$(date +%s.%N); m0=$(machine_ticks); t0=$(cpu_ticks "$gwpid")
   ip netns exec "$LD" "$gen" run --endpoint "$GW_IP:$PORT" --gateway-key "$gwpub" \
-    --keys "$work/keys.txt" --rate "$rate" --time "$secs" --drain "$drain" --json \
+    --keys "$work/keys.txt" --rate "$rate" --time "$secs" --warmup "$warmup" --drain "$drain" \
+    --gateway-pid "$gwpid" --json \
     >"$work/run.json" 2>"$work/gen.err" || rc=1
   if ! kill -0 "$gwpid" 2>/dev/null; then
     log "$name exited during the run: $(tail -n 3 "$work/gw.log")"
@@ -249,24 +251,30 @@ bench_one() {
 import json, sys
 name, rnd, ticks, hz, path = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 idle_ticks, idle_s, bg_ticks, busy_ticks = int(sys.argv[6]), float(sys.argv[7]), int(sys.argv[8]), int(sys.argv[9])
-window = float(sys.argv[11]) - float(sys.argv[10])
+whole = float(sys.argv[11]) - float(sys.argv[10])
 g = json.load(open(path))
-cpu = ticks / hz
+gw = g["gateway"]
 row = {"gateway": name, "round": rnd}
 row.update({k: g[k] for k in ("offered_per_s", "answered_per_s", "cookie_replies_per_s",
                               "initiations", "initiations_with_mac2", "responses",
                               "responses_accepted", "cookie_replies", "unanswered",
-                              "seconds", "latency_ms", "generator_cpu_s",
-                              "generator_cpu_us_per_initiation", "send_errors", "lag_resets")})
-row["gateway_cpu_s"] = round(cpu, 2)
-row["gateway_cpu_percent"] = round(100 * cpu / window, 1)
+                              "seconds", "warmup_s", "drain_s", "latency_ms", "generator_cpu_s",
+                              "generator_cpu_percent", "generator_cpu_us_per_initiation",
+                              "send_errors", "lag_resets")})
+# Measured window (after the warm-up, drain included), read by the generator
+# from /proc/PID/task/*/stat; the whole run (warm-up too) read here as a check.
+row["gateway_cpu_s"] = gw["cpu_s"]
+row["gateway_cpu_percent"] = round(gw["cpu_percent"], 1)
+row["gateway_cpu_us_per_handshake"] = gw["cpu_us_per_answered"]
+row["gateway_threads_cpu_s"] = gw["threads_cpu_s"]
+row["gateway_cpu_s_whole_run"] = round(ticks / hz, 2)
 row["gateway_idle_cpu_percent"] = round(100 * idle_ticks / hz / idle_s, 1)
-row["gateway_cpu_us_per_handshake"] = round(cpu * 1e6 / g["responses"], 1) if g["responses"] else None
-row["generator_cpu_percent"] = round(100 * g["generator_cpu_s"] / window, 1)
 # All CPUs, % of one core: before the run with the gateway idle (other load),
-# and during it minus gateway and generator (kernel network work, other load).
+# and during the whole run minus gateway and generator (kernel network work,
+# other load).
 row["machine_idle_busy_percent"] = round(100 * (bg_ticks - idle_ticks) / hz / idle_s, 1)
-row["machine_other_percent"] = round(100 * (busy_ticks / hz - cpu - g["generator_cpu_s"]) / window, 1)
+row["machine_other_percent"] = round(
+    100 * ((busy_ticks - ticks) / hz - g["generator_cpu_s_whole_run"]) / whole, 1)
 print(json.dumps(row))
 PY
   else
@@ -283,12 +291,18 @@ for r in $(seq "$rounds"); do
   for g in $gateways; do bench_one "$g" "$r"; done
 done
 
-python3 - "$json" "$secs" "$rate" "$nkeys" "$results" <<'PY'
+python3 - "$json" "$secs" "$rate" "$nkeys" "$results" "$warmup" <<'PY'
 import json, sys
-as_json, secs, rate, nkeys, path = sys.argv[1] == "1", sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
+as_json, secs, rate, nkeys, path, warmup = sys.argv[1] == "1", *sys.argv[2:7]
 rows = [json.loads(l) for l in open(path) if l.strip()]
-keys = ("offered_per_s", "answered_per_s", "cookie_replies_per_s", "gateway_cpu_us_per_handshake",
-        "gateway_cpu_percent", "gateway_idle_cpu_percent", "generator_cpu_percent")
+for r in rows:
+    if "error" not in r:
+        r["latency_p50_ms"] = r["latency_ms"]["p50"]
+        r["latency_p99_ms"] = r["latency_ms"]["p99"]
+keys = ("offered_per_s", "answered_per_s", "cookie_replies_per_s", "latency_p50_ms",
+        "latency_p99_ms", "gateway_cpu_us_per_handshake", "gateway_cpu_percent",
+        "gateway_idle_cpu_percent", "generator_cpu_percent", "machine_other_percent",
+        "machine_idle_busy_percent")
 summary = {}
 for r in rows:
     if "error" in r:
@@ -299,37 +313,46 @@ for r in rows:
         s[k] += r[k] or 0
 for s in summary.values():
     for k in keys:
-        s[k] = round(s[k] / s["rounds"], 1)
+        s[k] = round(s[k] / s["rounds"], 2 if k.startswith("latency") else 1)
 ratios = {}
 if "sitegate" in summary and "boringtun-cli" in summary:
     a, b = summary["sitegate"], summary["boringtun-cli"]
     ratios = {f"sitegate/boringtun-cli {k}": round(a[k] / b[k], 2)
-              for k in ("answered_per_s", "cookie_replies_per_s", "gateway_cpu_us_per_handshake")
+              for k in ("answered_per_s", "cookie_replies_per_s", "latency_p50_ms",
+                        "gateway_cpu_us_per_handshake")
               if b[k]}
-test = f"{nkeys} initiator keys, {rate} initiations/s offered for {secs} s, round-robin"
+test = (f"{nkeys} initiator keys, {rate} initiations/s offered for {secs} s after a {warmup} s"
+        " warm-up, round-robin, one UDP source port per key")
 if as_json:
     print(json.dumps({"test": test, "results": rows, "mean": summary, "ratios": ratios}, indent=2))
     sys.exit(0)
+def pct(x):
+    return f"{x}%"
+def line(name, rnd, r):
+    return (f"{name:<14} {rnd:>5} {r['offered_per_s']:>9.1f} {r['answered_per_s']:>10.1f}"
+            f" {r['cookie_replies_per_s']:>9.1f} {'-' if r['latency_p50_ms'] is None else r['latency_p50_ms']:>8}"
+            f" {'-' if r['latency_p99_ms'] is None else r['latency_p99_ms']:>8}"
+            f" {str(r['gateway_cpu_us_per_handshake']):>9} {pct(r['gateway_cpu_percent']):>7}"
+            f" {pct(r['gateway_idle_cpu_percent']):>7} {pct(r['generator_cpu_percent']):>7}"
+            f" {pct(r['machine_other_percent']):>6} {pct(r['machine_idle_busy_percent']):>6}")
 print(test)
-hdr = f"{'gateway':<15} {'round':>5} {'offered/s':>10} {'answered/s':>10} {'cookies/s':>10} {'p99 ms':>8} {'gw CPU us/hs':>12} {'gw CPU':>7} {'gw idle':>8} {'gen CPU':>8} {'other':>6} {'bg':>5}"
-print(hdr)
+print(f"{'gateway':<14} {'round':>5} {'offered/s':>9} {'answered/s':>10} {'cookies/s':>9} {'p50 ms':>8}"
+      f" {'p99 ms':>8} {'us/hs':>9} {'gw CPU':>7} {'gw idle':>7} {'gen CPU':>7} {'other':>6} {'bg':>6}")
 for r in rows:
     if "error" in r:
-        print(f"{r['gateway']:<15} {r['round']:>5}  ({r['error']})")
+        print(f"{r['gateway']:<14} {r['round']:>5}  ({r['error']})")
         continue
-    p99 = r["latency_ms"]["p99"]
-    print(f"{r['gateway']:<15} {r['round']:>5} {r['offered_per_s']:>10.1f} {r['answered_per_s']:>10.1f}"
-          f" {r['cookie_replies_per_s']:>10.1f} {('-' if p99 is None else f'{p99:.2f}'):>8}"
-          f" {str(r['gateway_cpu_us_per_handshake']):>12} {r['gateway_cpu_percent']:>6}% {r['gateway_idle_cpu_percent']:>7}% {r['generator_cpu_percent']:>7}%"
-          f" {r['machine_other_percent']:>5}% {r['machine_idle_busy_percent']:>4}%")
+    print(line(r["gateway"], r["round"], r))
+    threads = ", ".join(f"{n} {t}" for n, t in list(r["gateway_threads_cpu_s"].items())[:5])
+    print(f"{'':<14} {'':>5}   gateway threads, CPU s: {threads}")
 for g, s in summary.items():
-    print(f"{g:<15} {'mean':>5} {s['offered_per_s']:>10.1f} {s['answered_per_s']:>10.1f}"
-          f" {s['cookie_replies_per_s']:>10.1f} {'':>8} {s['gateway_cpu_us_per_handshake']:>12} {s['gateway_cpu_percent']:>6}% {s['gateway_idle_cpu_percent']:>7}% {s['generator_cpu_percent']:>7}%")
+    print(line(g, "mean", s))
 for k, v in ratios.items():
     print(f"{k}: {v}")
-print("gw CPU: gateway utime+stime over the run (sending + drain) as % of one core; us/hs: that CPU per answered")
-print("handshake (idle CPU not subtracted); gw idle: the same gateway with no traffic, measured just before;")
-print("gen CPU: the load generator's own CPU (X25519 for each initiation and response); other: the rest of the")
-print("machine's busy CPU during the run (kernel network work, other processes); bg: the machine's busy CPU just")
-print("before, gateway idle, no generator: above a few % another job shares the CPUs and the figures are unreliable")
+print("answered: handshake responses; p50/p99: initiation to response, responses the initiator accepted;")
+print("us/hs: gateway utime+stime over the measured window (sending + drain) per answered handshake, idle")
+print("CPU not subtracted; gw CPU: the same as % of one core; gw idle: the gateway with no traffic, just")
+print("before; gen CPU: the generator's own (X25519 for each initiation and response); other: the rest of")
+print("the machine's busy CPU during the run (kernel network work, other jobs); bg: the machine's busy CPU")
+print("just before with no generator: above a few % another job shares the CPUs, figures unreliable.")
 PY

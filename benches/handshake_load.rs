@@ -6,10 +6,13 @@
 //! as answered and goes into its `Tunn`, which then sends the keepalive that
 //! confirms the session (as a real initiator does; `--no-confirm` skips it); a
 //! cookie reply (type 3) goes into its `Tunn` too, so that key's later
-//! initiations carry mac2. It stops by itself after `--time` seconds or
-//! `--count` initiations, waits `--drain` seconds for late replies, and prints
-//! offered/s, answered/s, cookie replies/s, reply latency and its own CPU time
-//! (`--json` for one JSON object).
+//! initiations carry mac2. After `--warmup` seconds (counters restart: the
+//! first pass over the keys draws cookies from a gateway over its rate limit)
+//! it measures for `--time` seconds or `--count` initiations, whichever comes
+//! first, waits `--drain` seconds for late replies, and prints offered/s,
+//! answered/s, cookie replies/s, reply latency, its own CPU time and, with
+//! `--gateway-pid`, the gateway's CPU time over the same window, per thread
+//! name too, from /proc (`--json` for one JSON object).
 //!
 //! The generator is not free: each initiation costs it two X25519 operations (a
 //! fresh ephemeral key and the ephemeral-static DH; nothing can be precomputed),
@@ -21,7 +24,7 @@
 //! ```sh
 //! handshake_load keygen --count 1000 --out keys.txt > keys.pub
 //! handshake_load run --endpoint 172.31.251.1:51820 --gateway-key PUB \
-//!     --keys keys.txt --rate 3000 --time 10 [--json]
+//!     --keys keys.txt --rate 3000 --time 10 --warmup 2 [--gateway-pid PID] [--json]
 //! ```
 //!
 //! With no subcommand (as `cargo bench` runs it) it prints a one-line note and
@@ -113,6 +116,14 @@ struct RunArgs {
     /// At most this many initiations (default: rate x time).
     #[arg(long, value_name = "N")]
     count: Option<u64>,
+    /// Seconds of sending before the measured window: the first pass over the
+    /// keys draws the gateway's cookie replies; counters restart after it.
+    #[arg(long, value_name = "SECS", default_value_t = 0.0)]
+    warmup: f64,
+    /// The gateway's process id: its CPU time (utime+stime, per thread name too)
+    /// is read from /proc over the measured window, drain included.
+    #[arg(long, value_name = "PID")]
+    gateway_pid: Option<u32>,
     /// Seconds to wait for replies after the last initiation.
     #[arg(long, value_name = "SECS", default_value_t = 1.0)]
     drain: f64,
@@ -268,6 +279,27 @@ struct Shared {
 }
 
 impl Shared {
+    /// Restarts the counts (end of the warm-up).
+    fn reset(&self) {
+        let c = &self.counters;
+        for x in [
+            &c.sent,
+            &c.with_mac2,
+            &c.send_errors,
+            &c.responses,
+            &c.responses_accepted,
+            &c.cookies,
+            &c.cookies_accepted,
+            &c.keepalives_sent,
+            &c.data,
+            &c.other,
+            &c.recv_errors,
+        ] {
+            x.store(0, Ordering::Relaxed);
+        }
+        self.latency_us.lock().expect("latency lock").clear();
+    }
+
     /// Handles one datagram from the gateway; returns a datagram to send back.
     fn handle<'a>(&self, datagram: &[u8], from: IpAddr, out: &'a mut [u8]) -> Option<&'a [u8]> {
         let c = &self.counters;
@@ -331,12 +363,98 @@ fn cpu_time() -> Duration {
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
+/// CPU time of another process from /proc: per thread (id, name, ticks).
+struct ProcCpu {
+    threads: Vec<(u32, String, u64)>,
+}
+
+/// A process's CPU time over an interval: total and per thread name.
+struct GatewayCpu {
+    total: Duration,
+    by_thread: Vec<(String, Duration)>,
+}
+
+impl ProcCpu {
+    fn read(pid: u32) -> Result<Self> {
+        let dir = format!("/proc/{pid}/task");
+        let mut threads = Vec::new();
+        for entry in std::fs::read_dir(&dir).with_context(|| format!("cannot read {dir}"))? {
+            let Ok(entry) = entry else { continue };
+            let Some(tid) = entry.file_name().to_str().and_then(|t| t.parse().ok()) else {
+                continue;
+            };
+            // A thread may end between the listing and these reads: skip it.
+            let (Ok(comm), Ok(stat)) = (
+                std::fs::read_to_string(entry.path().join("comm")),
+                std::fs::read_to_string(entry.path().join("stat")),
+            ) else {
+                continue;
+            };
+            // After "pid (comm) ": state is field 0, utime 11, stime 12.
+            let rest = stat.rsplit_once(") ").map_or("", |(_, r)| r);
+            let f: Vec<u64> = rest
+                .split_whitespace()
+                .skip(11)
+                .take(2)
+                .filter_map(|x| x.parse().ok())
+                .collect();
+            threads.push((tid, comm.trim().to_string(), f.iter().sum()));
+        }
+        if threads.is_empty() {
+            bail!("no threads under {dir}: is --gateway-pid {pid} running?");
+        }
+        Ok(Self { threads })
+    }
+
+    fn since(&self, before: &ProcCpu) -> GatewayCpu {
+        // SAFETY: sysconf has no preconditions.
+        let hz = match unsafe { libc::sysconf(libc::_SC_CLK_TCK) } {
+            n if n > 0 => n as f64,
+            _ => 100.0,
+        };
+        let mut by_name: Vec<(String, u64)> = Vec::new();
+        for (tid, name, ticks) in &self.threads {
+            let was = before
+                .threads
+                .iter()
+                .find(|(t, ..)| t == tid)
+                .map_or(0, |(.., x)| *x);
+            let used = ticks.saturating_sub(was);
+            match by_name.iter_mut().find(|(n, _)| n == name) {
+                Some((_, x)) => *x += used,
+                None => by_name.push((name.clone(), used)),
+            }
+        }
+        by_name.sort_by_key(|(_, t)| std::cmp::Reverse(*t));
+        let secs = |t: u64| Duration::from_secs_f64(t as f64 / hz);
+        GatewayCpu {
+            total: secs(by_name.iter().map(|(_, t)| t).sum()),
+            by_thread: by_name.into_iter().map(|(n, t)| (n, secs(t))).collect(),
+        }
+    }
+}
+
+/// What the run measured besides the counters.
+struct Measured {
+    nkeys: usize,
+    nsockets: usize,
+    elapsed: Duration,
+    cpu: Duration,
+    /// Since the process started: set-up and warm-up included.
+    cpu_whole: Duration,
+    lag_resets: u64,
+    gateway: Option<GatewayCpu>,
+}
+
 fn run(a: &RunArgs) -> Result<()> {
     if !(a.rate > 0.0 && a.rate <= 1e6) {
         bail!("--rate {} is not from 1 to 1000000", a.rate);
     }
     if !(a.time > 0.0 && a.time <= 3600.0) {
         bail!("--time {} is not from 0 to 3600 seconds", a.time);
+    }
+    if !(0.0..=600.0).contains(&a.warmup) {
+        bail!("--warmup {} is not from 0 to 600 seconds", a.warmup);
     }
     if !(0.0..=60.0).contains(&a.drain) {
         bail!("--drain {} is not from 0 to 60 seconds", a.drain);
@@ -441,8 +559,8 @@ fn run(a: &RunArgs) -> Result<()> {
         })
         .context("cannot start the receiver thread")?;
 
-    let cpu0 = cpu_time();
     let interval = Duration::from_secs_f64(1.0 / a.rate);
+    let warmup = Duration::from_secs_f64(a.warmup);
     let window = Duration::from_secs_f64(a.time);
     let c = &shared.counters;
     let mut buf = [0u8; 256];
@@ -450,10 +568,22 @@ fn run(a: &RunArgs) -> Result<()> {
     let start = Instant::now();
     let mut next = start;
     let mut n: u64 = 0;
-    while n < count {
+    // The measured window starts after the warm-up (first pass over the keys,
+    // cookies fetched); `None` until then.
+    let mut window_start: Option<(Instant, Duration, Option<ProcCpu>)> = None;
+    loop {
         let now = Instant::now();
-        if now >= start + window {
-            break;
+        match window_start {
+            None if now >= start + warmup => {
+                shared.reset();
+                lag_resets = 0;
+                let gw = a.gateway_pid.map(ProcCpu::read).transpose()?;
+                window_start = Some((now, cpu_time(), gw));
+            }
+            Some((t0, ..)) if now >= t0 + window || c.sent.load(Ordering::Relaxed) >= count => {
+                break
+            }
+            _ => {}
         }
         if next > now {
             std::thread::sleep(next - now);
@@ -489,15 +619,30 @@ fn run(a: &RunArgs) -> Result<()> {
         n += 1;
         next += interval;
     }
-    let elapsed = start.elapsed();
+    let (t0, cpu0, gw0) = window_start.expect("the loop ends only inside the window");
+    let elapsed = t0.elapsed();
     std::thread::sleep(Duration::from_secs_f64(a.drain));
+    let gateway = match (a.gateway_pid, gw0) {
+        (Some(pid), Some(before)) => Some(ProcCpu::read(pid)?.since(&before)),
+        _ => None,
+    };
     let _ = stop_tx.send(true);
     receiver
         .join()
         .map_err(|_| anyhow::anyhow!("the receiver thread panicked"))??;
-    let cpu = cpu_time().saturating_sub(cpu0);
+    let cpu_whole = cpu_time();
+    let cpu = cpu_whole.saturating_sub(cpu0);
 
-    report(a, &shared, nkeys, nsockets, elapsed, cpu, lag_resets)
+    let m = Measured {
+        cpu_whole,
+        nkeys,
+        nsockets,
+        elapsed,
+        cpu,
+        lag_resets,
+        gateway,
+    };
+    report(a, &shared, &m)
 }
 
 fn percentile(sorted: &[u32], p: f64) -> Option<f64> {
@@ -512,31 +657,45 @@ fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
 
-fn report(
-    a: &RunArgs,
-    shared: &Shared,
-    nkeys: usize,
-    nsockets: usize,
-    elapsed: Duration,
-    cpu: Duration,
-    lag_resets: u64,
-) -> Result<()> {
+fn report(a: &RunArgs, shared: &Shared, m: &Measured) -> Result<()> {
     let c = &shared.counters;
     let get = |x: &AtomicU64| x.load(Ordering::Relaxed);
-    let secs = elapsed.as_secs_f64();
+    let secs = m.elapsed.as_secs_f64();
     let sent = get(&c.sent);
     let responses = get(&c.responses);
     let cookies = get(&c.cookies);
     let mut lat = std::mem::take(&mut *shared.latency_us.lock().expect("latency lock"));
     lat.sort_unstable();
     let per_s = |x: u64| round2(x as f64 / secs);
-    let cpu_s = cpu.as_secs_f64();
+    let cpu_s = m.cpu.as_secs_f64();
+    // CPU over the window plus the drain, as a share of one core.
+    let span = secs + a.drain;
+    let gateway = m.gateway.as_ref().map(|g| {
+        let total = g.total.as_secs_f64();
+        let threads: serde_json::Map<String, serde_json::Value> = g
+            .by_thread
+            .iter()
+            .map(|(n, t)| (n.clone(), round2(t.as_secs_f64()).into()))
+            .collect();
+        serde_json::json!({
+            "cpu_s": round2(total),
+            "cpu_percent": round2(100.0 * total / span),
+            "cpu_us_per_answered": if responses > 0 {
+                Some(round2(total * 1e6 / responses as f64))
+            } else {
+                None
+            },
+            "threads_cpu_s": threads,
+        })
+    });
     let out = serde_json::json!({
-        "keys": nkeys,
-        "sockets": nsockets,
+        "keys": m.nkeys,
+        "sockets": m.nsockets,
         "endpoint": a.endpoint.to_string(),
         "target_rate": a.rate,
+        "warmup_s": a.warmup,
         "seconds": round2(secs),
+        "drain_s": a.drain,
         "initiations": sent,
         "initiations_with_mac2": get(&c.with_mac2),
         "offered_per_s": per_s(sent),
@@ -552,17 +711,19 @@ fn report(
         "other_received": get(&c.other),
         "send_errors": get(&c.send_errors),
         "recv_errors": get(&c.recv_errors),
-        "lag_resets": lag_resets,
+        "lag_resets": m.lag_resets,
         "latency_ms": {
             "p50": percentile(&lat, 0.5),
             "p90": percentile(&lat, 0.9),
             "p99": percentile(&lat, 0.99),
-            "max": lat.last().map(|&m| f64::from(m) / 1000.0),
+            "max": lat.last().map(|&x| f64::from(x) / 1000.0),
         },
-        "drain_s": a.drain,
         "generator_cpu_s": round2(cpu_s),
+        "generator_cpu_s_whole_run": round2(m.cpu_whole.as_secs_f64()),
+        "generator_cpu_percent": round2(100.0 * cpu_s / span),
         "generator_cpu_us_per_initiation":
             if sent > 0 { Some(round2(cpu_s * 1e6 / sent as f64)) } else { None },
+        "gateway": gateway,
     });
     if a.json {
         println!("{out}");
@@ -570,11 +731,15 @@ fn report(
     }
     let ms = |p: f64| percentile(&lat, p).map_or("-".to_string(), |v| format!("{v:.2}"));
     println!(
-        "{nkeys} keys, {nsockets} sockets -> {}: {sent} initiations in {secs:.2} s \
-         (target {}/s, {} with mac2, {lag_resets} lag resets)",
+        "{} keys, {} sockets -> {}: {sent} initiations in {secs:.2} s after {} s warm-up \
+         (target {}/s, {} with mac2, {} lag resets)",
+        m.nkeys,
+        m.nsockets,
         a.endpoint,
+        a.warmup,
         a.rate,
-        get(&c.with_mac2)
+        get(&c.with_mac2),
+        m.lag_resets
     );
     println!(
         "offered {:.1}/s  answered {:.1}/s ({} accepted)  cookie replies {:.1}/s  unanswered {}",
@@ -592,12 +757,30 @@ fn report(
     );
     println!(
         "generator CPU {cpu_s:.2} s ({:.0}% of one core, {:.1} us per initiation incl. responses)",
-        100.0 * cpu_s / secs,
+        100.0 * cpu_s / span,
         if sent > 0 {
             cpu_s * 1e6 / sent as f64
         } else {
             0.0
         }
     );
+    if let Some(g) = &m.gateway {
+        let total = g.total.as_secs_f64();
+        let threads: Vec<String> = g
+            .by_thread
+            .iter()
+            .map(|(n, t)| format!("{n} {:.2}", t.as_secs_f64()))
+            .collect();
+        println!(
+            "gateway CPU {total:.2} s ({:.0}% of one core, {:.1} us per answered handshake; threads: {})",
+            100.0 * total / span,
+            if responses > 0 {
+                total * 1e6 / responses as f64
+            } else {
+                0.0
+            },
+            threads.join(", ")
+        );
+    }
     Ok(())
 }

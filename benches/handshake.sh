@@ -255,7 +255,7 @@ whole = float(sys.argv[11]) - float(sys.argv[10])
 g = json.load(open(path))
 gw = g["gateway"]
 row = {"gateway": name, "round": rnd}
-row.update({k: g[k] for k in ("offered_per_s", "answered_per_s", "cookie_replies_per_s",
+row.update({k: g[k] for k in ("offered_per_s", "answered_per_s", "completed_per_s", "cookie_replies_per_s",
                               "initiations", "initiations_with_mac2", "responses",
                               "responses_accepted", "cookie_replies", "unanswered",
                               "seconds", "warmup_s", "drain_s", "latency_ms", "generator_cpu_s",
@@ -299,7 +299,7 @@ for r in rows:
     if "error" not in r:
         r["latency_p50_ms"] = r["latency_ms"]["p50"]
         r["latency_p99_ms"] = r["latency_ms"]["p99"]
-keys = ("offered_per_s", "answered_per_s", "cookie_replies_per_s", "latency_p50_ms",
+keys = ("offered_per_s", "answered_per_s", "completed_per_s", "cookie_replies_per_s", "latency_p50_ms",
         "latency_p99_ms", "gateway_cpu_us_per_handshake", "gateway_cpu_percent",
         "gateway_idle_cpu_percent", "generator_cpu_percent", "machine_other_percent",
         "machine_idle_busy_percent")
@@ -322,7 +322,7 @@ ratios = {}
 if "sitegate" in summary and "boringtun-cli" in summary:
     a, b = summary["sitegate"], summary["boringtun-cli"]
     ratios = {f"sitegate/boringtun-cli {k}": round(a[k] / b[k], 2)
-              for k in ("answered_per_s", "cookie_replies_per_s", "latency_p50_ms",
+              for k in ("answered_per_s", "completed_per_s", "cookie_replies_per_s",
                         "gateway_cpu_us_per_handshake")
               if b[k]}
 test = (f"{nkeys} initiator keys, {rate} initiations/s offered for {secs} s after a {warmup} s"
@@ -333,14 +333,14 @@ if as_json:
 def pct(x):
     return f"{x}%"
 def line(name, rnd, r):
-    return (f"{name:<14} {rnd:>5} {r['offered_per_s']:>9.1f} {r['answered_per_s']:>10.1f}"
+    return (f"{name:<14} {rnd:>5} {r['offered_per_s']:>9.1f} {r['answered_per_s']:>10.1f} {r['completed_per_s']:>11.1f}"
             f" {r['cookie_replies_per_s']:>9.1f} {'-' if r['latency_p50_ms'] is None else r['latency_p50_ms']:>8}"
             f" {'-' if r['latency_p99_ms'] is None else r['latency_p99_ms']:>8}"
             f" {str(r['gateway_cpu_us_per_handshake']):>9} {pct(r['gateway_cpu_percent']):>7}"
             f" {pct(r['gateway_idle_cpu_percent']):>7} {pct(r['generator_cpu_percent']):>7}"
             f" {pct(r['machine_other_percent']):>6} {pct(r['machine_idle_busy_percent']):>6}")
 print(test)
-print(f"{'gateway':<14} {'round':>5} {'offered/s':>9} {'answered/s':>10} {'cookies/s':>9} {'p50 ms':>8}"
+print(f"{'gateway':<14} {'round':>5} {'offered/s':>9} {'answered/s':>10} {'completed/s':>11} {'cookies/s':>9} {'p50 ms':>8}"
       f" {'p99 ms':>8} {'us/hs':>9} {'gw CPU':>7} {'gw idle':>7} {'gen CPU':>7} {'other':>6} {'bg':>6}")
 for r in rows:
     if "error" in r:
@@ -353,11 +353,12 @@ for g, s in summary.items():
     print(line(g, "mean", s) + f"  {s['rounds']} {'clean ' if s['clean'] else ''}round(s)")
 for k, v in ratios.items():
     print(f"{k}: {v}")
-print("answered: handshake responses; p50/p99: initiation to response, responses the initiator accepted;")
+print("answered: handshake responses; completed: those the initiator accepted (to its current or previous")
+print("initiation: each key re-initiates every keys/rate s); p50/p99: initiation to accepted response;")
 print("us/hs: gateway utime+stime over the measured window (sending + drain) per answered handshake, idle")
 print("CPU not subtracted; gw CPU: the same as % of one core; gw idle: the gateway with no traffic, just")
 print("before; gen CPU: the generator's own (X25519 for each initiation and response); other: the rest of")
-print("the machine's busy CPU during the run (kernel network work, other jobs); bg: the machine's busy CPU")
-print("just before with no generator. busy: bg >= 10% or other >= 15%, another job shared the CPUs; the")
-print("means leave such rounds out when a gateway has clean ones.")
+print("the machine's busy CPU during the run (kernel network work, other jobs; tick-sampled, +-10%); bg:")
+print("the machine's busy CPU just before, with no generator. busy: bg >= 10% or other >= 15%, another job")
+print("shared the CPUs; the means leave such rounds out when a gateway has clean ones.")
 PY

@@ -702,6 +702,9 @@ fn report(a: &RunArgs, shared: &Shared, m: &Measured) -> Result<()> {
         "responses": responses,
         "responses_accepted": get(&c.responses_accepted),
         "answered_per_s": per_s(responses),
+        // Responses the initiator could still use: to its current or previous
+        // initiation (it re-initiates every keys/rate seconds).
+        "completed_per_s": per_s(get(&c.responses_accepted)),
         "cookie_replies": cookies,
         "cookie_replies_accepted": get(&c.cookies_accepted),
         "cookie_replies_per_s": per_s(cookies),

@@ -26,7 +26,7 @@ secs=10
 rate=3000
 nkeys=1000
 rounds=2
-drain=1
+drain=2
 warmup=2
 idle=2
 quiet=0
@@ -258,13 +258,15 @@ row = {"gateway": name, "round": rnd}
 row.update({k: g[k] for k in ("offered_per_s", "answered_per_s", "completed_per_s", "cookie_replies_per_s",
                               "initiations", "initiations_with_mac2", "responses",
                               "responses_accepted", "cookie_replies", "unanswered",
-                              "seconds", "warmup_s", "drain_s", "latency_ms", "generator_cpu_s",
+                              "seconds", "warmup_s", "warmup", "drain_s", "latency_ms", "generator_cpu_s",
                               "generator_cpu_percent", "generator_cpu_us_per_initiation",
                               "send_errors", "lag_resets")})
-# Measured window (after the warm-up, drain included), read by the generator
-# from /proc/PID/task/*/stat; the whole run (warm-up too) read here as a check.
+# The gateway's work for the window (from the first to the last reply to a
+# window initiation), read by the generator from /proc/PID/task/*/stat every
+# 50 ms; the whole run (warm-up too) read here as a check.
 row["gateway_cpu_s"] = gw["cpu_s"]
 row["gateway_cpu_percent"] = round(gw["cpu_percent"], 1)
+row["gateway_cpu_interval_s"] = gw["interval_s"]
 row["gateway_cpu_us_per_handshake"] = gw["cpu_us_per_answered"]
 row["gateway_threads_cpu_s"] = gw["threads_cpu_s"]
 row["gateway_cpu_s_whole_run"] = round(ticks / hz, 2)
@@ -348,16 +350,20 @@ for r in rows:
         continue
     print(line(r["gateway"], r["round"], r) + ("" if r["clean"] else "  busy"))
     threads = ", ".join(f"{n} {t}" for n, t in list(r["gateway_threads_cpu_s"].items())[:5])
-    print(f"{'':<14} {'':>5}   gateway threads, CPU s: {threads}")
+    w = r["warmup"]
+    print(f"{'':<14} {'':>5}   warm-up: {w['initiations']} initiations, {w['responses']} answered,"
+          f" {w['cookie_replies']} cookie replies; gateway threads, CPU s: {threads}")
 for g, s in summary.items():
     print(line(g, "mean", s) + f"  {s['rounds']} {'clean ' if s['clean'] else ''}round(s)")
 for k, v in ratios.items():
     print(f"{k}: {v}")
-print("answered: handshake responses; completed: those the initiator accepted (to its current or previous")
-print("initiation: each key re-initiates every keys/rate s); p50/p99: initiation to accepted response;")
-print("us/hs: gateway utime+stime over the measured window (sending + drain) per answered handshake, idle")
-print("CPU not subtracted; gw CPU: the same as % of one core; gw idle: the gateway with no traffic, just")
-print("before; gen CPU: the generator's own (X25519 for each initiation and response); other: the rest of")
+print("answered: handshake responses to initiations sent in the window (arriving before the drain ends);")
+print("completed: those the initiator could still use (answering its current or previous initiation: each")
+print("key re-initiates every keys/rate s); p50/p99: initiation to response, every answered one;")
+print("us/hs: gateway utime+stime from the first to the last reply to a window initiation (sampled every")
+print("50 ms) per answered handshake, idle CPU not subtracted; gw CPU: the same as % of one core; gw idle:")
+print("the gateway with no traffic, just before; gen CPU: the generator's own (X25519 for each initiation")
+print("and response); other: the rest of")
 print("the machine's busy CPU during the run (kernel network work, other jobs; tick-sampled, +-10%); bg:")
 print("the machine's busy CPU just before, with no generator. busy: bg >= 10% or other >= 15%, another job")
 print("shared the CPUs; the means leave such rounds out when a gateway has clean ones.")

@@ -6,13 +6,17 @@
 //! as answered and goes into its `Tunn`, which then sends the keepalive that
 //! confirms the session (as a real initiator does; `--no-confirm` skips it); a
 //! cookie reply (type 3) goes into its `Tunn` too, so that key's later
-//! initiations carry mac2. After `--warmup` seconds (counters restart: the
-//! first pass over the keys draws cookies from a gateway over its rate limit)
-//! it measures for `--time` seconds or `--count` initiations, whichever comes
-//! first, waits `--drain` seconds for late replies, and prints offered/s,
-//! answered/s, cookie replies/s, reply latency, its own CPU time and, with
-//! `--gateway-pid`, the gateway's CPU time over the same window, per thread
-//! name too, from /proc (`--json` for one JSON object).
+//! initiations carry mac2. After `--warmup` seconds (the first pass over the
+//! keys draws cookies from a gateway over its rate limit) it measures for
+//! `--time` seconds or `--count` initiations, whichever comes first, waits
+//! `--drain` seconds for late replies, and prints offered/s, answered/s,
+//! cookie replies/s, reply latency, its own CPU time and, with
+//! `--gateway-pid`, the gateway's CPU time spent on the window, per thread
+//! name too, from /proc (`--json` for one JSON object). A reply counts for the
+//! window when the initiation it answers was sent in the window, whenever it
+//! arrives before the drain ends; the gateway's CPU time counts from the first
+//! to the last such reply (a gateway with a backlog is still answering the
+//! warm-up when the window opens).
 //!
 //! The generator is not free: each initiation costs it two X25519 operations (a
 //! fresh ephemeral key and the ephemeral-static DH; nothing can be precomputed),
@@ -117,15 +121,17 @@ struct RunArgs {
     #[arg(long, value_name = "N")]
     count: Option<u64>,
     /// Seconds of sending before the measured window: the first pass over the
-    /// keys draws the gateway's cookie replies; counters restart after it.
+    /// keys draws the gateway's cookie replies; replies to these initiations
+    /// are counted apart.
     #[arg(long, value_name = "SECS", default_value_t = 0.0)]
     warmup: f64,
     /// The gateway's process id: its CPU time (utime+stime, per thread name too)
-    /// is read from /proc over the measured window, drain included.
+    /// is read from /proc every 50 ms; reported: from the first to the last
+    /// reply to an initiation sent in the window.
     #[arg(long, value_name = "PID")]
     gateway_pid: Option<u32>,
     /// Seconds to wait for replies after the last initiation.
-    #[arg(long, value_name = "SECS", default_value_t = 1.0)]
+    #[arg(long, value_name = "SECS", default_value_t = 2.0)]
     drain: f64,
     /// UDP sockets (source ports); key i uses socket i mod N. Default: one per
     /// key, like real sites (boringtun-cli connects one socket per peer
@@ -244,23 +250,34 @@ fn read_keys(path: &PathBuf) -> Result<Vec<StaticSecret>> {
     Ok(keys)
 }
 
-/// One initiator: its tunnel and the sender indices (with send times) of its
-/// last two initiations, which is what boringtun accepts a response for.
+/// One initiator: its tunnel and, for each value of the low byte of its
+/// handshake sender index (boringtun counts it up per initiation), when that
+/// initiation was sent: µs since the generator started, plus one (0: never).
+/// A reply names the initiation it answers, so it is attributed to the warm-up
+/// or the measured window by when that initiation was sent, not when the reply
+/// comes back (a gateway with a backlog answers warm-up initiations late).
 struct Initiator {
     tunn: Tunn,
-    in_flight: [(u32, Option<Instant>); 2],
+    sent_us: [u32; 256],
 }
 
 #[derive(Default)]
 struct Counters {
+    // Sender side, in the window.
     sent: AtomicU64,
     with_mac2: AtomicU64,
     send_errors: AtomicU64,
+    // Replies to initiations sent in the window.
     responses: AtomicU64,
     responses_accepted: AtomicU64,
     cookies: AtomicU64,
     cookies_accepted: AtomicU64,
+    // Replies to warm-up initiations.
+    warm_responses: AtomicU64,
+    warm_cookies: AtomicU64,
+    // Anything else.
     keepalives_sent: AtomicU64,
+    unmatched: AtomicU64,
     data: AtomicU64,
     other: AtomicU64,
     recv_errors: AtomicU64,
@@ -273,31 +290,38 @@ fn add(c: &AtomicU64) {
 struct Shared {
     initiators: Vec<Mutex<Initiator>>,
     counters: Counters,
-    /// Reply latency (µs) of accepted responses, kept by the receiver thread.
+    /// The generator's clock.
+    t0: Instant,
+    /// Start of the measured window, µs on `t0`'s clock plus one; u64::MAX
+    /// during the warm-up.
+    window_us: AtomicU64,
+    /// When the first and the last reply to a window initiation arrived (µs on
+    /// `t0`'s clock): the gateway's work for the window lies between them.
+    first_reply_us: AtomicU64,
+    last_reply_us: AtomicU64,
+    /// Reply latency (µs) of responses to window initiations, accepted or not.
     latency_us: Mutex<Vec<u32>>,
     confirm: bool,
 }
 
 impl Shared {
-    /// Restarts the counts (end of the warm-up).
-    fn reset(&self) {
+    /// Now on the generator's clock, µs plus one (never 0).
+    fn now_us(&self) -> u32 {
+        u32::try_from(self.t0.elapsed().as_micros())
+            .unwrap_or(u32::MAX - 1)
+            .saturating_add(1)
+    }
+
+    /// Starts the measured window: initiations sent from now on count. Returns
+    /// the warm-up's initiations (the sender-side counters restart).
+    fn start_window(&self) -> u64 {
         let c = &self.counters;
-        for x in [
-            &c.sent,
-            &c.with_mac2,
-            &c.send_errors,
-            &c.responses,
-            &c.responses_accepted,
-            &c.cookies,
-            &c.cookies_accepted,
-            &c.keepalives_sent,
-            &c.data,
-            &c.other,
-            &c.recv_errors,
-        ] {
-            x.store(0, Ordering::Relaxed);
-        }
-        self.latency_us.lock().expect("latency lock").clear();
+        let warm = c.sent.swap(0, Ordering::Relaxed);
+        c.with_mac2.store(0, Ordering::Relaxed);
+        c.send_errors.store(0, Ordering::Relaxed);
+        self.window_us
+            .store(u64::from(self.now_us()), Ordering::Relaxed);
+        warm
     }
 
     /// Handles one datagram from the gateway; returns a datagram to send back.
@@ -315,35 +339,52 @@ impl Shared {
                 return None;
             }
         };
-        add(if kind == MSG_RESPONSE {
-            &c.responses
-        } else {
-            &c.cookies
-        });
         let mut idx = [0u8; 4];
         idx.copy_from_slice(&datagram[idx_at..idx_at + 4]);
         let receiver_idx = u32::from_le_bytes(idx);
-        let initiator = self.initiators.get((receiver_idx >> 8) as usize)?;
+        let Some(initiator) = self.initiators.get((receiver_idx >> 8) as usize) else {
+            add(&c.unmatched);
+            return None;
+        };
         let mut ini = initiator.lock().expect("initiator lock poisoned");
-        let sent_at = ini
-            .in_flight
-            .iter()
-            .find(|(i, _)| *i == receiver_idx)
-            .and_then(|(_, t)| *t);
+        let sent = ini.sent_us[(receiver_idx & 0xff) as usize];
+        if sent == 0 {
+            add(&c.unmatched);
+            return None;
+        }
+        let in_window = u64::from(sent) >= self.window_us.load(Ordering::Relaxed);
+        let response = kind == MSG_RESPONSE;
+        add(match (in_window, response) {
+            (true, true) => &c.responses,
+            (true, false) => &c.cookies,
+            (false, true) => &c.warm_responses,
+            (false, false) => &c.warm_cookies,
+        });
+        if in_window {
+            let now = self.now_us();
+            self.first_reply_us
+                .fetch_min(u64::from(now), Ordering::Relaxed);
+            self.last_reply_us
+                .fetch_max(u64::from(now), Ordering::Relaxed);
+            if response {
+                let us = now.saturating_sub(sent);
+                self.latency_us.lock().expect("latency lock").push(us);
+            }
+        }
         match ini.tunn.decapsulate(Some(from), datagram, out) {
-            TunnResult::WriteToNetwork(keepalive) if kind == MSG_RESPONSE => {
-                add(&c.responses_accepted);
-                if let Some(t) = sent_at {
-                    let us = u32::try_from(t.elapsed().as_micros()).unwrap_or(u32::MAX);
-                    self.latency_us.lock().expect("latency lock").push(us);
+            TunnResult::WriteToNetwork(keepalive) if response => {
+                if in_window {
+                    add(&c.responses_accepted);
                 }
                 self.confirm.then_some(&*keepalive)
             }
-            TunnResult::Done if kind == MSG_COOKIE => {
-                add(&c.cookies_accepted);
+            TunnResult::Done if !response => {
+                if in_window {
+                    add(&c.cookies_accepted);
+                }
                 None
             }
-            // Stale (a newer initiation replaced the one answered) or bad.
+            // Stale (two newer initiations replaced the one answered) or bad.
             _ => None,
         }
     }
@@ -370,6 +411,8 @@ struct ProcCpu {
 
 /// A process's CPU time over an interval: total and per thread name.
 struct GatewayCpu {
+    /// From the first to the last reply to a window initiation.
+    interval: Duration,
     total: Duration,
     by_thread: Vec<(String, Duration)>,
 }
@@ -406,7 +449,7 @@ impl ProcCpu {
         Ok(Self { threads })
     }
 
-    fn since(&self, before: &ProcCpu) -> GatewayCpu {
+    fn since(&self, before: &ProcCpu, interval: Duration) -> GatewayCpu {
         // SAFETY: sysconf has no preconditions.
         let hz = match unsafe { libc::sysconf(libc::_SC_CLK_TCK) } {
             n if n > 0 => n as f64,
@@ -428,9 +471,69 @@ impl ProcCpu {
         by_name.sort_by_key(|(_, t)| std::cmp::Reverse(*t));
         let secs = |t: u64| Duration::from_secs_f64(t as f64 / hz);
         GatewayCpu {
+            interval,
             total: secs(by_name.iter().map(|(_, t)| t).sum()),
             by_thread: by_name.into_iter().map(|(n, t)| (n, secs(t))).collect(),
         }
+    }
+}
+
+/// Reads the gateway's CPU time every `SAMPLE_EVERY` on a thread of its own,
+/// so that the gateway's work for the window can be cut out afterwards: from
+/// the first to the last reply to a window initiation. (A gateway with a
+/// backlog is still answering the warm-up when the window opens, and answers
+/// the window's last initiations in the drain.)
+struct Sampler {
+    pid: u32,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<(u64, ProcCpu)>>,
+}
+
+const SAMPLE_EVERY: Duration = Duration::from_millis(50);
+
+impl Sampler {
+    fn start(pid: u32, shared: Arc<Shared>) -> Result<Self> {
+        let first = ProcCpu::read(pid)?;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let thread = std::thread::Builder::new()
+            .name("sampler".into())
+            .spawn(move || {
+                let mut samples = vec![(u64::from(shared.now_us()), first)];
+                while !flag.load(Ordering::Relaxed) {
+                    std::thread::sleep(SAMPLE_EVERY);
+                    // The gateway is gone: keep what there is.
+                    let Ok(p) = ProcCpu::read(pid) else { break };
+                    samples.push((u64::from(shared.now_us()), p));
+                }
+                samples
+            })
+            .context("cannot start the sampler thread")?;
+        Ok(Self { pid, stop, thread })
+    }
+
+    fn finish(self, shared: &Shared) -> Result<GatewayCpu> {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut samples = self
+            .thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("the sampler thread panicked"))?;
+        if let Ok(p) = ProcCpu::read(self.pid) {
+            samples.push((u64::from(shared.now_us()), p));
+        }
+        let mut from = shared.first_reply_us.load(Ordering::Relaxed);
+        let mut to = shared.last_reply_us.load(Ordering::Relaxed);
+        if from > to {
+            // No reply in the window: the window and the drain.
+            from = shared.window_us.load(Ordering::Relaxed);
+            to = u64::MAX;
+        }
+        let last = samples.len() - 1;
+        let i = samples.iter().rposition(|(t, _)| *t <= from).unwrap_or(0);
+        let j = samples.iter().position(|(t, _)| *t >= to).unwrap_or(last);
+        let (t0, start) = &samples[i.min(j)];
+        let (t1, end) = &samples[j];
+        Ok(end.since(start, Duration::from_micros(t1.saturating_sub(*t0))))
     }
 }
 
@@ -444,6 +547,8 @@ struct Measured {
     cpu_whole: Duration,
     lag_resets: u64,
     gateway: Option<GatewayCpu>,
+    /// Initiations sent during the warm-up.
+    warm_sent: u64,
 }
 
 fn run(a: &RunArgs) -> Result<()> {
@@ -482,13 +587,17 @@ fn run(a: &RunArgs) -> Result<()> {
             let tunn = Tunn::new(secret, gateway, psk, None, index, Some(limiter));
             Mutex::new(Initiator {
                 tunn,
-                in_flight: [(0, None); 2],
+                sent_us: [0; 256],
             })
         })
         .collect();
     let shared = Arc::new(Shared {
         initiators,
         counters: Counters::default(),
+        t0: Instant::now(),
+        window_us: AtomicU64::new(u64::MAX),
+        first_reply_us: AtomicU64::new(u64::MAX),
+        last_reply_us: AtomicU64::new(0),
         latency_us: Mutex::new(Vec::with_capacity(count.min(10_000_000) as usize)),
         confirm: !a.no_confirm,
     });
@@ -559,6 +668,10 @@ fn run(a: &RunArgs) -> Result<()> {
         })
         .context("cannot start the receiver thread")?;
 
+    let sampler = a
+        .gateway_pid
+        .map(|pid| Sampler::start(pid, Arc::clone(&shared)))
+        .transpose()?;
     let interval = Duration::from_secs_f64(1.0 / a.rate);
     let warmup = Duration::from_secs_f64(a.warmup);
     let window = Duration::from_secs_f64(a.time);
@@ -568,17 +681,16 @@ fn run(a: &RunArgs) -> Result<()> {
     let start = Instant::now();
     let mut next = start;
     let mut n: u64 = 0;
-    // The measured window starts after the warm-up (first pass over the keys,
-    // cookies fetched); `None` until then.
-    let mut window_start: Option<(Instant, Duration, Option<ProcCpu>)> = None;
+    // The measured window starts after the warm-up; `None` until then.
+    let mut window_start: Option<(Instant, Duration)> = None;
+    let mut warm_sent = 0;
     loop {
         let now = Instant::now();
         match window_start {
             None if now >= start + warmup => {
-                shared.reset();
+                warm_sent = shared.start_window();
                 lag_resets = 0;
-                let gw = a.gateway_pid.map(ProcCpu::read).transpose()?;
-                window_start = Some((now, cpu_time(), gw));
+                window_start = Some((now, cpu_time()));
             }
             Some((t0, ..)) if now >= t0 + window || c.sent.load(Ordering::Relaxed) >= count => {
                 break
@@ -601,8 +713,8 @@ fn run(a: &RunArgs) -> Result<()> {
                     let len = p.len();
                     let mut idx = [0u8; 4];
                     idx.copy_from_slice(&p[4..8]);
-                    ini.in_flight[1] = ini.in_flight[0];
-                    ini.in_flight[0] = (u32::from_le_bytes(idx), Some(Instant::now()));
+                    let slot = (u32::from_le_bytes(idx) & 0xff) as usize;
+                    ini.sent_us[slot] = shared.now_us();
                     if p[len - 16..].iter().any(|&b| b != 0) {
                         add(&c.with_mac2);
                     }
@@ -619,14 +731,14 @@ fn run(a: &RunArgs) -> Result<()> {
         n += 1;
         next += interval;
     }
-    let (t0, cpu0, gw0) = window_start.expect("the loop ends only inside the window");
+    let (t0, cpu0) = window_start.expect("the loop ends only inside the window");
     let elapsed = t0.elapsed();
     std::thread::sleep(Duration::from_secs_f64(a.drain));
-    let gateway = match (a.gateway_pid, gw0) {
-        (Some(pid), Some(before)) => Some(ProcCpu::read(pid)?.since(&before)),
-        _ => None,
-    };
     let _ = stop_tx.send(true);
+    let gateway = match sampler {
+        Some(s) => Some(s.finish(&shared)?),
+        None => None,
+    };
     receiver
         .join()
         .map_err(|_| anyhow::anyhow!("the receiver thread panicked"))??;
@@ -641,6 +753,7 @@ fn run(a: &RunArgs) -> Result<()> {
         cpu,
         lag_resets,
         gateway,
+        warm_sent,
     };
     report(a, &shared, &m)
 }
@@ -679,7 +792,8 @@ fn report(a: &RunArgs, shared: &Shared, m: &Measured) -> Result<()> {
             .collect();
         serde_json::json!({
             "cpu_s": round2(total),
-            "cpu_percent": round2(100.0 * total / span),
+            "interval_s": round2(g.interval.as_secs_f64()),
+            "cpu_percent": round2(100.0 * total / g.interval.as_secs_f64().max(1e-3)),
             "cpu_us_per_answered": if responses > 0 {
                 Some(round2(total * 1e6 / responses as f64))
             } else {
@@ -694,6 +808,11 @@ fn report(a: &RunArgs, shared: &Shared, m: &Measured) -> Result<()> {
         "endpoint": a.endpoint.to_string(),
         "target_rate": a.rate,
         "warmup_s": a.warmup,
+        "warmup": {
+            "initiations": m.warm_sent,
+            "responses": get(&c.warm_responses),
+            "cookie_replies": get(&c.warm_cookies),
+        },
         "seconds": round2(secs),
         "drain_s": a.drain,
         "initiations": sent,
@@ -710,6 +829,7 @@ fn report(a: &RunArgs, shared: &Shared, m: &Measured) -> Result<()> {
         "cookie_replies_per_s": per_s(cookies),
         "unanswered": sent.saturating_sub(responses + cookies),
         "keepalives_sent": get(&c.keepalives_sent),
+        "unmatched_replies": get(&c.unmatched),
         "data_received": get(&c.data),
         "other_received": get(&c.other),
         "send_errors": get(&c.send_errors),
@@ -744,6 +864,14 @@ fn report(a: &RunArgs, shared: &Shared, m: &Measured) -> Result<()> {
         get(&c.with_mac2),
         m.lag_resets
     );
+    if a.warmup > 0.0 {
+        println!(
+            "warm-up: {} initiations, {} responses, {} cookie replies",
+            m.warm_sent,
+            get(&c.warm_responses),
+            get(&c.warm_cookies)
+        );
+    }
     println!(
         "offered {:.1}/s  answered {:.1}/s ({} accepted)  cookie replies {:.1}/s  unanswered {}",
         per_s(sent),
@@ -775,8 +903,10 @@ fn report(a: &RunArgs, shared: &Shared, m: &Measured) -> Result<()> {
             .map(|(n, t)| format!("{n} {:.2}", t.as_secs_f64()))
             .collect();
         println!(
-            "gateway CPU {total:.2} s ({:.0}% of one core, {:.1} us per answered handshake; threads: {})",
-            100.0 * total / span,
+            "gateway CPU {total:.2} s in {:.2} s ({:.0}% of one core, {:.1} us per answered \
+             handshake; threads: {})",
+            g.interval.as_secs_f64(),
+            100.0 * total / g.interval.as_secs_f64().max(1e-3),
             if responses > 0 {
                 total * 1e6 / responses as f64
             } else {

@@ -52,6 +52,7 @@ struct Gateway {
     shared: Shared,
     cap: Arc<Capture>,
     out: Vec<u8>,
+    rx: rx::Receiver,
     revoked: Vec<RevokedKey>,
 }
 
@@ -87,6 +88,7 @@ impl Gateway {
             shared,
             cap,
             out: vec![0u8; 65_600],
+            rx: rx::Receiver::default(),
             revoked: Vec::new(),
         }
     }
@@ -106,7 +108,7 @@ impl Gateway {
 
     fn receive(&mut self, datagram: &[u8], from: SocketAddr) {
         let mut sink = CaptureWire(Arc::clone(&self.cap));
-        rx::handle(&self.shared, datagram, from, &mut self.out, &mut sink);
+        rx::handle(&self.shared, &mut self.rx, datagram, from, &mut sink);
     }
 
     fn tun_packet(&mut self, ip: &[u8]) {
@@ -896,6 +898,41 @@ fn expiry_from_memory() {
     );
     assert_eq!(
         gw.shared.anon.throttles[HandshakeFailure::Expired.index()].total(),
+        1
+    );
+}
+
+/// The receive loop remembers which key last initiated from an address: a
+/// renewal from there, another key at that address (a second device behind
+/// the same NAT port, a rotated key) and a replay all get the right answer.
+#[test]
+fn initiator_memory_follows_key_changes() {
+    let mut gw = Gateway::new();
+    let mut a = Site::new(&gw, "alpha", "10.8.0.2", 40001);
+    let mut b = Site::new(&gw, "beta", "10.8.0.3", 40002);
+    b.addr = a.addr;
+    gw.load(&[a.record.clone(), b.record.clone()]);
+    assert!(a.connect(&mut gw));
+    assert!(a.connect(&mut gw), "a renewal through the remembered key");
+    assert!(b.connect(&mut gw), "another key at the same address");
+    assert!(a.connect(&mut gw), "and back");
+    let mut buf = vec![0u8; 2048];
+    let init = match a.tunn.format_handshake_initiation(&mut buf, true) {
+        TunnResult::WriteToNetwork(p) => p.to_vec(),
+        other => panic!("no initiation: {other:?}"),
+    };
+    gw.receive(&init, a.addr);
+    assert_eq!(gw.cap.take_datagrams().len(), 1, "answered once");
+    gw.receive(&init, a.addr);
+    assert!(gw.cap.take_datagrams().is_empty(), "the replay is not");
+    let table = gw.shared.table.load();
+    let alpha = table
+        .peers
+        .iter()
+        .find(|p| p.name.to_string() == "alpha")
+        .unwrap();
+    assert_eq!(
+        alpha.handshake_failures[HandshakeFailure::Replay.index()].total(),
         1
     );
 }

@@ -129,10 +129,27 @@ impl Sink {
     }
 }
 
+/// Records written per group commit at most.
+const BATCH: usize = 256;
+
+/// Writes what the channel holds, a group commit at a time: it blocks for one
+/// record, then takes whatever else is already queued (up to [`BATCH`]).
 fn drain(rx: Receiver<Record>, writer: &AuditWriter, heads: &dyn HeadStore) {
     let mut failing = false;
-    for r in rx {
-        match writer.append_at(heads, &r.ts, &r.event, &r.fields) {
+    let mut batch: Vec<Record> = Vec::with_capacity(BATCH);
+    while let Ok(first) = rx.recv() {
+        batch.push(first);
+        while batch.len() < BATCH {
+            match rx.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        let records: Vec<(&str, &str, &Map<String, Value>)> = batch
+            .iter()
+            .map(|r| (r.ts.as_str(), r.event.as_str(), &r.fields))
+            .collect();
+        match writer.append_batch(heads, &records) {
             Ok(_) => failing = false,
             Err(e) if !failing => {
                 failing = true;
@@ -140,6 +157,8 @@ fn drain(rx: Receiver<Record>, writer: &AuditWriter, heads: &dyn HeadStore) {
             }
             Err(_) => {}
         }
+        drop(records);
+        batch.clear();
     }
 }
 

@@ -1,5 +1,6 @@
 //! UDP → TUN: identify the sender, decrypt, apply policy, deliver.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -38,7 +39,7 @@ pub fn run(
 ) -> std::io::Result<()> {
     let mut batch = RecvBatch::default();
     let mut packets = TunBatch::new(offload);
-    let mut out = vec![0u8; MAX_PACKET];
+    let mut rx = Receiver::default();
     let mut failing_since: Option<Instant> = None;
     while !shared.is_stopping() {
         match udp.recv_batch(&mut batch) {
@@ -50,7 +51,7 @@ pub fn run(
                 for i in 0..n {
                     match batch.datagram(i) {
                         Some((datagram, src)) => {
-                            handle(shared, datagram, src, &mut out, &mut packets)
+                            handle(shared, &mut rx, datagram, src, &mut packets)
                         }
                         // Longer than any tunnel MTU: not a message we sent for.
                         None => match batch.source(i) {
@@ -93,13 +94,62 @@ fn is_handshake(datagram: &[u8]) -> bool {
     matches!(datagram.first(), Some(1..=3))
 }
 
+/// Source addresses remembered by [`Initiators`]; past this the memory is
+/// cleared and refilled (one extra Diffie-Hellman per site, once).
+pub const INITIATOR_CACHE: usize = 8192;
+
+/// Which key last completed a handshake from each source address, so that the
+/// next initiation from there goes straight to that peer's `Tunn` instead of
+/// being decrypted twice (once anonymously to find the key, once by the
+/// `Tunn`): one Diffie-Hellman less per renewal. Filled only by handshakes
+/// boringtun accepted; a guess that turns out wrong (another key at that
+/// address) costs one `Tunn` attempt that changes no state, then the anonymous
+/// path runs as before. Owned by the receive loop: no lock.
+#[derive(Debug)]
+pub struct Initiators {
+    keys: HashMap<SocketAddr, [u8; 32]>,
+}
+
+impl Default for Initiators {
+    fn default() -> Self {
+        Initiators {
+            keys: HashMap::with_capacity(INITIATOR_CACHE),
+        }
+    }
+}
+
+impl Initiators {
+    fn remember(&mut self, src: SocketAddr, key: [u8; 32]) {
+        if self.keys.len() >= INITIATOR_CACHE && !self.keys.contains_key(&src) {
+            self.keys.clear();
+        }
+        self.keys.insert(src, key);
+    }
+}
+
+/// What the receive loop owns between datagrams: its output buffer and its
+/// memory of initiators.
+pub struct Receiver {
+    out: Vec<u8>,
+    initiators: Initiators,
+}
+
+impl Default for Receiver {
+    fn default() -> Self {
+        Receiver {
+            out: vec![0u8; MAX_PACKET],
+            initiators: Initiators::default(),
+        }
+    }
+}
+
 /// Handles one datagram from `src`; a decrypted packet that passes policy goes
 /// to `sink`.
 pub fn handle(
     shared: &Shared,
+    rx: &mut Receiver,
     datagram: &[u8],
     src: SocketAddr,
-    out: &mut [u8],
     sink: &mut impl TunSink,
 ) {
     // A source in backoff costs a table lookup: no MAC, no cookie reply.
@@ -129,67 +179,91 @@ pub fn handle(
             return;
         }
     };
-    let (pos, kind) = match &packet {
-        Packet::HandshakeInit(init) => {
-            match parse_handshake_anon(&shared.static_secret, &shared.static_public, init) {
-                Ok(half) => match table.by_key(&half.peer_static_public) {
-                    Some(pos) => (Some(pos), Kind::Initiation),
-                    None => {
-                        let key = PublicKey::from_bytes(half.peer_static_public);
+    let mut guess = match &packet {
+        Packet::HandshakeInit(_) => rx.initiators.keys.get(&src).and_then(|k| table.by_key(k)),
+        _ => None,
+    };
+    loop {
+        let guessed = guess.is_some();
+        let (pos, kind) = match (guess.take(), &packet) {
+            (Some(pos), _) => (Some(pos), Kind::Initiation),
+            (None, Packet::HandshakeInit(init)) => {
+                match parse_handshake_anon(&shared.static_secret, &shared.static_public, init) {
+                    Ok(half) => match table.by_key(&half.peer_static_public) {
+                        Some(pos) => (Some(pos), Kind::Initiation),
+                        None => {
+                            let key = PublicKey::from_bytes(half.peer_static_public);
+                            source_failed(shared, src);
+                            refused_key(shared, &table, key, src);
+                            return;
+                        }
+                    },
+                    Err(_) => {
                         source_failed(shared, src);
-                        refused_key(shared, &table, key, src);
+                        anon_failure(shared, HandshakeFailure::Decrypt, None, src);
                         return;
                     }
-                },
-                Err(_) => {
-                    source_failed(shared, src);
-                    anon_failure(shared, HandshakeFailure::Decrypt, None, src);
-                    return;
                 }
             }
+            (None, Packet::HandshakeResponse(r)) => {
+                (table.by_receiver(r.receiver_idx), Kind::Response)
+            }
+            (None, Packet::PacketCookieReply(c)) => {
+                (table.by_receiver(c.receiver_idx), Kind::CookieReply)
+            }
+            (None, Packet::PacketData(d)) => (table.by_receiver(d.receiver_idx), Kind::Data),
+        };
+        let Some(pos) = pos else {
+            dropped(shared, DropReason::UnknownSession, src);
+            return;
+        };
+        let peer = &table.peers[pos];
+        let mut state = peer.lock();
+        let result = state
+            .tunn
+            .decapsulate(Some(src.ip()), datagram, &mut rx.out);
+        if guessed && matches!(result, TunnResult::Err(WireGuardError::WrongKey)) {
+            // Another key at this address now: find it the anonymous way.
+            drop(state);
+            rx.initiators.keys.remove(&src);
+            continue;
         }
-        Packet::HandshakeResponse(r) => (table.by_receiver(r.receiver_idx), Kind::Response),
-        Packet::PacketCookieReply(c) => (table.by_receiver(c.receiver_idx), Kind::CookieReply),
-        Packet::PacketData(d) => (table.by_receiver(d.receiver_idx), Kind::Data),
-    };
-    let Some(pos) = pos else {
-        dropped(shared, DropReason::UnknownSession, src);
+        let authenticated = authenticated(kind, &result);
+        if authenticated && state.endpoint != Some(src) {
+            state.endpoint = Some(src);
+        }
+        drop(state);
+        match result {
+            TunnResult::Done => {}
+            TunnResult::Err(e) => peer_failure(shared, peer, e, kind, src),
+            TunnResult::WriteToNetwork(reply) => {
+                let established = authenticated;
+                if !established {
+                    // boringtun answered with a cookie: the gateway is under load
+                    // and this handshake message carried no valid mac2 for `src`.
+                    failure_event(shared, peer, HandshakeFailure::RateLimited, src);
+                }
+                shared.wire.send_datagram(reply, src);
+                if established {
+                    if kind == Kind::Initiation && !guessed {
+                        rx.initiators.remember(src, *peer.public_key.as_bytes());
+                    }
+                    peer.lock().session_up = true;
+                    tracing::info!(
+                        event = "handshake",
+                        peer = %peer.name,
+                        public_key = %peer.public_key,
+                        endpoint = %src,
+                        role = if kind == Kind::Initiation { "responder" } else { "initiator" },
+                    );
+                }
+                flush_queue(shared, peer, &mut rx.out);
+            }
+            TunnResult::WriteToTunnelV4(ip, _) | TunnResult::WriteToTunnelV6(ip, _) => {
+                deliver(shared, &table, pos, peer, ip, sink);
+            }
+        }
         return;
-    };
-    let peer = &table.peers[pos];
-    let mut state = peer.lock();
-    let result = state.tunn.decapsulate(Some(src.ip()), datagram, out);
-    let authenticated = authenticated(kind, &result);
-    if authenticated && state.endpoint != Some(src) {
-        state.endpoint = Some(src);
-    }
-    drop(state);
-    match result {
-        TunnResult::Done => {}
-        TunnResult::Err(e) => peer_failure(shared, peer, e, kind, src),
-        TunnResult::WriteToNetwork(reply) => {
-            let established = authenticated;
-            if !established {
-                // boringtun answered with a cookie: the gateway is under load and
-                // this handshake message carried no valid mac2 for `src`.
-                failure_event(shared, peer, HandshakeFailure::RateLimited, src);
-            }
-            shared.wire.send_datagram(reply, src);
-            if established {
-                peer.lock().session_up = true;
-                tracing::info!(
-                    event = "handshake",
-                    peer = %peer.name,
-                    public_key = %peer.public_key,
-                    endpoint = %src,
-                    role = if kind == Kind::Initiation { "responder" } else { "initiator" },
-                );
-            }
-            flush_queue(shared, peer, out);
-        }
-        TunnResult::WriteToTunnelV4(ip, _) | TunnResult::WriteToTunnelV6(ip, _) => {
-            deliver(shared, &table, pos, peer, ip, sink);
-        }
     }
 }
 

@@ -72,6 +72,12 @@ impl Registry {
         let snapshot = store
             .snapshot(|| {
                 if !pause.is_zero() {
+                    // Announced, so a test can act inside the pause without guessing.
+                    tracing::info!(
+                        event = "test_hook",
+                        hook = "reload_pause_ms",
+                        ms = pause.as_millis() as u64
+                    );
                     std::thread::sleep(pause);
                 }
             })

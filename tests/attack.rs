@@ -69,9 +69,6 @@ const RELOAD_FAILED_PER_10S: usize = 3;
 
 /// The reload pause the test hook inserts (ms), and the hook setting.
 const RELOAD_PAUSE_MS: u64 = 1_500;
-/// How far into the paused reload the revoke starts: long after the daemon read
-/// the peers (at once on SIGHUP), long before the pause ends.
-const REVOKE_INTO_PAUSE: Duration = Duration::from_millis(300);
 /// A revocation whose notice was lost must still apply within this long of the
 /// commit: the pause (1.5 s), the once-a-second store check, and one more
 /// paused reload (1.5 s), with slack.
@@ -850,8 +847,12 @@ fn revoke_during_reload_is_applied() {
     let hup_at = now_unix();
     // SAFETY: kill(2) on the gateway's own pid with a valid signal number.
     assert_eq!(unsafe { libc::kill(gw.pid(), libc::SIGHUP) }, 0, "SIGHUP");
-    // Timed against the hook's fixed pause, not a wait for the daemon.
-    thread::sleep(REVOKE_INTO_PAUSE);
+    // The hook announces its pause once the peers are read: act inside it.
+    gw.wait_event(
+        "the SIGHUP reload's pause (test_hook)",
+        Duration::from_millis(RELOAD_PAUSE_MS),
+        |e| field_str(e, "event") == "test_hook" && event_time(e) >= hup_at,
+    );
     // The notice is lost: the CLI finds no control socket, commits, and says so.
     let mut hidden = MovedAway::new(
         std::slice::from_ref(&socket),

@@ -14,7 +14,9 @@
 //!
 //! I/O shell:
 //! - [`dataplane`]: TUN and UDP loops around boringtun's `noise::Tunn` (batched
-//!   I/O: recvmmsg, TUN GRO/GSO offload, UDP GSO), timers.
+//!   I/O: recvmmsg, TUN GRO/GSO offload, UDP GSO), timers, and the rules against
+//!   abuse (one handshake limiter, authenticated roaming, random indices,
+//!   per-source backoff in the pure [`dataplane::sources`]).
 //! - [`audit`]: the hash-chained audit log: chain and verify (pure), writer, sink.
 //! - [`control`]: UAPI socket so stock `wg show` works.
 //! - [`daemon`]: wires it together; signals and clean shutdown.

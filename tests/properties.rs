@@ -19,6 +19,40 @@ use sitegate::routing::AllowedIps;
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(512))]
 
+    /// The test-hook variable parses or is refused with a message, never panics.
+    #[test]
+    fn hooks_parse_total(text in ".{0,40}") {
+        if let Err(e) = sitegate::dataplane::Hooks::parse(&text) {
+            prop_assert!(e.starts_with("SITEGATE_TEST_HOOKS: "));
+        }
+    }
+
+    /// Whatever the failures, the source table stays within its capacity, and a
+    /// source is blocked only after as many failures as the threshold, all
+    /// within one window and counted by a reference model.
+    #[test]
+    fn source_table_bounded_and_exact(
+        ops in proptest::collection::vec((0u8..24, 0u64..400), 1..600),
+    ) {
+        use sitegate::dataplane::sources::{SourceTable, FAILURE_THRESHOLD, FAILURE_WINDOW_MS};
+        let cap = 16;
+        let mut t = SourceTable::with_capacity(cap);
+        let mut now = 1u64;
+        for (src, step) in ops {
+            now += step * 50;
+            let ip = IpAddr::V4(Ipv4Addr::new(10, 0, 0, src));
+            if let Some(b) = t.record_failure(ip, now) {
+                prop_assert_eq!(b.source, ip);
+                prop_assert_eq!(b.failures, FAILURE_THRESHOLD);
+                prop_assert!(t.is_blocked(ip, now));
+            }
+            prop_assert!(t.len() <= cap);
+        }
+        // The window ends: a lone failure later never blocks anyone.
+        let later = now + FAILURE_WINDOW_MS * 100;
+        prop_assert!(t.record_failure(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)), later).is_none());
+    }
+
     /// Header parsing never panics, and agrees with the destination-only view.
     #[test]
     fn header_parse_total(bytes in proptest::collection::vec(any::<u8>(), 0..120)) {

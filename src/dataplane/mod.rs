@@ -11,6 +11,11 @@
 //! control plane swaps whole ([`arc_swap`]), so the only lock on the path is the
 //! sending peer's own `Tunn` mutex, held for the crypto and released before any
 //! I/O. [`timers::Timers::tick`] drives boringtun's timers and the event summaries.
+//!
+//! The protocol rules against abuse live here too: one handshake limiter for
+//! every `Tunn` ([`Shared::rate_limiter`]), roaming only on authenticated
+//! packets ([`rx`]), random session indices ([`peers`]) and per-source backoff
+//! of failing handshakes ([`sources`]).
 
 pub mod batch;
 pub mod packet;

@@ -11,6 +11,7 @@
 //! - [`policy`]: the verdict on each decrypted packet (anti-spoof first).
 //! - [`control::uapi`]: the WireGuard UAPI `get=1` reply as text.
 //! - [`events`]: event names and rate-limited summaries of repeated failures.
+//! - [`firewall::render`]: the nftables table `inet sitegate` as nft JSON.
 //!
 //! I/O shell:
 //! - [`dataplane`]: TUN and UDP loops around boringtun's `noise::Tunn` (batched
@@ -30,6 +31,7 @@ pub mod control;
 pub mod daemon;
 pub mod dataplane;
 pub mod events;
+pub mod firewall;
 pub mod keys;
 pub mod policy;
 pub mod registry;

@@ -15,12 +15,12 @@ bin=""
 
 [ "$(id -u)" = 0 ] || { echo "demo.sh needs root (network namespaces); try: sudo $0" >&2; exit 1; }
 missing=""
-for t in ip wg wg-quick wireguard-go ping curl python3; do
+for t in ip wg wg-quick wireguard-go ping curl python3 nft; do
   command -v "$t" >/dev/null || missing="$missing $t"
 done
 if [ -n "$missing" ]; then
   echo "demo.sh needs:$missing" >&2
-  echo "install: apt-get install -y wireguard-go wireguard-tools iproute2 iputils-ping curl python3" >&2
+  echo "install: apt-get install -y wireguard-go wireguard-tools iproute2 iputils-ping curl python3 nftables" >&2
   exit 1
 fi
 

@@ -195,6 +195,17 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
             iface.listen_port
         )
     })?;
+    // The table goes in before any packet moves, and out when `run` returns
+    // (or unwinds); a leftover from a killed daemon is replaced here.
+    let firewall = if cfg.firewall.manage {
+        let spec = crate::firewall::render::FirewallSpec::from_config(&cfg);
+        let installed = crate::firewall::apply::Installed::install(&spec)
+            .context("[firewall] manage = true: cannot install the nftables table inet sitegate")?;
+        tracing::info!(event = "firewall_installed", table = "inet sitegate");
+        Some(installed)
+    } else {
+        None
+    };
     let uapi_path = control::uapi_socket_path(&iface.name);
     let uapi = control::bind_private_socket(&uapi_path, 0o755)
         .with_context(|| format!("cannot serve {}", uapi_path.display()))?;
@@ -285,6 +296,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     let _ = std::fs::remove_file(&control_path);
     drop(shared);
     drop(device); // the last reference: closes the TUN fd, the kernel removes the device
+    drop(firewall);
     tracing::info!(event = "stopped", interface = %cfg.interface.name);
     if let Some(sink) = audit_sink {
         sink.stop();

@@ -140,3 +140,50 @@ fn table_loads_replaces_and_blocks_the_underlay() {
     );
     drop(service);
 }
+
+/// `run` installs the table at start, a start after `kill -9` replaces the
+/// leftover (same rules, not doubled), SIGTERM removes it; `manage = false`
+/// leaves the host's firewall alone.
+#[test]
+fn daemon_installs_replaces_and_removes_the_table() {
+    if !rig_ready("firewall_daemon") {
+        return;
+    }
+    let n = names("fd");
+    let gw_ns = Netns::new(&n.netns("gw"));
+    let mut gw = Gateway::init(&gw_ns, &n.name("g"));
+    gw.start();
+    let installed = table_rules(&gw_ns).expect("table installed at start");
+    assert!(installed >= 4, "{installed} rules");
+    assert!(!gw.events_named("firewall_installed").is_empty());
+
+    assert!(
+        gw.signal_and_wait(libc::SIGKILL, Duration::from_secs(5))
+            .is_some(),
+        "kill -9"
+    );
+    assert_eq!(table_rules(&gw_ns), Some(installed), "kill -9 leaves it");
+    // The killed daemon left its UAPI socket; the next start binds anew.
+    let _ = std::fs::remove_file(format!("/var/run/wireguard/{}.sock", gw.ifname));
+    gw.restart();
+    assert_eq!(
+        table_rules(&gw_ns),
+        Some(installed),
+        "replaced, not doubled"
+    );
+
+    let st = gw
+        .signal_and_wait(libc::SIGTERM, Duration::from_secs(10))
+        .expect("stops on SIGTERM");
+    assert!(st.success(), "clean stop: {st}");
+    assert_eq!(table_rules(&gw_ns), None, "removed at stop");
+    assert!(!gw.events_named("firewall_removed").is_empty());
+
+    let text = std::fs::read_to_string(&gw.config).expect("config");
+    assert!(text.contains("manage = true"), "init writes manage = true");
+    std::fs::write(&gw.config, text.replace("manage = true", "manage = false"))
+        .expect("rewrite config");
+    gw.restart();
+    assert_eq!(table_rules(&gw_ns), None, "manage = false installs nothing");
+    assert!(gw.events_named("firewall_installed").is_empty());
+}

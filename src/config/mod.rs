@@ -1,8 +1,8 @@
 //! `sitegate.toml`: deserialized into `raw::*Raw` (unknown keys refused), then
 //! validated into [`Config`], whose fields cannot hold a bad value.
 //!
-//! Sections `[interface]`, `[store]`, `[log]` act now; `[egress]`, `[[service]]`,
-//! `[api]`, `[firewall]`, `[daemon]` are parsed and validated so a bad file fails
+//! Sections `[interface]`, `[store]`, `[log]`, `[firewall]` act now; `[egress]`,
+//! `[[service]]`, `[api]`, `[daemon]` are parsed and validated so a bad file fails
 //! at start, and act in later issues.
 
 pub mod raw;

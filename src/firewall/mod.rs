@@ -1,7 +1,9 @@
 //! The host firewall sitegate manages: the nftables table `inet sitegate`.
 //!
-//! [`render`] builds the ruleset as nftables JSON (pure). Installing it at
-//! start and removing it at stop (`[firewall] manage`) is the next step of the
-//! policy work (issue 8) and is not wired into `run` yet.
+//! [`render`] builds the ruleset as nftables JSON (pure); [`apply`] loads it
+//! with `nft` at start and removes it at stop when `[firewall] manage = true`.
+//! Forwarding (`ip_forward`) is left as the host has it until the full packet
+//! policy enforces egress and private ranges (issue 8).
 
+pub mod apply;
 pub mod render;

@@ -55,28 +55,15 @@ export WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1
 export WG_QUICK_USERSPACE_IMPLEMENTATION=wireguard-go
 gwpid=""
 
-log() { [ "$json" = 1 ] || echo "# $*" >&2; }
+# shellcheck source=benches/lib.sh
+. "$(dirname "$0")/lib.sh"
 
-stop_gateway() {
-  if [ -n "$gwpid" ] && kill -0 "$gwpid" 2>/dev/null; then
-    kill -TERM "$gwpid" 2>/dev/null || true
-    for _ in $(seq 50); do kill -0 "$gwpid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$gwpid" 2>/dev/null || true
-    wait "$gwpid" 2>/dev/null || true
-  fi
-  gwpid=""
-  ip -n "$GW" link del "$GIF" 2>/dev/null || true
-  rm -f "/var/run/wireguard/$GIF.sock"
-}
 
 cleanup() {
   set +e
   ip netns exec "$CL" wg-quick down "$work/$CIF.conf" >/dev/null 2>&1
   stop_gateway
-  for ns in "$CL" "$GW"; do
-    for p in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$p" 2>/dev/null; done
-    ip netns del "$ns" 2>/dev/null
-  done
+  remove_namespaces "$CL" "$GW"
   rm -f "/var/run/wireguard/$CIF.sock" "/var/run/wireguard/$GIF.sock"
   rm -rf "$work"
 }
@@ -130,30 +117,13 @@ client_ip=$(conf_get Address | cut -d, -f1 | cut -d/ -f1)
 
 # Brings up a stock userspace gateway ($1 = wireguard-go | boringtun-cli) with wg set.
 start_stock_gateway() {
-  case "$1" in
-    wireguard-go) ip netns exec "$GW" wireguard-go -f "$GIF" >"$work/gw.log" 2>&1 & ;;
-    boringtun-cli) ip netns exec "$GW" env WG_SUDO=1 boringtun-cli --foreground \
-                     --disable-drop-privileges "$GIF" >"$work/gw.log" 2>&1 & ;;
-  esac
-  gwpid=$!
-  for _ in $(seq 100); do [ -S "/var/run/wireguard/$GIF.sock" ] && break; sleep 0.1; done
+  spawn_stock_gateway "$1"
   ip netns exec "$GW" wg set "$GIF" listen-port 51820 private-key "$keyfile" \
     peer "$(cat "$work/client.pub")" preshared-key "$work/psk" allowed-ips "$client_ip/32"
   ip -n "$GW" addr add 10.8.0.1/24 dev "$GIF"
   ip -n "$GW" link set "$GIF" mtu 1420 up
 }
 
-start_sitegate() {
-  ip netns exec "$GW" "$bin" --config "$cfg" run 2>"$work/gw.log" >/dev/null &
-  gwpid=$!
-  for _ in $(seq 100); do
-    ip -n "$GW" link show "$GIF" >/dev/null 2>&1 && break
-    kill -0 "$gwpid" 2>/dev/null || break
-    sleep 0.1
-  done
-}
-
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
 # Runs one iperf3 test (client in the site, server on the gateway's tunnel address)
 # with extra client ARGS, JSON to $1; prints the gateway's CPU ticks used meanwhile.
@@ -184,7 +154,7 @@ bench_one() {
       if [ "$have_sitegate" = 0 ]; then
         echo '{"gateway":"sitegate","error":"init or peer add failed"}' >>"$results"; return
       fi
-      start_sitegate ;;
+      spawn_sitegate gateway_link_up ;;
     *) start_stock_gateway "$name" ;;
   esac
   if ! kill -0 "$gwpid" 2>/dev/null; then

@@ -94,27 +94,14 @@ work=$(mktemp -d /tmp/sitegate-hsbench.XXXXXX)
 export WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1
 gwpid=""
 
-log() { [ "$json" = 1 ] || echo "# $*" >&2; }
+# shellcheck source=benches/lib.sh
+. "$(dirname "$0")/lib.sh"
 
-stop_gateway() {
-  if [ -n "$gwpid" ] && kill -0 "$gwpid" 2>/dev/null; then
-    kill -TERM "$gwpid" 2>/dev/null || true
-    for _ in $(seq 50); do kill -0 "$gwpid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$gwpid" 2>/dev/null || true
-    wait "$gwpid" 2>/dev/null || true
-  fi
-  gwpid=""
-  ip -n "$GW" link del "$GIF" 2>/dev/null || true
-  rm -f "/var/run/wireguard/$GIF.sock"
-}
 
 cleanup() {
   set +e
   stop_gateway
-  for ns in "$LD" "$GW"; do
-    for p in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$p" 2>/dev/null; done
-    ip netns del "$ns" 2>/dev/null
-  done
+  remove_namespaces "$LD" "$GW"
   rm -f "/var/run/wireguard/$GIF.sock"
   rm -rf "$work"
 }
@@ -166,16 +153,11 @@ log "issued $nkeys peers in $((SECONDS - t_issue)) s"
 chmod 600 "$work/stock.conf"
 
 udp_bound() { ip netns exec "$GW" ss -ulnH "sport = :$PORT" | grep -q .; }
+sitegate_ready() { gateway_link_up && udp_bound; }
 
 # Brings up a stock userspace gateway ($1 = wireguard-go | boringtun-cli).
 start_stock_gateway() {
-  case "$1" in
-    wireguard-go) ip netns exec "$GW" wireguard-go -f "$GIF" >"$work/gw.log" 2>&1 & ;;
-    boringtun-cli) ip netns exec "$GW" env WG_SUDO=1 boringtun-cli --foreground \
-                     --disable-drop-privileges "$GIF" >"$work/gw.log" 2>&1 & ;;
-  esac
-  gwpid=$!
-  for _ in $(seq 100); do [ -S "/var/run/wireguard/$GIF.sock" ] && break; sleep 0.1; done
+  spawn_stock_gateway "$1"
   ip netns exec "$GW" wg setconf "$GIF" "$work/stock.conf"
   ip -n "$GW" addr add 10.9.0.1/20 dev "$GIF"
   ip -n "$GW" link set "$GIF" mtu 1420 up
@@ -185,17 +167,7 @@ start_stock_gateway() {
   for _ in $(seq 50); do udp_bound && break; sleep 0.1; done
 }
 
-start_sitegate() {
-  ip netns exec "$GW" "$bin" --config "$cfg" run 2>"$work/gw.log" >/dev/null &
-  gwpid=$!
-  for _ in $(seq 100); do
-    ip -n "$GW" link show "$GIF" >/dev/null 2>&1 && udp_bound && break
-    kill -0 "$gwpid" 2>/dev/null || break
-    sleep 0.1
-  done
-}
 
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 # Busy ticks of all CPUs: user nice system irq softirq steal.
 machine_ticks() { awk '/^cpu /{print $2 + $3 + $4 + $7 + $8 + $9; exit}' /proc/stat; }
 
@@ -219,7 +191,7 @@ bench_one() {
   wait_quiet
   log "round $round, gateway: $name"
   case "$name" in
-    sitegate) start_sitegate ;;
+    sitegate) spawn_sitegate sitegate_ready ;;
     *) start_stock_gateway "$name" ;;
   esac
   if ! kill -0 "$gwpid" 2>/dev/null || ! udp_bound; then

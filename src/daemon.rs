@@ -67,7 +67,7 @@ impl Registry {
     /// that left get their `session_closed` event. On error the table in force
     /// stays (the timer still expires its peers from memory).
     fn reload(&mut self, shared: &Shared) -> anyhow::Result<usize> {
-        let store = Store::open(&self.store).context("cannot open the peer store")?;
+        let store = self.open()?;
         let pause = self.pause;
         let snapshot = store
             .snapshot(|| {
@@ -99,8 +99,8 @@ impl Registry {
     /// Reloads when another process changed the registry since the snapshot
     /// in force (the safety net behind the control socket's notify).
     fn poll(&mut self, shared: &Shared) {
-        let version = Store::open(&self.store)
-            .context("cannot open the peer store")
+        let version = self
+            .open()
             .and_then(|s| s.registry_version().context("cannot read the peer store"));
         match version {
             Ok(v) if v == self.registry_version => {}
@@ -111,6 +111,10 @@ impl Registry {
             }
             Err(e) => self.failed(shared, &e),
         }
+    }
+
+    fn open(&self) -> anyhow::Result<Store> {
+        Store::open(&self.store).context("cannot open the peer store")
     }
 
     /// Logs a failed read, throttled: the first at once, then a summary with
@@ -131,12 +135,7 @@ impl Registry {
 /// Ends peers whose expiry has passed, from the table in memory: no store
 /// read is needed, so expiry holds while the store cannot be read.
 fn expire(shared: &Shared) {
-    let now = unix_now();
-    let old = shared.table.load_full();
-    if old.next_expiry().is_none_or(|t| t > now) {
-        return;
-    }
-    if let Some((table, removed)) = old.without_expired(now) {
+    if let Some((table, removed)) = shared.table.load().without_expired(unix_now()) {
         shared.table.store(Arc::new(table));
         close_removed(removed);
     }
@@ -318,13 +317,13 @@ fn spawn_loop(
             let error = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)) {
                 Ok(Ok(())) => return,
                 Ok(Err(e)) => e.to_string(),
-                Err(panic) => match panic.downcast_ref::<&str>() {
-                    Some(s) => format!("panic: {s}"),
-                    None => match panic.downcast_ref::<String>() {
-                        Some(s) => format!("panic: {s}"),
-                        None => "panic".to_string(),
-                    },
-                },
+                Err(panic) => {
+                    let message = panic
+                        .downcast_ref::<&str>()
+                        .copied()
+                        .or_else(|| panic.downcast_ref::<String>().map(String::as_str));
+                    format!("panic: {}", message.unwrap_or("(no message)"))
+                }
             };
             let _ = fatal.send(Fatal {
                 thread: name,

@@ -24,7 +24,7 @@ use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use base64::Engine;
 use boringtun::noise::{Tunn, TunnResult};
@@ -76,29 +76,6 @@ const REVOKE_APPLIED_WITHIN: f64 = 6.0;
 
 /// A panicking packet thread must end the daemon within this long.
 const PANIC_EXIT_WITHIN: Duration = Duration::from_secs(5);
-
-/// The wall clock as Unix seconds with fractions.
-fn now_unix() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_secs_f64()
-}
-
-/// The `timestamp` of a JSON log event as Unix seconds.
-fn event_time(ev: &Value) -> f64 {
-    let ts = field_str(ev, "timestamp");
-    humantime::parse_rfc3339_weak(ts)
-        .unwrap_or_else(|e| panic!("event without a readable timestamp ({e}): {ev}"))
-        .duration_since(UNIX_EPOCH)
-        .expect("timestamp after 1970")
-        .as_secs_f64()
-}
-
-/// Whether `ev` is event `name` with field `reason` = `reason`.
-fn is_event(ev: &Value, name: &str, reason: &str) -> bool {
-    field_str(ev, "event") == name && field_str(ev, "reason") == reason
-}
 
 /// Whether any string field of `ev` (top level or under `fields`) mentions `ip`.
 fn mentions(ev: &Value, ip: &str) -> bool {

@@ -776,6 +776,24 @@ fn indices_are_random_and_unique() {
     }
 }
 
+/// An initiation with a valid mac1 from a fresh key the gateway never issued.
+fn unknown_initiation(gw: &Gateway) -> Vec<u8> {
+    let gw_pub = gw.key.public_key().to_x25519();
+    let mut t = Tunn::new(
+        PrivateKey::generate().to_x25519(),
+        gw_pub,
+        None,
+        None,
+        1,
+        None,
+    );
+    let mut buf = vec![0u8; 2048];
+    match t.format_handshake_initiation(&mut buf, true) {
+        TunnResult::WriteToNetwork(init) => init.to_vec(),
+        other => panic!("no initiation: {other:?}"),
+    }
+}
+
 /// A source that fails more than the threshold is ignored for the backoff:
 /// its handshakes go unprocessed, but a live session's transport packets from
 /// the same address still pass, and a live site's own address is never blocked.
@@ -788,24 +806,12 @@ fn failing_source_is_backed_off() {
     b.addr = "203.0.113.9:4000".parse().unwrap();
     gw.load(&[a.record.clone(), b.record.clone()]);
     assert!(b.connect(&mut gw), "beta connects from the attacker's host");
-    let gw_pub = gw.key.public_key().to_x25519();
-    let mut buf = vec![0u8; 2048];
     let attacker: SocketAddr = "203.0.113.9:5000".parse().unwrap();
     let unknown_total =
         |gw: &Gateway| gw.shared.anon.throttles[HandshakeFailure::UnknownKey.index()].total();
     for _ in 0..FAILURE_THRESHOLD + 20 {
-        let mut t = Tunn::new(
-            PrivateKey::generate().to_x25519(),
-            gw_pub,
-            None,
-            None,
-            1,
-            None,
-        );
-        if let TunnResult::WriteToNetwork(init) = t.format_handshake_initiation(&mut buf, true) {
-            let init = init.to_vec();
-            gw.receive(&init, attacker);
-        }
+        let init = unknown_initiation(&gw);
+        gw.receive(&init, attacker);
     }
     assert_eq!(
         unknown_total(&gw),
@@ -823,18 +829,8 @@ fn failing_source_is_backed_off() {
     assert!(a.connect(&mut gw));
     sitegate::dataplane::timers::Timers::default().tick(&gw.shared);
     for _ in 0..FAILURE_THRESHOLD + 20 {
-        let mut t = Tunn::new(
-            PrivateKey::generate().to_x25519(),
-            gw_pub,
-            None,
-            None,
-            1,
-            None,
-        );
-        if let TunnResult::WriteToNetwork(init) = t.format_handshake_initiation(&mut buf, true) {
-            let init = init.to_vec();
-            gw.receive(&init, a.addr);
-        }
+        let init = unknown_initiation(&gw);
+        gw.receive(&init, a.addr);
     }
     assert_eq!(initiate(&mut gw, &mut a).first(), Some(&2), "alpha renews");
 }
@@ -935,4 +931,27 @@ fn initiator_memory_follows_key_changes() {
         alpha.handshake_failures[HandshakeFailure::Replay.index()].total(),
         1
     );
+}
+
+/// The shared limiter is reset by the timer: once the burst that tripped it is
+/// a second old, a plain initiation (no mac2) is answered again.
+#[test]
+fn limiter_resets_every_second() {
+    let mut gw = Gateway::new();
+    let mut a = Site::new(&gw, "alpha", "10.8.0.2", 40001);
+    gw.load(std::slice::from_ref(&a.record));
+    fill_limiter(&mut gw, sitegate::dataplane::HANDSHAKE_RATE_LIMIT + 1);
+    assert_eq!(initiate(&mut gw, &mut a).first(), Some(&3), "under load");
+    let mut timers = sitegate::dataplane::timers::Timers::default();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(4);
+    let mut answered = false;
+    while !answered && std::time::Instant::now() < deadline {
+        timers.tick(&gw.shared);
+        // The site never takes the cookie replies: no initiation carries mac2.
+        answered = initiate(&mut gw, &mut a).first() == Some(&2);
+        if !answered {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+    assert!(answered, "no initiation answered within 4 s of the burst");
 }

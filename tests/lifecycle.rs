@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use common::*;
 use serde_json::Value;
@@ -32,29 +32,6 @@ const REDIAL_DEADLINE: Duration = Duration::from_secs(40);
 const RECONNECT_DEADLINE: Duration = Duration::from_secs(45);
 /// Quiet time after which a continuous ping is taken to have stopped working.
 const SILENCE_SECS: f64 = 2.0;
-
-/// The wall clock as Unix seconds with fractions (the clock `ping -D` prints).
-fn now_unix() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_secs_f64()
-}
-
-/// The `timestamp` of a JSON log event as Unix seconds.
-fn event_time(ev: &Value) -> f64 {
-    let ts = field_str(ev, "timestamp");
-    humantime::parse_rfc3339_weak(ts)
-        .unwrap_or_else(|e| panic!("event without a readable timestamp ({e}): {ev}"))
-        .duration_since(UNIX_EPOCH)
-        .expect("timestamp after 1970")
-        .as_secs_f64()
-}
-
-/// Whether `ev` is event `name` with field `reason` = `reason`.
-fn is_event(ev: &Value, name: &str, reason: &str) -> bool {
-    field_str(ev, "event") == name && field_str(ev, "reason") == reason
-}
 
 /// Runs a CLI command and parses its stdout as JSON (panics unless it exits 0).
 fn cli_json(gw: &Gateway, args: &[&str]) -> Value {

@@ -253,15 +253,6 @@ impl PeerTable {
         }
         self.peers.push(slot);
     }
-
-    /// Earliest expiry among active peers (Unix seconds), for the timer to act on.
-    pub fn next_expiry(&self) -> Option<i64> {
-        self.peers
-            .iter()
-            .map(|s| s.expires_at.load(Ordering::Relaxed))
-            .filter(|&t| t != i64::MAX)
-            .min()
-    }
 }
 
 /// A random nonzero 24-bit index for which `taken` is false.

@@ -96,17 +96,18 @@ fn is_handshake(datagram: &[u8]) -> bool {
 
 /// Source addresses remembered by [`Initiators`]; past this the memory is
 /// cleared and refilled (one extra Diffie-Hellman per site, once).
-pub const INITIATOR_CACHE: usize = 8192;
+const INITIATOR_CACHE: usize = 8192;
 
 /// Which key last completed a handshake from each source address, so that the
 /// next initiation from there goes straight to that peer's `Tunn` instead of
 /// being decrypted twice (once anonymously to find the key, once by the
 /// `Tunn`): one Diffie-Hellman less per renewal. Filled only by handshakes
-/// boringtun accepted; a guess that turns out wrong (another key at that
+/// boringtun accepted, and changed only by the next one, so no unauthenticated
+/// datagram moves it: a guess that turns out wrong (another key at that
 /// address) costs one `Tunn` attempt that changes no state, then the anonymous
 /// path runs as before. Owned by the receive loop: no lock.
 #[derive(Debug)]
-pub struct Initiators {
+struct Initiators {
     keys: HashMap<SocketAddr, [u8; 32]>,
 }
 
@@ -179,92 +180,129 @@ pub fn handle(
             return;
         }
     };
-    let mut guess = match &packet {
-        Packet::HandshakeInit(_) => rx.initiators.keys.get(&src).and_then(|k| table.by_key(k)),
-        _ => None,
-    };
-    loop {
-        let guessed = guess.is_some();
-        let (pos, kind) = match (guess.take(), &packet) {
-            (Some(pos), _) => (Some(pos), Kind::Initiation),
-            (None, Packet::HandshakeInit(init)) => {
-                match parse_handshake_anon(&shared.static_secret, &shared.static_public, init) {
-                    Ok(half) => match table.by_key(&half.peer_static_public) {
-                        Some(pos) => (Some(pos), Kind::Initiation),
-                        None => {
-                            let key = PublicKey::from_bytes(half.peer_static_public);
-                            source_failed(shared, src);
-                            refused_key(shared, &table, key, src);
-                            return;
-                        }
-                    },
-                    Err(_) => {
-                        source_failed(shared, src);
-                        anon_failure(shared, HandshakeFailure::Decrypt, None, src);
-                        return;
-                    }
-                }
-            }
-            (None, Packet::HandshakeResponse(r)) => {
-                (table.by_receiver(r.receiver_idx), Kind::Response)
-            }
-            (None, Packet::PacketCookieReply(c)) => {
-                (table.by_receiver(c.receiver_idx), Kind::CookieReply)
-            }
-            (None, Packet::PacketData(d)) => (table.by_receiver(d.receiver_idx), Kind::Data),
-        };
-        let Some(pos) = pos else {
-            dropped(shared, DropReason::UnknownSession, src);
-            return;
-        };
-        let peer = &table.peers[pos];
-        let mut state = peer.lock();
-        let result = state
-            .tunn
-            .decapsulate(Some(src.ip()), datagram, &mut rx.out);
-        if guessed && matches!(result, TunnResult::Err(WireGuardError::WrongKey)) {
-            // Another key at this address now: find it the anonymous way.
-            drop(state);
-            rx.initiators.keys.remove(&src);
-            continue;
-        }
-        let authenticated = authenticated(kind, &result);
-        if authenticated && state.endpoint != Some(src) {
-            state.endpoint = Some(src);
-        }
-        drop(state);
-        match result {
-            TunnResult::Done => {}
-            TunnResult::Err(e) => peer_failure(shared, peer, e, kind, src),
-            TunnResult::WriteToNetwork(reply) => {
-                let established = authenticated;
-                if !established {
-                    // boringtun answered with a cookie: the gateway is under load
-                    // and this handshake message carried no valid mac2 for `src`.
-                    failure_event(shared, peer, HandshakeFailure::RateLimited, src);
-                }
-                shared.wire.send_datagram(reply, src);
-                if established {
-                    if kind == Kind::Initiation && !guessed {
-                        rx.initiators.remember(src, *peer.public_key.as_bytes());
-                    }
-                    peer.lock().session_up = true;
-                    tracing::info!(
-                        event = "handshake",
-                        peer = %peer.name,
-                        public_key = %peer.public_key,
-                        endpoint = %src,
-                        role = if kind == Kind::Initiation { "responder" } else { "initiator" },
-                    );
-                }
-                flush_queue(shared, peer, &mut rx.out);
-            }
-            TunnResult::WriteToTunnelV4(ip, _) | TunnResult::WriteToTunnelV6(ip, _) => {
-                deliver(shared, &table, pos, peer, ip, sink);
+    // An initiation from an address whose key we remember goes straight to
+    // that peer; `None` back means another key initiated there.
+    if let Packet::HandshakeInit(_) = packet {
+        let remembered = rx.initiators.keys.get(&src).and_then(|k| table.by_key(k));
+        if let Some(pos) = remembered {
+            if process(
+                shared,
+                rx,
+                &table,
+                pos,
+                Kind::Initiation,
+                true,
+                datagram,
+                src,
+                sink,
+            )
+            .is_some()
+            {
+                return;
             }
         }
-        return;
     }
+    if let Some((pos, kind)) = identify(shared, &table, &packet, src) {
+        process(shared, rx, &table, pos, kind, false, datagram, src, sink);
+    }
+}
+
+/// Which peer a verified message is for, and what kind it is. Reports and
+/// returns `None` when no active peer owns it.
+fn identify(
+    shared: &Shared,
+    table: &PeerTable,
+    packet: &Packet<'_>,
+    src: SocketAddr,
+) -> Option<(usize, Kind)> {
+    let (pos, kind) = match packet {
+        Packet::HandshakeInit(init) => {
+            match parse_handshake_anon(&shared.static_secret, &shared.static_public, init) {
+                Ok(half) => match table.by_key(&half.peer_static_public) {
+                    Some(pos) => (Some(pos), Kind::Initiation),
+                    None => {
+                        let key = PublicKey::from_bytes(half.peer_static_public);
+                        source_failed(shared, src);
+                        refused_key(shared, table, key, src);
+                        return None;
+                    }
+                },
+                Err(_) => {
+                    source_failed(shared, src);
+                    anon_failure(shared, HandshakeFailure::Decrypt, None, src);
+                    return None;
+                }
+            }
+        }
+        Packet::HandshakeResponse(r) => (table.by_receiver(r.receiver_idx), Kind::Response),
+        Packet::PacketCookieReply(c) => (table.by_receiver(c.receiver_idx), Kind::CookieReply),
+        Packet::PacketData(d) => (table.by_receiver(d.receiver_idx), Kind::Data),
+    };
+    if pos.is_none() {
+        dropped(shared, DropReason::UnknownSession, src);
+    }
+    pos.map(|p| (p, kind))
+}
+
+/// Hands the datagram to peer `pos`'s `Tunn` and acts on the result. With
+/// `remembered` (an initiation sent to the key last seen at `src`), a
+/// `WrongKey` answer changes nothing and returns `None`: the caller then
+/// identifies the sender the anonymous way.
+#[allow(clippy::too_many_arguments)]
+fn process(
+    shared: &Shared,
+    rx: &mut Receiver,
+    table: &PeerTable,
+    pos: usize,
+    kind: Kind,
+    remembered: bool,
+    datagram: &[u8],
+    src: SocketAddr,
+    sink: &mut impl TunSink,
+) -> Option<()> {
+    let peer = &table.peers[pos];
+    let mut state = peer.lock();
+    let result = state
+        .tunn
+        .decapsulate(Some(src.ip()), datagram, &mut rx.out);
+    if remembered && matches!(result, TunnResult::Err(WireGuardError::WrongKey)) {
+        return None;
+    }
+    let authenticated = authenticated(kind, &result);
+    if authenticated && state.endpoint != Some(src) {
+        state.endpoint = Some(src);
+    }
+    drop(state);
+    match result {
+        TunnResult::Done => {}
+        TunnResult::Err(e) => peer_failure(shared, peer, e, kind, src),
+        TunnResult::WriteToNetwork(reply) => {
+            if !authenticated {
+                // boringtun answered with a cookie: the gateway is under load
+                // and this handshake message carried no valid mac2 for `src`.
+                failure_event(shared, peer, HandshakeFailure::RateLimited, src);
+            }
+            shared.wire.send_datagram(reply, src);
+            if authenticated {
+                if kind == Kind::Initiation && !remembered {
+                    rx.initiators.remember(src, *peer.public_key.as_bytes());
+                }
+                peer.lock().session_up = true;
+                tracing::info!(
+                    event = "handshake",
+                    peer = %peer.name,
+                    public_key = %peer.public_key,
+                    endpoint = %src,
+                    role = if kind == Kind::Initiation { "responder" } else { "initiator" },
+                );
+            }
+            flush_queue(shared, peer, &mut rx.out);
+        }
+        TunnResult::WriteToTunnelV4(ip, _) | TunnResult::WriteToTunnelV6(ip, _) => {
+            deliver(shared, table, pos, peer, ip, sink);
+        }
+    }
+    Some(())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -21,7 +21,6 @@ pub const TICK: Duration = Duration::from_millis(250);
 /// Owns the timer loop's scratch buffer.
 pub struct Timers {
     buf: Vec<u8>,
-    ticks: u64,
     sources_summarised_ms: u64,
     named: Vec<(IpAddr, u64)>,
 }
@@ -30,7 +29,6 @@ impl Default for Timers {
     fn default() -> Self {
         Self {
             buf: vec![0u8; MAX_PACKET],
-            ticks: 0,
             sources_summarised_ms: 0,
             named: Vec::with_capacity(SUMMARY_SOURCES * 4),
         }
@@ -40,7 +38,6 @@ impl Default for Timers {
 impl Timers {
     /// One tick over every peer.
     pub fn tick(&mut self, shared: &Shared) {
-        self.ticks += 1;
         // boringtun resets the count only when a second has passed since the
         // last reset, so calling every tick resets it once a second.
         shared.rate_limiter.reset_count();

@@ -21,7 +21,7 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 
@@ -69,6 +69,29 @@ pub fn rig_ready(test: &str) -> bool {
     }
     eprintln!("SKIPPED {note}");
     false
+}
+
+/// The wall clock as Unix seconds with fractions (the clock `ping -D` prints).
+pub fn now_unix() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs_f64()
+}
+
+/// The `timestamp` of a JSON log event as Unix seconds.
+pub fn event_time(ev: &Value) -> f64 {
+    let ts = field_str(ev, "timestamp");
+    humantime::parse_rfc3339_weak(ts)
+        .unwrap_or_else(|e| panic!("event without a readable timestamp ({e}): {ev}"))
+        .duration_since(UNIX_EPOCH)
+        .expect("timestamp after 1970")
+        .as_secs_f64()
+}
+
+/// Whether `ev` is event `name` with field `reason` = `reason`.
+pub fn is_event(ev: &Value, name: &str, reason: &str) -> bool {
+    field_str(ev, "event") == name && field_str(ev, "reason") == reason
 }
 
 /// Polls `cond` every 50 ms until it holds (true) or `deadline` passes (false).

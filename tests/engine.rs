@@ -955,3 +955,23 @@ fn limiter_resets_every_second() {
     }
     assert!(answered, "no initiation answered within 4 s of the burst");
 }
+
+/// Errors of the packet loops are throttled like every other failure: a
+/// hundred in a row give one log line, the rest wait for the summary.
+#[test]
+fn loop_errors_are_throttled() {
+    use sitegate::dataplane::LoopError;
+    let gw = Gateway::new();
+    let err = std::io::Error::other("device gone");
+    let events = events_during(|| {
+        for _ in 0..100 {
+            gw.shared.loop_error(LoopError::Tun, &err);
+            gw.shared.loop_error(LoopError::Udp, &err);
+        }
+    });
+    assert_eq!(
+        events,
+        vec!["tun_error".to_string(), "udp_error".to_string()]
+    );
+    assert_eq!(gw.shared.loop_errors[LoopError::Tun.index()].total(), 100);
+}

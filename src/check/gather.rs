@@ -328,7 +328,16 @@ fn list_table() -> TableFacts {
         Err(e) => return TableFacts::Unknown(format!("cannot run nft: {e}")),
     };
     if !out.status.success() {
-        return TableFacts::Missing(String::from_utf8_lossy(&out.stderr).trim().to_string());
+        // nft's first line is the message; the rest echoes the command with carets.
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let first = stderr.lines().next().unwrap_or("").trim().to_string();
+        // ENOENT is how nft says the table does not exist; anything else
+        // (no permission, no nf_tables) means it could not look.
+        return if first.contains("No such file or directory") {
+            TableFacts::Missing(first)
+        } else {
+            TableFacts::Unknown(format!("nft: {first}"))
+        };
     }
     match serde_json::from_slice::<serde_json::Value>(&out.stdout) {
         Ok(doc) => TableFacts::Listed(decide::rules_per_chain(&doc)),

@@ -9,7 +9,7 @@
 mod common;
 
 use std::fs;
-use std::net::TcpListener;
+use std::net::{TcpListener, UdpSocket};
 use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -212,6 +212,11 @@ fn sound_setup_passes() {
         &[&format!("{dir}/sitegate.db "), "mode 0600"],
     );
     c.one("PASS", "file-permissions", &[&format!("{dir}/audit.jsonl")]);
+    c.one(
+        "PASS",
+        "file-permissions",
+        &[&format!("{dir}/sitegate.toml"), "mode 0640"],
+    );
     c.one("PASS", "full-routes", &["1 active peer"]);
     c.one("PASS", "api-listen", &["no [api] section"]);
     c.one(
@@ -257,7 +262,9 @@ fn loose_key_file_fails() {
 }
 
 /// A service on the gateway address whose port is bound to the wildcard fails
-/// naming the service, the port and the bound address.
+/// naming the service, the port and the bound address; so does a UDP service.
+/// A service on an internal address of this host is judged the same way (here
+/// bound to its own address: pass); one on another host is not inspected.
 #[test]
 fn wildcard_service_listener_fails() {
     if !rig_ready("check_wildcard_listener") {
@@ -266,7 +273,32 @@ fn wildcard_service_listener_fails() {
     let n = names("cw");
     let ns = Netns::new(&n.netns("gw"));
     let gw = sound_gateway(&ns, &n.name("g"));
+    let text = fs::read_to_string(&gw.config).expect("config");
+    let extra = r#"
+[[service]]
+name = "db"
+address = "172.30.0.10:5432"
+
+[[service]]
+name = "remote-db"
+address = "172.30.0.20:5432"
+
+[[service]]
+name = "dns"
+address = "10.8.0.1:5353"
+protocol = "udp"
+"#;
+    let text = text.replacen("\n[store]", &format!("{extra}\n[store]"), 1);
+    fs::write(&gw.config, text).expect("write config");
+    ns.run_ok(&["ip", "addr", "add", "172.30.0.10/32", "dev", "lo"]);
+
     let _wild = listen_in(&ns, "0.0.0.0:22");
+    let _db = listen_in(&ns, "172.30.0.10:5432");
+    let _dns = in_netns(&ns.name, || {
+        UdpSocket::bind("0.0.0.0:5353").expect("bind udp")
+    })
+    .join()
+    .expect("bind thread");
     let c = check(&ns, &gw);
     c.assert_fails_only(&["service-listener"]);
     c.one(
@@ -274,6 +306,25 @@ fn wildcard_service_listener_fails() {
         "service-listener",
         &["`sftp`", "10.8.0.1:22", "port 22", "0.0.0.0:22"],
     );
+    c.one(
+        "FAIL",
+        "service-listener",
+        &["`dns`", "10.8.0.1:5353/udp", "0.0.0.0:5353"],
+    );
+    c.one(
+        "PASS",
+        "service-listener",
+        &["`db`", "listening on 172.30.0.10:5432 only"],
+    );
+    c.one(
+        "PASS",
+        "service-listener",
+        &[
+            "`remote-db`",
+            "on internal host 172.30.0.20, not checked here",
+        ],
+    );
+    assert_eq!(c.fails().len(), 2, "{c}");
 }
 
 /// With the daemon running, a deleted `inet sitegate` table fails naming it.

@@ -24,6 +24,8 @@ pub const LIVE_GRACE_SECS: i64 = 2;
 /// Which configured file a [`FileFacts`] is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FileRole {
+    /// `sitegate.toml` itself: whoever can write it controls the gateway.
+    Config,
     ServerKey,
     SealKey,
     ApiToken,
@@ -37,6 +39,7 @@ impl FileRole {
     /// The config key naming the file.
     fn key(self) -> &'static str {
         match self {
+            FileRole::Config => "the config file",
             FileRole::ServerKey => "interface.private_key_file",
             FileRole::SealKey => "daemon.seal_key_file",
             FileRole::ApiToken => "api.token_file",
@@ -46,6 +49,7 @@ impl FileRole {
     }
     fn what(self) -> &'static str {
         match self {
+            FileRole::Config => "the config",
             FileRole::ServerKey => "the server private key",
             FileRole::SealKey => "the seal key",
             FileRole::ApiToken => "the API token",
@@ -53,11 +57,11 @@ impl FileRole {
             FileRole::AuditLog => "the audit log",
         }
     }
-    /// Secrets must not be readable by group/others; the audit log must not be
-    /// writable by them (reading it may be delegated, e.g. to a log group).
+    /// Secrets must not be readable by group/others; the config and the audit
+    /// log must not be writable by them (reading may be delegated to a group).
     fn forbidden_bits(self) -> u32 {
         match self {
-            FileRole::AuditLog => 0o022,
+            FileRole::Config | FileRole::AuditLog => 0o022,
             _ => 0o077,
         }
     }
@@ -67,7 +71,7 @@ impl FileRole {
     fn required(self) -> bool {
         matches!(
             self,
-            FileRole::ServerKey | FileRole::SealKey | FileRole::Store
+            FileRole::Config | FileRole::ServerKey | FileRole::SealKey | FileRole::Store
         )
     }
 }
@@ -96,8 +100,8 @@ pub struct FileFacts {
     pub holds_key: Option<bool>,
 }
 
-/// Key and store file permissions: a secret readable by group/others, an audit
-/// log they can write, a directory that lets others replace the file (writable
+/// Key and store file permissions: a secret readable by group/others, a config
+/// or audit log they can write, a directory that lets others replace the file (writable
 /// by group/others without the sticky bit), a key file that holds no key, or a
 /// required file that is missing, each FAIL naming the file and its mode.
 pub fn file_permissions(files: &[FileFacts]) -> Vec<Line> {
@@ -128,7 +132,7 @@ pub fn file_permissions(files: &[FileFacts]) -> Vec<Line> {
         let mut problems = Vec::new();
         let loose = mode & f.role.forbidden_bits();
         if loose != 0 {
-            let verb = if f.role == FileRole::AuditLog {
+            let verb = if f.role.forbidden_bits() == 0o022 {
                 "write"
             } else {
                 "read"
@@ -828,6 +832,16 @@ mod tests {
             l[4].detail.contains("can write the audit log"),
             "{}",
             l[4].detail
+        );
+        let l = file_permissions(&[
+            f(FileRole::Config, present(0o640)),
+            f(FileRole::Config, present(0o666)),
+        ]);
+        assert_eq!(statuses(&l), [Status::Pass, Status::Fail]);
+        assert!(
+            l[1].detail.contains("can write the config; run `chmod 644"),
+            "{}",
+            l[1].detail
         );
     }
 

@@ -69,22 +69,35 @@ pub(super) fn run(config: &Path) -> Report {
         &cfg.interface,
         &api_bound,
     ));
-    let local = local_addresses(&cfg);
+    let local = local_addresses();
+    let gateway = [
+        Some(IpAddr::V4(cfg.interface.gateway_v4())),
+        cfg.interface.gateway_v6().map(IpAddr::V6),
+    ];
     let services: Vec<ServiceFacts> = cfg
         .services
         .iter()
         .map(|s| {
-            let is_local = local.contains(&procnet::canonical(s.address.ip()));
+            let ip = procnet::canonical(s.address.ip());
+            // The gateway's tunnel address is its own even while the daemon,
+            // and so the TUN device, is down. When the local addresses cannot
+            // be listed, say so on the service's line (fail closed).
+            let (is_local, failed) = match &local {
+                _ if gateway.contains(&Some(ip)) => (true, None),
+                Ok(set) => (set.contains(&ip), None),
+                Err(e) => (true, Some(e.clone())),
+            };
+            let bound = match failed {
+                Some(e) => Err(e),
+                None if is_local => sockets.bound(s.protocol, s.address.port()),
+                None => Ok(Vec::new()),
+            };
             ServiceFacts {
                 name: s.name.clone(),
                 address: s.address,
                 protocol: s.protocol,
                 local: is_local,
-                bound: if is_local {
-                    sockets.bound(s.protocol, s.address.port())
-                } else {
-                    Ok(Vec::new())
-                },
+                bound,
             }
         })
         .collect();
@@ -133,11 +146,12 @@ fn unix_now() -> i64 {
 
 /// Every file the config names that holds a secret or the audit trail.
 fn files(cfg: &Config) -> Vec<FileFacts> {
-    let mut out = vec![file(
-        FileRole::ServerKey,
-        &cfg.interface.private_key_file,
-        |t| PrivateKey::from_base64(t).is_ok(),
-    )];
+    let mut out = vec![
+        stat(FileRole::Config, &cfg.path),
+        file(FileRole::ServerKey, &cfg.interface.private_key_file, |t| {
+            PrivateKey::from_base64(t).is_ok()
+        }),
+    ];
     if let Some(p) = &cfg.daemon.seal_key_file {
         out.push(file(FileRole::SealKey, p, |t| {
             PresharedKey::from_base64(t).is_ok()
@@ -272,25 +286,20 @@ impl Sockets {
     }
 }
 
-/// This host's addresses: every local interface's, plus the gateway's tunnel
-/// addresses (its own even while the daemon, and so the TUN device, is down).
-fn local_addresses(cfg: &Config) -> HashSet<IpAddr> {
-    let mut out: HashSet<IpAddr> = HashSet::new();
-    out.insert(IpAddr::V4(cfg.interface.gateway_v4()));
-    if let Some(v6) = cfg.interface.gateway_v6() {
-        out.insert(IpAddr::V6(v6));
-    }
-    if let Ok(addrs) = nix::ifaddrs::getifaddrs() {
-        for a in addrs {
-            let Some(sa) = a.address else { continue };
-            if let Some(v4) = sa.as_sockaddr_in() {
-                out.insert(IpAddr::V4(v4.ip()));
-            } else if let Some(v6) = sa.as_sockaddr_in6() {
-                out.insert(procnet::canonical(IpAddr::V6(v6.ip())));
-            }
+/// The addresses of this network namespace's interfaces.
+fn local_addresses() -> Result<HashSet<IpAddr>, String> {
+    let addrs = nix::ifaddrs::getifaddrs()
+        .map_err(|e| format!("cannot list local addresses (getifaddrs): {e}"))?;
+    let mut out = HashSet::new();
+    for a in addrs {
+        let Some(sa) = a.address else { continue };
+        if let Some(v4) = sa.as_sockaddr_in() {
+            out.insert(IpAddr::V4(v4.ip()));
+        } else if let Some(v6) = sa.as_sockaddr_in6() {
+            out.insert(procnet::canonical(IpAddr::V6(v6.ip())));
         }
     }
-    out
+    Ok(out)
 }
 
 /// The configured audit chain, verified as `sitegate audit verify` does.

@@ -47,13 +47,7 @@ pub(super) fn run(config: &Path) -> Report {
 
     lines.extend(decide::file_permissions(&files(&cfg)));
 
-    let store = Store::open(&cfg.store).map_err(|e| e.to_string());
-    let registry = store.as_ref().map_err(Clone::clone).and_then(|s| {
-        Ok(RegistryFacts {
-            peers: s.peers().map_err(|e| e.to_string())?,
-            revoked: s.revoked_keys().map_err(|e| e.to_string())?,
-        })
-    });
+    let registry = registry(&cfg);
     let issued = registry.as_ref().map(|r| issued_configs(&cfg, r, now));
     lines.extend(decide::full_routes(
         issued.as_deref().map_err(|e| e.as_str()),
@@ -69,39 +63,7 @@ pub(super) fn run(config: &Path) -> Report {
         &cfg.interface,
         &api_bound,
     ));
-    let local = local_addresses();
-    let gateway = [
-        Some(IpAddr::V4(cfg.interface.gateway_v4())),
-        cfg.interface.gateway_v6().map(IpAddr::V6),
-    ];
-    let services: Vec<ServiceFacts> = cfg
-        .services
-        .iter()
-        .map(|s| {
-            let ip = procnet::canonical(s.address.ip());
-            // The gateway's tunnel address is its own even while the daemon,
-            // and so the TUN device, is down. When the local addresses cannot
-            // be listed, say so on the service's line (fail closed).
-            let (is_local, failed) = match &local {
-                _ if gateway.contains(&Some(ip)) => (true, None),
-                Ok(set) => (set.contains(&ip), None),
-                Err(e) => (true, Some(e.clone())),
-            };
-            let bound = match failed {
-                Some(e) => Err(e),
-                None if is_local => sockets.bound(s.protocol, s.address.port()),
-                None => Ok(Vec::new()),
-            };
-            ServiceFacts {
-                name: s.name.clone(),
-                address: s.address,
-                protocol: s.protocol,
-                local: is_local,
-                bound,
-            }
-        })
-        .collect();
-    lines.extend(decide::service_listeners(&services));
+    lines.extend(decide::service_listeners(&services(&cfg, &mut sockets)));
 
     lines.push(decide::audit_log(&audit(&cfg)));
 
@@ -136,6 +98,49 @@ pub(super) fn run(config: &Path) -> Report {
     lines.push(decide::privileges(user));
     lines.push(decide::sealing(cfg.daemon.seal_key_file.as_deref()));
     Report { lines }
+}
+
+fn registry(cfg: &Config) -> Result<RegistryFacts, String> {
+    let store = Store::open(&cfg.store).map_err(|e| e.to_string())?;
+    Ok(RegistryFacts {
+        peers: store.peers().map_err(|e| e.to_string())?,
+        revoked: store.revoked_keys().map_err(|e| e.to_string())?,
+    })
+}
+
+/// Each `[[service]]` with the sockets holding its port when it is local.
+fn services(cfg: &Config, sockets: &mut Sockets) -> Vec<ServiceFacts> {
+    let local = local_addresses();
+    let gateway = [
+        Some(IpAddr::V4(cfg.interface.gateway_v4())),
+        cfg.interface.gateway_v6().map(IpAddr::V6),
+    ];
+    cfg.services
+        .iter()
+        .map(|s| {
+            let ip = procnet::canonical(s.address.ip());
+            // The gateway's tunnel address is its own even while the daemon,
+            // and so the TUN device, is down. When the local addresses cannot
+            // be listed, say so on the service's line (fail closed).
+            let (is_local, failed) = match &local {
+                _ if gateway.contains(&Some(ip)) => (true, None),
+                Ok(set) => (set.contains(&ip), None),
+                Err(e) => (true, Some(e.clone())),
+            };
+            let bound = match failed {
+                Some(e) => Err(e),
+                None if is_local => sockets.bound(s.protocol, s.address.port()),
+                None => Ok(Vec::new()),
+            };
+            ServiceFacts {
+                name: s.name.clone(),
+                address: s.address,
+                protocol: s.protocol,
+                local: is_local,
+                bound,
+            }
+        })
+        .collect()
 }
 
 fn unix_now() -> i64 {

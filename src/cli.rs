@@ -191,11 +191,6 @@ pub enum AuditCommand {
     },
 }
 
-/// A command declared in the spec but not built yet.
-pub fn not_implemented(what: &str) -> Result<()> {
-    bail!("`sitegate {what}` is not implemented yet")
-}
-
 /// `sitegate check`: every verdict on stdout, then exit 1 when any failed
 /// (warnings do not fail).
 pub fn check(config: &Path) -> Result<()> {

@@ -1101,6 +1101,8 @@ mod tests {
             expires_at,
             denied: BTreeMap::new(),
             noise_dropped: 0,
+            ipv6_dropped: 0,
+            internet_seen_at: None,
         }
     }
 

@@ -1016,7 +1016,7 @@ mod tests {
     fn firewall_verdicts() {
         let spec = FirewallSpec::from_config(&config());
         let expected = rules_per_chain(&crate::firewall::render::ruleset(&spec));
-        assert_eq!(expected.values().sum::<usize>(), 2);
+        assert_eq!(expected.values().sum::<usize>(), 4);
         let running = view(vec![]);
         let l = firewall(false, &running, &TableFacts::NotLooked, &expected);
         assert!(l.status == Status::Warn && l.detail.contains("not managed"));

@@ -810,3 +810,43 @@ impl Gateway {
         self.start();
     }
 }
+
+/// Whether `tool` is an executable file in a `PATH` directory.
+pub fn on_path(tool: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+        .unwrap_or(false)
+}
+
+/// Like [`rig_ready`] for tests that need root and further tools (sshd,
+/// logrotate, tcpdump, ...) but not necessarily the WireGuard rig: outside CI a
+/// missing piece prints a skip note and returns false; with `CI=true` it panics.
+pub fn tools_ready(test: &str, tools: &[&str]) -> bool {
+    let mut missing = Vec::new();
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        missing.push("root".to_string());
+    }
+    missing.extend(tools.iter().filter(|t| !on_path(t)).map(|t| t.to_string()));
+    if missing.is_empty() {
+        return true;
+    }
+    let note = format!(
+        "{test}: needs {} (run as root on a machine with the packages of .ci/run)",
+        missing.join(", ")
+    );
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{note}; CI=true never skips");
+    }
+    eprintln!("SKIPPED {note}");
+    false
+}
+
+/// `/run/sshd`, which sshd insists on (privilege separation), with mode 0755.
+pub fn ensure_sshd_privsep_dir() {
+    let dir = Path::new("/run/sshd");
+    if !dir.is_dir() {
+        fs::create_dir_all(dir).expect("create /run/sshd");
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).expect("chmod /run/sshd");
+    }
+}

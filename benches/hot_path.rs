@@ -95,6 +95,35 @@ fn crypto(c: &mut Criterion) {
     group.finish();
 }
 
+/// A gateway for 10,000 peers with eight services, the granted ones last,
+/// so that `decide` scans them all.
+fn bench_config() -> sitegate::config::Config {
+    let mut text = String::from(
+        r#"
+[interface]
+name = "sgbench0"
+private_key_file = "server.key"
+listen_port = 51820
+address = "10.128.0.1/16"
+endpoint = "192.0.2.1:51820"
+
+[store]
+url = "sqlite:///nonexistent/bench.db"
+"#,
+    );
+    for i in 0..6 {
+        text.push_str(&format!(
+            "\n[[service]]\nname = \"s{i}\"\naddress = \"172.30.0.{}:{}\"\n",
+            10 + i,
+            1000 + i
+        ));
+    }
+    text.push_str("\n[[service]]\nname = \"db\"\naddress = \"172.30.0.10:5432\"\n");
+    text.push_str("\n[[service]]\nname = \"sftp\"\naddress = \"10.128.0.1:22\"\n");
+    sitegate::config::Config::parse(std::path::Path::new("/bench/sitegate.toml"), &text)
+        .expect("bench config")
+}
+
 fn table_10k() -> AllowedIps<usize> {
     let mut t = AllowedIps::new();
     for i in 0..10_000u32 {
@@ -118,10 +147,35 @@ fn lookup_and_policy(c: &mut Criterion) {
     });
     let mut packet = ipv4_packet(64);
     packet[12..16].copy_from_slice(&Ipv4Addr::from(0x0a80_0000 + 77).octets());
-    let header = Header::parse(&packet).expect("valid header");
-    c.bench_function("policy_decide_10k", |b| {
-        b.iter(|| policy::decide(black_box(&77usize), black_box(&header), &table))
-    });
+    let policy = policy::Policy::from_config(&bench_config());
+    let grants = policy.grants(&["sftp", "db"]);
+    // One packet per path through `decide`, each from peer 77 of 10,000.
+    let cases: [(&str, [u8; 4], u8, u16); 4] = [
+        ("service", [10, 128, 0, 1], 6, 22),
+        ("internet", [203, 0, 113, 10], 6, 443),
+        ("denied_acl", [172, 30, 0, 99], 6, 80),
+        ("denied_isolation", [10, 128, 0, 9], 6, 22),
+    ];
+    let mut group = c.benchmark_group("policy_decide_10k");
+    for (name, dst, proto, port) in cases {
+        let mut p = packet.clone();
+        p[9] = proto;
+        p[16..20].copy_from_slice(&dst);
+        p[22..24].copy_from_slice(&port.to_be_bytes());
+        let header = Header::parse(&p).expect("valid header");
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                policy::decide(
+                    &policy,
+                    black_box(&77usize),
+                    grants,
+                    black_box(&header),
+                    &table,
+                )
+            })
+        });
+    }
+    group.finish();
     c.bench_function("header_parse", |b| {
         b.iter(|| Header::parse(black_box(&packet)))
     });

@@ -87,6 +87,7 @@ impl Registry {
             &snapshot.peers,
             &snapshot.revoked,
             unix_now(),
+            &shared.policy,
             |index, p| shared.new_tunn(index, p),
         );
         let active = table.peers.len();
@@ -229,7 +230,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     let device = Arc::new(Device { udp, tun, offload });
     let interrupt =
         Arc::new(tun_rs::InterruptEvent::new().context("cannot create the shutdown event")?);
-    let mut shared = Shared::new(Box::new(Arc::clone(&device)), &key);
+    let policy = crate::policy::Policy::from_config(&cfg);
+    let mut shared = Shared::new(Box::new(Arc::clone(&device)), &key, policy);
     shared.hooks = hooks;
     let shared = Arc::new(shared);
     let mut registry = Registry {
@@ -460,6 +462,7 @@ fn log_admin_event(e: &AdminEvent) {
 
 fn status_view(info: &Info, shared: &Shared) -> StatusView {
     let table = shared.table.load();
+    let (now_ms, wall_now) = (shared.clock.now_ms(), unix_now());
     let peers = table
         .peers
         .iter()
@@ -481,6 +484,11 @@ fn status_view(info: &Info, shared: &Shared) -> StatusView {
                     .map(|r| (r.as_str().to_string(), p.denied[r.index()].total()))
                     .collect(),
                 noise_dropped: p.noise.load(Ordering::Relaxed),
+                ipv6_dropped: p.ipv6_dropped.load(Ordering::Relaxed),
+                internet_seen_at: match p.internet_seen_ms.load(Ordering::Relaxed) {
+                    0 => None,
+                    ms => Some(wall_now - (now_ms.saturating_sub(ms) / 1000) as i64),
+                },
             }
         })
         .collect();

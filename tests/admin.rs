@@ -867,6 +867,8 @@ fn live_view(env: &Env, key: &str) -> StatusView {
             expires_at: None,
             denied: [("acl".to_string(), 3u64)].into(),
             noise_dropped: 0,
+            ipv6_dropped: 0,
+            internet_seen_at: Some(1_800_000_090),
         }],
     }
 }

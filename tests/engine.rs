@@ -6,11 +6,12 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
 use boringtun::noise::{Tunn, TunnResult};
+use sitegate::config::Config;
 use sitegate::dataplane::peers::PeerTable;
 use sitegate::dataplane::{rx, tx, DropReason, Shared, TunSink, Wire};
 use sitegate::events::{CloseReason, HandshakeFailure};
 use sitegate::keys::{PresharedKey, PrivateKey};
-use sitegate::policy::DenyReason;
+use sitegate::policy::{DenyReason, Policy};
 use sitegate::registry::store::RevokedKey;
 use sitegate::registry::{Peer, PeerName};
 
@@ -45,6 +46,32 @@ impl Capture {
     fn take_packets(&self) -> Vec<Vec<u8>> {
         std::mem::take(&mut *self.packets.lock().unwrap())
     }
+}
+
+/// The engine's gateway: dual-stack, internet allowed, sites isolated, one
+/// service (`sftp`, TCP 22 on the gateway address) that no peer is granted
+/// unless a test says so.
+fn engine_config() -> Config {
+    let text = r#"
+[interface]
+name = "sgeng0"
+private_key_file = "server.key"
+listen_port = 51820
+address = ["10.8.0.1/24", "fd00:8::1/64"]
+endpoint = "192.0.2.1:51820"
+
+[egress]
+allow_internet = true
+peer_to_peer = false
+
+[[service]]
+name = "sftp"
+address = "10.8.0.1:22"
+
+[store]
+url = "sqlite:///nonexistent/engine.db"
+"#;
+    Config::parse(std::path::Path::new("/engine/sitegate.toml"), text).expect("engine config")
 }
 
 struct Gateway {
@@ -82,7 +109,11 @@ impl Gateway {
     fn new() -> Gateway {
         let key = PrivateKey::generate();
         let cap = Arc::new(Capture::default());
-        let shared = Shared::new(Box::new(CaptureWire(Arc::clone(&cap))), &key);
+        let shared = Shared::new(
+            Box::new(CaptureWire(Arc::clone(&cap))),
+            &key,
+            Policy::from_config(&engine_config()),
+        );
         Gateway {
             key,
             shared,
@@ -98,7 +129,9 @@ impl Gateway {
         let old = self.shared.table.load_full();
         let shared = &self.shared;
         let (table, removed): (PeerTable, _) =
-            old.rebuild(records, &self.revoked, 1_000, |i, p| shared.new_tunn(i, p));
+            old.rebuild(records, &self.revoked, 1_000, &shared.policy, |i, p| {
+                shared.new_tunn(i, p)
+            });
         self.shared.table.store(Arc::new(table));
         removed
             .into_iter()
@@ -256,6 +289,79 @@ fn ipv6_noise_is_not_spoofing() {
         table.peers[0].denied[DenyReason::SpoofedSource.index()].total(),
         0
     );
+}
+
+/// A TCP SYN-sized IPv4 packet from `src` to `dst:port`.
+fn tcp(src: &str, dst: &str, port: u16) -> Vec<u8> {
+    let (s, d): (std::net::Ipv4Addr, std::net::Ipv4Addr) =
+        (src.parse().unwrap(), dst.parse().unwrap());
+    let mut p = vec![0u8; 40];
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&40u16.to_be_bytes());
+    p[8] = 64;
+    p[9] = 6;
+    p[12..16].copy_from_slice(&s.octets());
+    p[16..20].copy_from_slice(&d.octets());
+    p[20..22].copy_from_slice(&40000u16.to_be_bytes());
+    p[22..24].copy_from_slice(&port.to_be_bytes());
+    p
+}
+
+/// The policy on the real receive path: a service needs its grant (given on
+/// reload to a live session), other sites are isolated, internet traffic is
+/// delivered and stamps "internet seen", and drops are counted per reason.
+#[test]
+fn policy_on_the_receive_path() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut gw = Gateway::new();
+    let mut a = Site::new(&gw, "alpha", "10.8.0.2", 40001);
+    let b = Site::new(&gw, "beta", "10.8.0.3", 40002);
+    gw.load(&[a.record.clone(), b.record.clone()]);
+    assert!(a.connect(&mut gw));
+
+    a.send(&mut gw, &tcp("10.8.0.2", "10.8.0.1", 22));
+    a.send(&mut gw, &tcp("10.8.0.2", "10.8.0.3", 22));
+    a.send(&mut gw, &tcp("10.8.0.2", "172.30.0.9", 80));
+    assert!(
+        gw.cap.take_packets().is_empty(),
+        "nothing denied reaches the TUN"
+    );
+    let s = gw_slot(&gw, "alpha");
+    assert_eq!(s.denied[DenyReason::Acl.index()].total(), 2);
+    assert_eq!(s.denied[DenyReason::PeerIsolation.index()].total(), 1);
+    assert_eq!(
+        s.internet_seen_ms.load(Relaxed),
+        0,
+        "nothing internet-bound yet"
+    );
+
+    // Grant sftp: the reload carries the session over and updates the grant.
+    let mut granted = a.record.clone();
+    granted.services = vec!["sftp".into()];
+    assert!(
+        gw.load(&[granted, b.record.clone()]).is_empty(),
+        "session kept"
+    );
+    let syn = tcp("10.8.0.2", "10.8.0.1", 22);
+    a.send(&mut gw, &syn);
+    assert_eq!(gw.cap.take_packets(), vec![syn]);
+
+    let web = tcp("10.8.0.2", "203.0.113.10", 443);
+    a.send(&mut gw, &web);
+    assert_eq!(gw.cap.take_packets(), vec![web]);
+    let s = gw_slot(&gw, "alpha");
+    assert_ne!(s.internet_seen_ms.load(Relaxed), 0, "internet seen");
+    assert_eq!(s.denied[DenyReason::Acl.index()].total(), 2);
+}
+
+fn gw_slot(gw: &Gateway, name: &str) -> Arc<sitegate::dataplane::peers::PeerSlot> {
+    let table = gw.shared.table.load();
+    let slot = table
+        .peers
+        .iter()
+        .find(|p| p.name.as_str() == name)
+        .expect("peer in table");
+    Arc::clone(slot)
 }
 
 /// A key the admin never issued gets no reply and an unknown_key count.

@@ -229,6 +229,13 @@ impl Validator<'_> {
             }
             services.push(svc);
         }
+        if services.len() > MAX_SERVICES {
+            return Err(self.bad(
+                "service",
+                format!("{} sections", services.len()),
+                format!("exceeds the limit of {MAX_SERVICES} [[service]] sections"),
+            ));
+        }
         let api = match &raw.api {
             Some(a) => {
                 let listen: SocketAddr = a
@@ -389,6 +396,13 @@ impl Validator<'_> {
                     .map_err(|_| self.bad("interface.dns", d, "is not an IP address"))
             })
             .collect::<Result<Vec<IpAddr>, _>>()?;
+        if dns.len() > MAX_DNS {
+            return Err(self.bad(
+                "interface.dns",
+                format!("{} servers", dns.len()),
+                format!("exceeds the limit of {MAX_DNS} servers"),
+            ));
+        }
         Ok(InterfaceConfig {
             name,
             private_key_file,
@@ -555,6 +569,12 @@ impl Validator<'_> {
         ))
     }
 }
+
+/// Most `[[service]]` sections: each peer's grants are one bitmask word
+/// (see [`crate::policy::Grants`]).
+pub const MAX_SERVICES: usize = 32;
+/// Most `[interface] dns` servers (every peer may reach port 53 on each).
+pub const MAX_DNS: usize = 8;
 
 /// The gateway's own address in `ip`'s family.
 fn gateway_for(iface: &InterfaceConfig, ip: IpAddr) -> Option<IpAddr> {

@@ -79,6 +79,14 @@ pub struct PeerLive {
     pub denied: BTreeMap<String, u64>,
     /// IPv6 link-local/multicast packets dropped without an event.
     pub noise_dropped: u64,
+    /// IPv6 packets dropped because the gateway has no IPv6 tunnel address.
+    #[serde(default)]
+    pub ipv6_dropped: u64,
+    /// Unix seconds when internet-bound traffic last came through the tunnel
+    /// (to within a second); `None`: not since the daemon started. The honest
+    /// answer to "is this site bypassing the tunnel?".
+    #[serde(default)]
+    pub internet_seen_at: Option<i64>,
 }
 
 #[cfg(test)]

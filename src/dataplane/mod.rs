@@ -202,12 +202,21 @@ pub struct Shared {
     pub hooks: Hooks,
     /// Packets from the TUN device with no peer owning the destination.
     pub no_route: AtomicU64,
+    /// The rules for decrypted packets, from the config.
+    pub policy: crate::policy::Policy,
+    /// [`Clock::now_ms`] as of the last timer tick: a clock the packet path
+    /// reads for one relaxed load (it stamps "internet seen").
+    pub coarse_ms: AtomicU64,
     pub stopping: AtomicBool,
 }
 
 impl Shared {
-    /// Fresh state with no peers, answering as `key`.
-    pub fn new(wire: Box<dyn Wire>, key: &crate::keys::PrivateKey) -> Shared {
+    /// Fresh state with no peers, answering as `key`, deciding by `policy`.
+    pub fn new(
+        wire: Box<dyn Wire>,
+        key: &crate::keys::PrivateKey,
+        policy: crate::policy::Policy,
+    ) -> Shared {
         let static_secret = key.to_x25519();
         let static_public = x25519_dalek::PublicKey::from(&static_secret);
         Shared {
@@ -224,6 +233,8 @@ impl Shared {
             loop_errors: Default::default(),
             hooks: Hooks::default(),
             no_route: AtomicU64::new(0),
+            policy,
+            coarse_ms: AtomicU64::new(1),
             stopping: AtomicBool::new(false),
         }
     }

@@ -17,16 +17,24 @@ pub struct Header {
     pub protocol: u8,
     pub src_port: u16,
     pub dst_port: u16,
+    /// The ICMP or ICMPv6 type (0 otherwise; echo reply is also 0, which
+    /// `protocol` tells apart).
+    pub icmp_type: u8,
+    /// An IPv4 fragment other than the first: it carries no transport header,
+    /// so the policy can only match it by address and protocol.
+    pub later_fragment: bool,
 }
 
-fn ports(l4: &[u8], protocol: u8) -> (u16, u16) {
-    if matches!(protocol, PROTO_TCP | PROTO_UDP) && l4.len() >= 4 {
-        (
+/// (source port, destination port, ICMP type) from the transport header.
+fn transport(l4: &[u8], protocol: u8) -> (u16, u16, u8) {
+    match protocol {
+        PROTO_TCP | PROTO_UDP if l4.len() >= 4 => (
             u16::from_be_bytes([l4[0], l4[1]]),
             u16::from_be_bytes([l4[2], l4[3]]),
-        )
-    } else {
-        (0, 0)
+            0,
+        ),
+        PROTO_ICMP | PROTO_ICMPV6 if !l4.is_empty() => (0, 0, l4[0]),
+        _ => (0, 0, 0),
     }
 }
 
@@ -42,9 +50,9 @@ impl Header {
                 let src = Ipv4Addr::new(packet[12], packet[13], packet[14], packet[15]);
                 let dst = Ipv4Addr::new(packet[16], packet[17], packet[18], packet[19]);
                 let first_fragment = u16::from_be_bytes([packet[6], packet[7]]) & 0x1fff == 0;
-                let (src_port, dst_port) = match packet.get(ihl..) {
-                    Some(l4) if ihl >= 20 && first_fragment => ports(l4, protocol),
-                    _ => (0, 0),
+                let (src_port, dst_port, icmp_type) = match packet.get(ihl..) {
+                    Some(l4) if ihl >= 20 && first_fragment => transport(l4, protocol),
+                    _ => (0, 0, 0),
                 };
                 Some(Header {
                     src: src.into(),
@@ -52,6 +60,8 @@ impl Header {
                     protocol,
                     src_port,
                     dst_port,
+                    icmp_type,
+                    later_fragment: !first_fragment,
                 })
             }
             6 if packet.len() >= 40 => {
@@ -62,13 +72,15 @@ impl Header {
                 // Extension headers are not walked: ports stay 0 behind them, which
                 // the policy treats as "no port" (deny unless ICMP).
                 let protocol = packet[6];
-                let (src_port, dst_port) = ports(&packet[40..], protocol);
+                let (src_port, dst_port, icmp_type) = transport(&packet[40..], protocol);
                 Some(Header {
                     src: Ipv6Addr::from(s).into(),
                     dst: Ipv6Addr::from(d).into(),
                     protocol,
                     src_port,
                     dst_port,
+                    icmp_type,
+                    later_fragment: false,
                 })
             }
             _ => None,
@@ -145,6 +157,25 @@ pub(crate) mod tests {
         assert_eq!(h.src, "fe80::1".parse::<IpAddr>().unwrap());
         assert_eq!(h.dst, "ff02::2".parse::<IpAddr>().unwrap());
         assert_eq!((h.src_port, h.dst_port), (0, 0));
+        assert!(!h.later_fragment);
+    }
+
+    /// ICMP types are read; a later IPv4 fragment has no transport header.
+    #[test]
+    fn icmp_type_and_fragments() {
+        let mut p = v4([10, 8, 0, 7], [10, 8, 0, 1], PROTO_ICMP, 0, 0);
+        p[20] = 8;
+        let h = Header::parse(&p).unwrap();
+        assert_eq!((h.icmp_type, h.later_fragment), (8, false));
+        let mut f = v4([10, 8, 0, 7], [10, 8, 0, 1], PROTO_TCP, 40000, 22);
+        f[6..8].copy_from_slice(&0x0010u16.to_be_bytes());
+        let h = Header::parse(&f).unwrap();
+        assert!(h.later_fragment);
+        assert_eq!(
+            (h.src_port, h.dst_port),
+            (0, 0),
+            "no ports in a later fragment"
+        );
     }
 
     /// Truncated or non-IP input yields None instead of panicking.

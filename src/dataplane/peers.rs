@@ -11,7 +11,7 @@ use ipnet::IpNet;
 
 use crate::events::{CloseReason, HandshakeFailure, Throttle};
 use crate::keys::{PresharedKey, PublicKey};
-use crate::policy::DenyReason;
+use crate::policy::{DenyReason, Grants, Policy};
 use crate::registry::store::RevokedKey;
 use crate::registry::{Peer, PeerName};
 use crate::routing::AllowedIps;
@@ -46,6 +46,14 @@ pub struct PeerSlot {
     pub handshake_failures: [Throttle; HandshakeFailure::ALL.len()],
     /// IPv6 link-local/multicast chatter dropped without an event.
     pub noise: AtomicU64,
+    /// IPv6 dropped because the gateway has no IPv6 tunnel address.
+    pub ipv6_dropped: AtomicU64,
+    /// [`Grants`] bits for the services this peer may reach; updated in place
+    /// on reload, like `expires_at`.
+    pub grants: AtomicU64,
+    /// [`super::Shared::coarse_ms`] when internet-bound traffic last came
+    /// through this peer's session; 0: never.
+    pub internet_seen_ms: AtomicU64,
 }
 
 impl PeerSlot {
@@ -72,6 +80,11 @@ impl PeerSlot {
             tx_bytes: tx as u64,
             session: state.session_up,
         }
+    }
+
+    #[inline]
+    pub fn grants(&self) -> Grants {
+        Grants::from_bits(self.grants.load(Ordering::Relaxed))
     }
 
     fn same_identity(&self, p: &Peer) -> bool {
@@ -160,6 +173,7 @@ impl PeerTable {
         records: &[Peer],
         revoked: &[RevokedKey],
         now: i64,
+        policy: &Policy,
         mut new_tunn: impl FnMut(u32, &Peer) -> Tunn,
     ) -> (PeerTable, Vec<Removed>) {
         let mut next = PeerTable::default();
@@ -184,13 +198,16 @@ impl PeerTable {
                 Some(s) => {
                     s.expires_at
                         .store(p.expires_at.unwrap_or(i64::MAX), Ordering::Relaxed);
+                    s.grants
+                        .store(policy.grants(&p.services).bits(), Ordering::Relaxed);
                     Arc::clone(s)
                 }
                 None => {
                     let index = fresh_index(|i| {
                         self.by_index.contains_key(&i) || next.by_index.contains_key(&i)
                     });
-                    Arc::new(PeerSlot::new(index, p, new_tunn(index, p)))
+                    let grants = policy.grants(&p.services);
+                    Arc::new(PeerSlot::new(index, p, grants, new_tunn(index, p)))
                 }
             };
             next.insert(slot);
@@ -277,7 +294,7 @@ fn inactive_reason(p: &Peer, now: i64) -> Option<Inactive> {
 }
 
 impl PeerSlot {
-    fn new(index: u32, p: &Peer, tunn: Tunn) -> Self {
+    fn new(index: u32, p: &Peer, grants: Grants, tunn: Tunn) -> Self {
         PeerSlot {
             index,
             name: p.name.clone(),
@@ -294,6 +311,9 @@ impl PeerSlot {
             denied: Default::default(),
             handshake_failures: Default::default(),
             noise: AtomicU64::new(0),
+            ipv6_dropped: AtomicU64::new(0),
+            grants: AtomicU64::new(grants.bits()),
+            internet_seen_ms: AtomicU64::new(0),
         }
     }
 }

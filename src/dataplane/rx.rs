@@ -16,7 +16,7 @@ use super::udp::{RecvBatch, Udp};
 use super::{DropReason, LoopError, Seen, Shared, TunSink, FATAL_AFTER, MAX_PACKET};
 use crate::events::HandshakeFailure;
 use crate::keys::PublicKey;
-use crate::policy::{self, Verdict};
+use crate::policy::{self, Quiet, Verdict};
 
 /// WireGuard message type of a handshake response (what a responder sends back).
 const MSG_HANDSHAKE_RESPONSE: u8 = 2;
@@ -350,12 +350,22 @@ fn deliver(
     let Some(header) = Header::parse(ip) else {
         return;
     };
-    match policy::decide(&pos, &header, &table.routes) {
+    match policy::decide(&shared.policy, &pos, peer.grants(), &header, &table.routes) {
         Verdict::Forward => {
             sink.packet(ip);
         }
-        Verdict::Noise => {
+        Verdict::Internet => {
+            let now = shared.coarse_ms.load(Ordering::Relaxed);
+            if peer.internet_seen_ms.load(Ordering::Relaxed) != now {
+                peer.internet_seen_ms.store(now, Ordering::Relaxed);
+            }
+            sink.packet(ip);
+        }
+        Verdict::Quiet(Quiet::Ipv6Noise) => {
             peer.noise.fetch_add(1, Ordering::Relaxed);
+        }
+        Verdict::Quiet(Quiet::Ipv6Off) => {
+            peer.ipv6_dropped.fetch_add(1, Ordering::Relaxed);
         }
         Verdict::Deny(reason) => {
             if peer.denied[reason.index()].hit(shared.clock.now_ms()) {
@@ -367,6 +377,7 @@ fn deliver(
                     src = %header.src,
                     dst = %header.dst,
                     protocol = header.protocol,
+                    dst_port = header.dst_port,
                     count = 1u64,
                 );
             }

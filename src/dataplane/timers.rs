@@ -42,6 +42,9 @@ impl Timers {
         // last reset, so calling every tick resets it once a second.
         shared.rate_limiter.reset_count();
         let now_ms = shared.clock.now_ms();
+        shared
+            .coarse_ms
+            .store(now_ms, std::sync::atomic::Ordering::Relaxed);
         let table = shared.table.load();
         let mut live = HashSet::with_capacity(table.peers.len());
         for peer in table.peers.iter() {

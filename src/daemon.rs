@@ -202,6 +202,11 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         let installed = crate::firewall::apply::Installed::install(&spec)
             .context("[firewall] manage = true: cannot install the nftables table inet sitegate")?;
         tracing::info!(event = "firewall_installed", table = "inet sitegate");
+        let changed = crate::firewall::apply::enable_forwarding(iface.address_v6.is_some())
+            .context("[firewall] manage = true")?;
+        if !changed.is_empty() {
+            tracing::info!(event = "forwarding_enabled", sysctl = changed.join(","));
+        }
         Some(installed)
     } else {
         None

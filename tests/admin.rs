@@ -892,6 +892,7 @@ fn listings_merge_live_state() {
     assert_eq!(live["rx_bytes"], 1234);
     assert_eq!(live["session"], true);
     assert_eq!(live["denied"]["acl"], 3);
+    assert_eq!(live["internet_seen_at"], 1_800_000_090);
     assert!(peers[1]["live"].is_null(), "bob has no live state");
     assert_eq!(env.show("alice")["live"]["tx_bytes"], 5 << 20);
     let table = text(&env.sg(&["peer", "list"]).stdout);
@@ -899,10 +900,15 @@ fn listings_merge_live_state() {
         table.contains("ENDPOINT") && table.contains("198.51.100.7:40001"),
         "{table}"
     );
+    assert!(
+        table.contains("INTERNET SEEN") && table.contains("yes, last 2027-01-15T08:01:30Z"),
+        "{table}"
+    );
     let human = text(&env.sg(&["peer", "show", "alice"]).stdout);
     assert!(
         human.contains("latest handshake: 2027-01-15T08:01:40Z")
-            && human.contains("transfer: 1.21 KiB received, 5.00 MiB sent"),
+            && human.contains("transfer: 1.21 KiB received, 5.00 MiB sent")
+            && human.contains("internet seen: yes, last 2027-01-15T08:01:30Z"),
         "{human}"
     );
     let out = env.sg(&["status", "--json"]);
@@ -911,12 +917,14 @@ fn listings_merge_live_state() {
     assert_eq!(v["running"], true);
     assert_eq!(v["interface"], env.ifname.as_str());
     assert_eq!(v["peers"][0]["name"], "alice");
+    assert_eq!(v["peers"][0]["internet_seen_at"], 1_800_000_090);
     let out = env.sg(&["status"]);
     ok(&out);
+    let human = text(&out.stdout);
     assert!(
-        text(&out.stdout).contains(&format!("interface: {}", env.ifname)),
-        "{}",
-        text(&out.stdout)
+        human.contains(&format!("interface: {}", env.ifname))
+            && human.contains("internet seen: yes, last 2027-01-15T08:01:30Z"),
+        "{human}"
     );
     assert!(fake
         .requests()

@@ -83,20 +83,34 @@ fn table_loads_replaces_and_blocks_the_underlay() {
     let attacker = Netns::new(&n.netns("at"));
     Underlay::attach(&n, &gw, &attacker, 1);
     // A stand-in for the TUN device (the table matches it by name only): one
-    // end of a veth pair that stays inside the gateway's namespace.
+    // end of a veth pair; the other end is a "tunnel side" namespace whose
+    // packets arrive on it, as decrypted packets arrive on the TUN device.
+    let tunside = Netns::new(&n.netns("ts"));
     let tun = n.name("t");
-    let other = n.name("u");
-    gw.run_ok(&[
-        "ip", "link", "add", &tun, "type", "veth", "peer", "name", &other,
-    ]);
-    gw.run_ok(&["ip", "addr", "add", "10.8.0.1/24", "dev", &tun]);
-    gw.run_ok(&["ip", "link", "set", &tun, "up"]);
-    gw.run_ok(&["ip", "link", "set", &other, "up"]);
+    veth(
+        &gw,
+        &tun,
+        "10.8.0.1/24",
+        &tunside,
+        &n.name("u"),
+        "10.8.0.2/24",
+    );
+    tunside.run_ok(&["ip", "route", "add", "default", "via", "10.8.0.1"]);
     let service = in_netns(&gw.name, || {
         TcpListener::bind("10.8.0.1:2222").expect("bind")
     })
     .join()
     .expect("listener thread");
+    // Something on every host address (sshd on 0.0.0.0, say).
+    let wildcard = in_netns(&gw.name, || {
+        TcpListener::bind("0.0.0.0:2223").expect("bind wildcard")
+    })
+    .join()
+    .expect("listener thread");
+    assert!(
+        connects_from(&tunside, "192.168.1.1:2223"),
+        "without the table the tunnel reaches the host's underlay address (else this test proves nothing)"
+    );
 
     // The attacker's default route points at the gateway: without the table,
     // Linux answers for a local address on any interface.
@@ -110,6 +124,8 @@ fn table_loads_replaces_and_blocks_the_underlay() {
         subnet_v4: "10.8.0.0/24".parse().unwrap(),
         subnet_v6: Some("fd00:8::/64".parse().unwrap()),
         egress: Some(n.name("g1")),
+        local_v4: vec!["10.8.0.1".parse().unwrap()],
+        local_v6: vec![],
     };
     let doc = ruleset(&spec);
     let (ok, err) = nft_apply(&gw, &doc);
@@ -125,6 +141,14 @@ fn table_loads_replaces_and_blocks_the_underlay() {
         connects_from(&gw, "10.8.0.1:2222"),
         "the host itself must still reach its own tunnel address"
     );
+    assert!(
+        connects_from(&tunside, "10.8.0.1:2222"),
+        "the tunnel side still reaches the gateway's tunnel address"
+    );
+    assert!(
+        !connects_from(&tunside, "192.168.1.1:2223"),
+        "the tunnel reaches a host address that is neither the tunnel address nor a service"
+    );
 
     // A leftover table (a daemon killed with -9) is replaced, not doubled.
     let (ok, err) = nft_apply(&gw, &doc);
@@ -138,7 +162,7 @@ fn table_loads_replaces_and_blocks_the_underlay() {
         connects_from(&attacker, "10.8.0.1:2222"),
         "removal restores the host's own behaviour"
     );
-    drop(service);
+    drop((service, wildcard));
 }
 
 /// `run` installs the table at start, a start after `kill -9` replaces the
@@ -152,10 +176,18 @@ fn daemon_installs_replaces_and_removes_the_table() {
     let n = names("fd");
     let gw_ns = Netns::new(&n.netns("gw"));
     let mut gw = Gateway::init(&gw_ns, &n.name("g"));
+    let forwarding = || gw_ns.run_ok(&["cat", "/proc/sys/net/ipv4/ip_forward"]);
+    assert_eq!(
+        forwarding().trim(),
+        "0",
+        "a new namespace starts without forwarding"
+    );
     gw.start();
     let installed = table_rules(&gw_ns).expect("table installed at start");
     assert!(installed >= 4, "{installed} rules");
     assert!(!gw.events_named("firewall_installed").is_empty());
+    assert_eq!(forwarding().trim(), "1", "run turns IPv4 forwarding on");
+    assert!(!gw.events_named("forwarding_enabled").is_empty());
 
     assert!(
         gw.signal_and_wait(libc::SIGKILL, Duration::from_secs(5))

@@ -93,6 +93,10 @@ fn interop_stock_client_ping_bulk_and_wg_show() {
     let site_ns = Netns::new(&n.netns("s1"));
     Underlay::attach(&n, &gw_ns, &site_ns, 1);
     let mut gw = Gateway::init(&gw_ns, &n.name("g"));
+    // The bulk transfers' listeners are services the peer is granted.
+    for (name, port) in [("up", 5001), ("down", 5002)] {
+        gw.add_service(name, &format!("{GATEWAY_TUNNEL_ADDR}:{port}"), true);
+    }
     let conf = gw.add_peer("site1");
     gw.start();
     let site = Site::up(&site_ns, &n.name("w1"), &conf);
@@ -592,6 +596,9 @@ fn ipv6_tunnel_carries_ping_and_bulk_tcp() {
     );
     assert_ne!(dual, text, "init wrote no `address = \"10.8.0.1/24\"` line");
     fs::write(&gw.config, dual).expect("write config");
+    for (name, port) in [("up6", 5003), ("down6", 5004)] {
+        gw.add_service(name, &format!("[fd00:8::1]:{port}"), true);
+    }
     let conf = gw.add_peer("site1");
     assert!(
         conf.lines()

@@ -115,6 +115,8 @@ fn peer_json(r: &Row<'_>, now: i64) -> Value {
             "expires_at": l.expires_at,
             "denied": l.denied,
             "noise_dropped": l.noise_dropped,
+            "ipv6_dropped": l.ipv6_dropped,
+            "internet_seen_at": l.internet_seen_at,
         })),
     })
 }
@@ -146,7 +148,7 @@ pub fn peer_list(config: &Path, json: bool) -> Result<()> {
         "STATE",
     ];
     if view.is_some() {
-        header.extend(["ENDPOINT", "HANDSHAKE", "RX", "TX"]);
+        header.extend(["ENDPOINT", "HANDSHAKE", "RX", "TX", "INTERNET SEEN"]);
     }
     let mut table = vec![header.into_iter().map(String::from).collect::<Vec<_>>()];
     for r in &rows {
@@ -171,8 +173,9 @@ pub fn peer_list(config: &Path, json: bool) -> Result<()> {
                     l.latest_handshake.map_or("-".into(), format_time),
                     bytes(l.rx_bytes),
                     bytes(l.tx_bytes),
+                    internet_seen(l.internet_seen_at),
                 ]),
-                None => row.extend(["-", "-", "-", "-"].map(String::from)),
+                None => row.extend(["-", "-", "-", "-", "-"].map(String::from)),
             }
         }
         table.push(row);
@@ -251,6 +254,7 @@ pub fn peer_show(config: &Path, name: &str, json: bool) -> Result<()> {
                 format!("{} received, {} sent", bytes(l.rx_bytes), bytes(l.tx_bytes)),
             );
             line("session", if l.session { "up" } else { "none" }.into());
+            line("internet seen", internet_seen(l.internet_seen_at));
             if !l.denied.is_empty() {
                 let d: Vec<String> = l.denied.iter().map(|(k, n)| format!("{k} {n}")).collect();
                 line("denied packets", d.join(", "));
@@ -306,6 +310,10 @@ pub fn status(config: &Path, json: bool) -> Result<()> {
             bytes(p.rx_bytes),
             bytes(p.tx_bytes)
         ));
+        out.push_str(&format!(
+            "  internet seen: {}\n",
+            internet_seen(p.internet_seen_at)
+        ));
         if let Some(t) = p.expires_at {
             out.push_str(&format!("  expires: {}\n", format_time(t)));
         }
@@ -315,6 +323,13 @@ pub fn status(config: &Path, json: bool) -> Result<()> {
         }
     }
     write_stdout(&out)
+}
+
+/// Whether (and when last) internet-bound traffic came through the tunnel:
+/// "no" says the site has not used the tunnel for the internet since the
+/// daemon started, which is what a site routing around it looks like.
+fn internet_seen(at: Option<i64>) -> String {
+    at.map_or("no".into(), |t| format!("yes, last {}", format_time(t)))
 }
 
 /// Byte counts the way `wg show` prints them.

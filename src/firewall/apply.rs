@@ -18,6 +18,40 @@ pub enum FirewallError {
     Refused { what: &'static str, stderr: String },
     #[error("nft: {0}")]
     Io(std::io::Error),
+    #[error("cannot turn on forwarding ({path}): {error}")]
+    Forwarding {
+        path: &'static str,
+        error: std::io::Error,
+    },
+}
+
+const IPV4_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
+const IPV6_FORWARD: &str = "/proc/sys/net/ipv6/conf/all/forwarding";
+
+/// Turns on IPv4 forwarding, and IPv6 forwarding when `v6` (the gateway has
+/// an IPv6 tunnel address), in the daemon's network namespace. Left on at
+/// stop, as wg-quick and container runtimes do: something else on the host
+/// may rely on it by then, and with the table gone nothing of sitegate's is
+/// forwarded anyway. Returns the sysctls it changed from 0.
+///
+/// # Errors
+/// A sysctl cannot be written (not root, or a read-only /proc/sys).
+pub fn enable_forwarding(v6: bool) -> Result<Vec<&'static str>, FirewallError> {
+    let mut changed = Vec::new();
+    let paths: &[&'static str] = if v6 {
+        &[IPV4_FORWARD, IPV6_FORWARD]
+    } else {
+        &[IPV4_FORWARD]
+    };
+    for &path in paths {
+        let was = std::fs::read_to_string(path).unwrap_or_default();
+        if was.trim() == "1" {
+            continue;
+        }
+        std::fs::write(path, "1\n").map_err(|error| FirewallError::Forwarding { path, error })?;
+        changed.push(path);
+    }
+    Ok(changed)
 }
 
 /// Feeds `doc` to `nft -j -f -`.

@@ -438,6 +438,17 @@ impl Gateway {
         run_ok(&mut self.cli(args))
     }
 
+    /// Appends a `[[service]]` (TCP) to the config; with `default`, every peer
+    /// issued afterwards without `--service` is granted it. Call before the
+    /// daemon starts (the policy is read at start).
+    pub fn add_service(&self, name: &str, address: &str, default: bool) {
+        let mut text = fs::read_to_string(&self.config).expect("read config");
+        text.push_str(&format!(
+            "\n[[service]]\nname = \"{name}\"\naddress = \"{address}\"\nprotocol = \"tcp\"\ndefault = {default}\n"
+        ));
+        fs::write(&self.config, text).expect("write config");
+    }
+
     /// Issues a peer and returns its wg-quick client config.
     pub fn add_peer(&self, name: &str) -> String {
         let conf = self.cli_ok(&["peer", "add", name]);

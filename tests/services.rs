@@ -625,13 +625,7 @@ fn services_answer_only_granted_peers() {
     let n = names("va");
     let net = Net::build(&n, 2);
     let mut gw = net.gateway(&n);
-    gw.edit_config(
-        "\n[api]\n",
-        &format!(
-            "\n[[service]]\nname = \"db\"\naddress = \"{LAN_HOST}:5432\"\nprotocol = \"tcp\"\n\
-             default = false\n\n[api]\n"
-        ),
-    );
+    gw.add_service("db", &format!("{LAN_HOST}:5432"), false);
     let conf_a = gw.add_peer_with("granted", &["--service", "db", "--service", "api"]);
     let conf_b = gw.add_peer("plain"); // default grants only: sftp
     gw.start();

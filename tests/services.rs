@@ -237,7 +237,7 @@ fn full_tunnel_reaches_internet_via_nat_and_nothing_leaks() {
     );
     let before = status_peer(&gw, "site1");
     assert!(
-        before["internet_seen_at"].is_null(),
+        before.get("internet_seen_at").is_some_and(Value::is_null),
         "internet_seen_at set before any internet-bound traffic: {before}"
     );
 
@@ -665,6 +665,13 @@ fn services_answer_only_granted_peers() {
     for (ns, who) in [(ns_a, "granted"), (ns_b, "plain")] {
         assert_unanswered(ns, who, &other);
     }
+    // A grant covers its service only: the granted peer's attempt on the other
+    // port is an ACL drop too.
+    gw.wait_event(
+        "packet_denied acl for granted",
+        Duration::from_secs(5),
+        |e| denied(e, "acl", "granted"),
+    );
     assert_reaches(ns_a, "granted (api)", &api, &gw);
     assert_unanswered(ns_b, "plain (not granted api)", &api);
     assert!(gw.is_running(), "gateway died; log:\n{}", gw.log_tail(40));

@@ -84,7 +84,10 @@ cfg="$work/sitegate.toml"
 have_sitegate=1
 if "$bin" --config "$cfg" init --endpoint 172.31.250.1:51820 --interface "$GIF" \
      --subnet 10.8.0.0/24 >/dev/null 2>"$work/init.err" &&
-   "$bin" --config "$cfg" peer add bench --output "$work/issued.conf" >/dev/null 2>>"$work/init.err" &&
+   # iperf3 on the gateway is a service the bench peer is granted (TCP control
+   # and bulk, UDP small packets), as the policy requires.
+   printf '\n[[service]]\nname = "iperf"\naddress = "10.8.0.1:5201"\nprotocol = "tcp"\n\n[[service]]\nname = "iperf-udp"\naddress = "10.8.0.1:5201"\nprotocol = "udp"\n' >>"$cfg" &&
+   "$bin" --config "$cfg" peer add bench --service iperf --service iperf-udp --output "$work/issued.conf" >/dev/null 2>>"$work/init.err" &&
    [ -s "$cfg" ] && grep -q '^\[Peer\]' "$work/issued.conf" 2>/dev/null; then
   keyfile=$(sed -nE 's/^[[:space:]]*private_key_file[[:space:]]*=[[:space:]]*"(.*)".*/\1/p' "$cfg" | head -n1)
   case "$keyfile" in /*) ;; *) keyfile="$(dirname "$cfg")/$keyfile" ;; esac

@@ -413,11 +413,14 @@ fn render_init_config(
     user_exists: bool,
 ) -> String {
     let g = gw.addr();
-    let egress_line = match egress {
-        Some(e) => format!("interface = {}", q(e)),
-        None => {
-            "# interface = \"eth0\"          # no default route found: set the uplink".to_string()
-        }
+    let egress_lines = match egress {
+        Some(e) => format!(
+            "interface = {}\nallow_internet = true             # full tunnel: peers reach the internet through NAT",
+            q(e)
+        ),
+        None => "# interface = \"eth0\"          # no default route found: set the uplink,\n\
+                 allow_internet = false            # then make this true (full tunnel to the internet, NAT'ed)"
+            .to_string(),
     };
     let user_line = if user_exists {
         "user = \"sitegate\"".to_string()
@@ -439,8 +442,7 @@ endpoint = {endpoint}   # what issued client configs dial
 # dns = ["{g}"]                  # pushed in issued client configs
 
 [egress]
-{egress_line}
-allow_internet = true             # full tunnel: peers reach the internet through NAT
+{egress_lines}
 peer_to_peer = false              # sites cannot reach each other unless true
 
 # Endpoints peers may reach; nothing else on this host or internal networks is.

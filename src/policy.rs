@@ -363,7 +363,7 @@ url = "sqlite:///tmp/x.db"
     fn dual() -> Policy {
         Policy::from_config(&config(
             "address = [\"10.8.0.1/24\", \"fd00:8::1/64\"]\ndns = [\"10.8.0.1\", \"9.9.9.9\"]",
-            "allow_internet = true\npeer_to_peer = false",
+            "interface = \"eth0\"\nallow_internet = true\npeer_to_peer = false",
         ))
     }
 
@@ -609,7 +609,7 @@ url = "sqlite:///tmp/x.db"
     fn no_ipv6_address_drops_ipv6() {
         let v4only = Policy::from_config(&config(
             "address = \"10.8.0.1/24\"",
-            "allow_internet = true",
+            "interface = \"eth0\"\nallow_internet = true",
         ));
         let p = v6(
             "fd00:8::2".parse().unwrap(),

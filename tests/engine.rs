@@ -61,6 +61,7 @@ address = ["10.8.0.1/24", "fd00:8::1/64"]
 endpoint = "192.0.2.1:51820"
 
 [egress]
+interface = "eth0"
 allow_internet = true
 peer_to_peer = false
 

@@ -1,9 +1,10 @@
 //! `sitegate.toml`: deserialized into `raw::*Raw` (unknown keys refused), then
 //! validated into [`Config`], whose fields cannot hold a bad value.
 //!
-//! Sections `[interface]`, `[store]`, `[log]`, `[firewall]` act now; `[egress]`,
-//! `[[service]]`, `[api]`, `[daemon]` are parsed and validated so a bad file fails
-//! at start, and act in later issues.
+//! Sections `[interface]`, `[egress]`, `[[service]]`, `[store]`, `[log]` and
+//! `[firewall]` act; `[api]` and `[daemon]` are parsed and validated so a bad
+//! file fails at start, and act in later issues (`sitegate check` fails on
+//! them meanwhile).
 
 pub mod raw;
 pub mod validate;

@@ -202,19 +202,27 @@ impl Validator<'_> {
     fn config(&self, raw: ConfigRaw) -> Result<Config, ConfigError> {
         let interface = self.interface(&raw.interface)?;
         let egress = match &raw.egress {
-            Some(e) => EgressConfig {
-                interface: match &e.interface {
+            Some(e) => {
+                let interface = match &e.interface {
                     Some(n) => Some(self.ifname("egress.interface", n)?),
                     None => None,
-                },
-                allow_internet: e.allow_internet.unwrap_or(true),
-                peer_to_peer: e.peer_to_peer.unwrap_or(false),
-            },
-            None => EgressConfig {
-                interface: None,
-                allow_internet: true,
-                peer_to_peer: false,
-            },
+                };
+                // Internet egress is NAT'ed out of a named uplink; asking for it
+                // without one would forward un-NAT'ed or not at all.
+                if e.allow_internet == Some(true) && interface.is_none() {
+                    return Err(self.bad(
+                        "egress.allow_internet",
+                        true,
+                        "needs `egress.interface`, the uplink that full-tunnel traffic leaves through with NAT",
+                    ));
+                }
+                EgressConfig {
+                    allow_internet: e.allow_internet.unwrap_or(interface.is_some()),
+                    interface,
+                    peer_to_peer: e.peer_to_peer.unwrap_or(false),
+                }
+            }
+            None => EgressConfig::default(),
         };
         let mut services = Vec::new();
         let mut names = HashSet::new();
@@ -754,7 +762,7 @@ seal_key_file = "seal.key"
         let text = "[interface]\nname='sg0'\nprivate_key_file='/k'\naddress='10.8.0.1/24'\nendpoint='h:1'\n[store]\nurl='sqlite:///d.db'\n";
         let c = parse(path(), text).unwrap();
         assert_eq!((c.interface.listen_port, c.interface.mtu), (51820, 1420));
-        assert!(c.egress.allow_internet && !c.egress.peer_to_peer && c.firewall.manage);
+        assert!(!c.egress.allow_internet && !c.egress.peer_to_peer && c.firewall.manage);
         assert_eq!(c.log.format, LogFormat::Json);
         assert_eq!(c.log.audit_rotate_bytes, crate::audit::writer::ROTATE_BYTES);
         assert!(c.api.is_none() && c.services.is_empty());
@@ -930,6 +938,11 @@ seal_key_file = "seal.key"
                 "`store.url` = \"mysql://x\"",
             ),
             ("user = \"sitegate\"", "user = \"Root Me\"", "`daemon.user`"),
+            (
+                "interface = \"eth0\"",
+                "# no uplink",
+                "`egress.allow_internet` = true needs `egress.interface`",
+            ),
         ];
         for (from, to, want) in cases {
             let e = err_with(from, to);

@@ -20,6 +20,7 @@ use ipnet::Ipv4Net;
 pub use admin::{peer_revoke, peer_rotate};
 pub use listing::{peer_list, peer_show, status};
 pub use verify::audit_verify;
+pub(crate) use verify::verify_chain;
 
 use crate::clientconf::{self, ClientConfig};
 use crate::config::validate::{check_endpoint, check_ifname, first_host_v4};
@@ -190,9 +191,15 @@ pub enum AuditCommand {
     },
 }
 
-/// A command declared in the spec but not built yet.
-pub fn not_implemented(what: &str) -> Result<()> {
-    bail!("`sitegate {what}` is not implemented yet")
+/// `sitegate check`: every verdict on stdout, then exit 1 when any failed
+/// (warnings do not fail).
+pub fn check(config: &Path) -> Result<()> {
+    let report = crate::check::run(config);
+    write_stdout(&report.render())?;
+    match report.count(crate::check::Status::Fail) {
+        0 => Ok(()),
+        n => bail!("{n} check(s) failed"),
+    }
 }
 
 /// `sitegate run`: load (refusing a bad config or loose key file before anything

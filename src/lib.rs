@@ -21,9 +21,13 @@
 //! - [`audit`]: the hash-chained audit log: chain and verify (pure), writer, sink.
 //! - [`control`]: UAPI socket so stock `wg show` works.
 //! - [`daemon`]: wires it together; signals and clean shutdown.
+//! - [`check`]: `sitegate check`, the security self-check: verdicts over
+//!   gathered facts are pure (`check::decide`, `check::procnet`); the gathering
+//!   (files, `/proc/net`, `nft`, store, control socket) is a thin shell.
 //! - [`cli`]: the clap command tree.
 
 pub mod audit;
+pub mod check;
 pub mod cli;
 pub mod clientconf;
 pub mod config;

@@ -20,7 +20,7 @@ fn main() -> ExitCode {
         Command::Peer(PeerCommand::Rotate(a)) => cli::peer_rotate(config, a),
         Command::Peer(PeerCommand::Show { name, json }) => cli::peer_show(config, name, *json),
         Command::Status { json } => cli::status(config, *json),
-        Command::Check => cli::not_implemented("check"),
+        Command::Check => cli::check(config),
         Command::Audit(AuditCommand::Verify { file }) => cli::audit_verify(config, file.as_deref()),
         Command::Genkey => cli::genkey(),
         Command::Pubkey => cli::pubkey(),

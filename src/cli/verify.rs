@@ -68,6 +68,17 @@ fn verify_one(path: &Path) -> Result<()> {
 
 fn verify_configured(config: &Path) -> Result<()> {
     let cfg = Config::load(config)?;
+    write_stdout(&verify_chain(&cfg)?)
+}
+
+/// Verifies the configured chain (every file, then the store's head) and
+/// returns the report text. Shared with `sitegate check`, which must judge a
+/// config that `Config::load` refuses (a loose key file), so it takes `cfg`.
+///
+/// # Errors
+/// No `[log] audit_file`; an unreadable file or store; the first bad line,
+/// named with its file and line number.
+pub(crate) fn verify_chain(cfg: &Config) -> Result<String> {
     let Some(path) = cfg.log.audit_file.clone() else {
         bail!(
             "{} sets no [log] audit_file; give the audit FILE to verify",
@@ -137,12 +148,9 @@ fn verify_configured(config: &Path) -> Result<()> {
         }
     }
     if total.lines == 0 {
-        return write_stdout(&format!(
-            "{notes}{}: no audit records yet\n",
-            path.display()
-        ));
+        return Ok(format!("{notes}{}: no audit records yet\n", path.display()));
     }
-    write_stdout(&format!("{notes}{}", summary(&total, files.len())))
+    Ok(format!("{notes}{}", summary(&total, files.len())))
 }
 
 /// The line carrying the store's recorded seq must carry its hash too: a log

@@ -1018,6 +1018,36 @@ seal_key_file = "seal.key"
         assert!(c.api.is_some() && c.daemon.user.is_some());
     }
 
+    /// Every key whose feature is not built yet is listed, and only when present.
+    #[test]
+    fn unenforced_keys_listed() {
+        let keys =
+            |c: &Config| -> Vec<&str> { c.unenforced_keys().iter().map(|u| u.key).collect() };
+        let full = parse(path(), BASE).unwrap();
+        assert_eq!(
+            keys(&full),
+            [
+                "api.listen",
+                "api.token_file",
+                "daemon.user",
+                "daemon.seal_key_file"
+            ]
+        );
+        let text = "[interface]\nname='sg0'\nprivate_key_file='/k'\naddress='10.8.0.1/24'\nendpoint='h:1'\n[store]\nurl='sqlite:///d.db'\n";
+        assert!(keys(&parse(path(), text).unwrap()).is_empty());
+        let pg = text.replace(
+            "'sqlite:///d.db'",
+            "'postgres://u@db/sg'\npool='10.8.0.0/25'",
+        );
+        assert_eq!(
+            keys(&parse(path(), &pg).unwrap()),
+            ["store.url", "store.pool"]
+        );
+        let user_only = parse_with("seal_key_file = \"seal.key\"\n", "").unwrap();
+        assert!(keys(&user_only).contains(&"daemon.user"));
+        assert!(!keys(&user_only).contains(&"daemon.seal_key_file"));
+    }
+
     /// Endpoint syntax: hostnames, IPv4 and bracketed IPv6 with a port.
     #[test]
     fn endpoints() {

@@ -821,3 +821,169 @@ impl Gateway {
         self.start();
     }
 }
+
+/// Whether `tool` is an executable file in a `PATH` directory.
+pub fn on_path(tool: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+        .unwrap_or(false)
+}
+
+/// Like [`rig_ready`] for tests that need root and further tools (sshd,
+/// logrotate, tcpdump, ...) but not necessarily the WireGuard rig: outside CI a
+/// missing piece prints a skip note and returns false; with `CI=true` it panics.
+pub fn tools_ready(test: &str, tools: &[&str]) -> bool {
+    let mut missing = Vec::new();
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        missing.push("root".to_string());
+    }
+    missing.extend(tools.iter().filter(|t| !on_path(t)).map(|t| t.to_string()));
+    if missing.is_empty() {
+        return true;
+    }
+    let note = format!(
+        "{test}: needs {} (run as root on a machine with the packages of .ci/run)",
+        missing.join(", ")
+    );
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{note}; CI=true never skips");
+    }
+    eprintln!("SKIPPED {note}");
+    false
+}
+
+/// `/run/sshd`, which sshd insists on (privilege separation), with mode 0755.
+pub fn ensure_sshd_privsep_dir() {
+    let dir = Path::new("/run/sshd");
+    if !dir.is_dir() {
+        fs::create_dir_all(dir).expect("create /run/sshd");
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).expect("chmod /run/sshd");
+    }
+}
+
+impl Gateway {
+    /// [`Gateway::init`] with further `init` flags (e.g. `--egress IFACE`).
+    pub fn init_with(ns: &Netns, ifname: &str, extra: &[&str]) -> Gateway {
+        let dir = TempDir::new(ifname);
+        let config = dir.path.join("sitegate.toml");
+        let log = dir.path.join("gateway.log");
+        let _ = fs::remove_file(format!("/var/run/wireguard/{ifname}.sock"));
+        let gw = Gateway {
+            ns: ns.name.clone(),
+            ifname: ifname.to_string(),
+            dir,
+            config,
+            log,
+            child: None,
+        };
+        let endpoint = Underlay::endpoint();
+        let mut args = vec![
+            "init",
+            "--endpoint",
+            &endpoint,
+            "--interface",
+            ifname,
+            "--subnet",
+            "10.8.0.0/24",
+        ];
+        args.extend_from_slice(extra);
+        gw.cli_ok(&args);
+        gw
+    }
+
+    /// [`Gateway::add_peer`] with further `peer add` flags (e.g. `--service db`).
+    pub fn add_peer_with(&self, name: &str, extra: &[&str]) -> String {
+        let mut args = vec!["peer", "add", name];
+        args.extend_from_slice(extra);
+        let conf = self.cli_ok(&args);
+        assert!(
+            conf.contains("[Peer]") && conf.contains("PrivateKey"),
+            "`peer add {name} {}` printed no client config:\n{conf}",
+            extra.join(" ")
+        );
+        conf
+    }
+
+    /// Replaces `from` (which must occur in the config, as `init` writes it)
+    /// with `to` in the config file; the daemon sees it at its next start.
+    pub fn edit_config(&self, from: &str, to: &str) {
+        let text = fs::read_to_string(&self.config).expect("read config");
+        assert!(
+            text.contains(from),
+            "config {} has no `{from}` to replace:\n{text}",
+            self.config.display()
+        );
+        fs::write(&self.config, text.replacen(from, to, 1)).expect("write config");
+    }
+
+    /// `sitegate status --json`, parsed.
+    pub fn status_json(&self) -> Value {
+        let out = self.cli_ok(&["status", "--json"]);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("status --json ({e}):\n{out}"))
+    }
+}
+
+/// A background process (a server, a capture) in a namespace: SIGTERM on
+/// drop, SIGKILL if it has not exited within 3 s.
+pub struct Bg {
+    pub what: String,
+    child: Child,
+}
+
+impl Bg {
+    /// Spawns `args` in `ns` with stdin closed and stdout and stderr to `log`.
+    pub fn spawn(ns: &Netns, args: &[&str], log: &Path) -> Bg {
+        let out = fs::File::create(log).expect("create process log");
+        let err = out.try_clone().expect("clone log handle");
+        let child = ns
+            .cmd(args)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {args:?} in {}: {e}", ns.name));
+        Bg {
+            what: args.join(" "),
+            child,
+        }
+    }
+
+    /// Whether it is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Sends `signal` and waits up to 5 s for the exit; true if it exited.
+    pub fn stop(&mut self, signal: i32) -> bool {
+        if !self.is_running() {
+            return true;
+        }
+        // SAFETY: kill(2) on our own child, not yet reaped (`ip netns exec`
+        // execs into the command, so this is the command itself).
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+        poll_until(Duration::from_secs(5), || !self.is_running())
+    }
+}
+
+impl Drop for Bg {
+    fn drop(&mut self) {
+        if !self.stop(libc::SIGTERM) {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// A TCP connection to `dst` from namespace `ns` within `timeout`: Ok, or the
+/// error kind (`TimedOut` when nothing answered, `ConnectionRefused` on a reset).
+pub fn tcp_connect_from(ns: &str, dst: &str, timeout: Duration) -> Result<(), std::io::ErrorKind> {
+    let addr: std::net::SocketAddr = dst.parse().expect("IP:PORT");
+    in_netns(ns, move || {
+        std::net::TcpStream::connect_timeout(&addr, timeout)
+            .map(drop)
+            .map_err(|e| e.kind())
+    })
+    .join()
+    .expect("connect thread")
+}

@@ -69,7 +69,7 @@
     if (resp.ok) return data;
     let msg = data && typeof data.error === "string" ? data.error : resp.status + " " + resp.statusText;
     if (resp.status === 401) {
-      endSession("The gateway did not accept the token (401). Log in again.");
+      endSession("The gateway did not accept the token (401).");
       msg = "The gateway did not accept the token.";
     } else if (resp.status === 403) {
       msg = "Forbidden (403): " + msg;

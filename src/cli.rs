@@ -2,7 +2,7 @@
 //! commands behind it. Errors are `anyhow` here: each is one sentence naming the
 //! file, flag or value at fault, printed by `main` as `error: ...`.
 
-mod admin;
+pub(crate) mod admin;
 mod listing;
 mod verify;
 
@@ -18,6 +18,7 @@ use clap::{Args, Parser, Subcommand};
 use ipnet::Ipv4Net;
 
 pub use admin::{peer_revoke, peer_rotate};
+pub(crate) use listing::peer_values;
 pub use listing::{peer_list, peer_show, status};
 pub use verify::audit_verify;
 pub(crate) use verify::verify_chain;
@@ -605,7 +606,7 @@ pub(crate) fn resolve_services(cfg: &Config, requested: &[String]) -> Result<Vec
     Ok(requested.to_vec())
 }
 
-fn unix_now() -> i64 {
+pub(crate) fn unix_now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))

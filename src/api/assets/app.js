@@ -1,0 +1,1 @@
+// sitegate admin page (replaced by the page branch)

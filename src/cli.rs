@@ -2,7 +2,7 @@
 //! commands behind it. Errors are `anyhow` here: each is one sentence naming the
 //! file, flag or value at fault, printed by `main` as `error: ...`.
 
-mod admin;
+pub(crate) mod admin;
 mod listing;
 mod verify;
 
@@ -18,15 +18,15 @@ use clap::{Args, Parser, Subcommand};
 use ipnet::Ipv4Net;
 
 pub use admin::{peer_revoke, peer_rotate};
+pub(crate) use listing::peer_values;
 pub use listing::{peer_list, peer_show, status};
 pub use verify::audit_verify;
 pub(crate) use verify::verify_chain;
 
-use crate::clientconf::{self, ClientConfig};
 use crate::config::validate::{check_endpoint, check_ifname, first_host_v4};
 use crate::config::{Config, StoreConfig, DEFAULT_CONFIG_PATH};
-use crate::keys::{PresharedKey, PrivateKey};
-use crate::registry::{NewPeer, PeerName, Store};
+use crate::keys::{PresharedKey, PrivateKey, PublicKey};
+use crate::registry::{PeerName, Store};
 
 /// Userspace WireGuard gateway: issued keys only, full tunnel, audited.
 #[derive(Debug, Parser)]
@@ -533,7 +533,10 @@ pub fn peer_add(config: &Path, a: &PeerAddArgs) -> Result<()> {
     let name = PeerName::new(&a.name)?;
     let cfg = Config::load(config)?;
     let server_public = admin::server_public_key(&cfg)?;
-    let (private_key, public_key) = admin::peer_key(a.public_key.as_deref(), &server_public)?;
+    let public_key = match a.public_key.as_deref() {
+        Some(k) => Some(PublicKey::from_base64(k).map_err(|e| anyhow!("--public-key {e}"))?),
+        None => None,
+    };
     let address = match &a.address {
         Some(s) => Some(
             s.parse::<IpAddr>()
@@ -542,61 +545,42 @@ pub fn peer_add(config: &Path, a: &PeerAddArgs) -> Result<()> {
         None => None,
     };
     let services = resolve_services(&cfg, &a.services)?;
-    let now = unix_now();
     let expires_at = match &a.expires {
-        Some(s) => Some(parse_expires(s, now)?),
+        Some(s) => Some(parse_expires(s, unix_now())?),
         None => None,
     };
-    let preshared_key = (!a.delivery.no_psk).then(PresharedKey::generate);
-
     let mut store = Store::open(&cfg.store)?;
     let sink = admin::ConfigSink::new(a.delivery.output.as_deref(), a.delivery.qr)?;
-    let added = store.add_peer(
-        &cfg.interface,
-        NewPeer {
-            name,
-            public_key,
-            preshared_key,
-            address,
-            services,
-            created_at: now,
-            expires_at,
-            admin: a.admin,
-        },
-    );
-    let peer = match added {
-        Ok(p) => p,
+    let request = admin::IssueRequest {
+        name,
+        public_key,
+        address,
+        services,
+        expires_at,
+        psk: !a.delivery.no_psk,
+        admin: a.admin,
+    };
+    let issued = match admin::issue(&cfg, &mut store, &server_public, request, admin::actor()) {
+        Ok(i) => i,
         Err(e) => {
             sink.discard();
-            return Err(e.into());
+            return Err(e);
         }
     };
-    let shown: Vec<String> = peer.addresses.iter().map(IpAddr::to_string).collect();
-    let mut action = admin::AdminAction::new("peer_added", &peer)
-        .with("addresses", shown.join(","))
-        .with("services", peer.services.join(","));
-    if let Some(t) = peer.expires_at {
-        action = action.with("expires_at", t);
-    }
-    if peer.admin {
-        action = action.with("admin", true);
-    }
-    let audit = admin::after_commit(&cfg, &store, &action);
-    let text = clientconf::render(&ClientConfig {
-        private_key: private_key.as_ref(),
-        addresses: &peer.addresses,
-        dns: &cfg.interface.dns,
-        gateway_public_key: &server_public,
-        preshared_key: peer.preshared_key.as_ref(),
-        endpoint: &cfg.interface.endpoint,
-        kill_switch: a.delivery.kill_switch,
-    });
-    sink.deliver(&peer, &text, "issued")?;
-    admin::audit_failure(&format!("peer `{}`", peer.name), audit)
+    admin::notify(&cfg, &issued.action);
+    let text = admin::client_config(
+        &cfg,
+        &server_public,
+        &issued.peer,
+        issued.private_key.as_ref(),
+        a.delivery.kill_switch,
+    );
+    sink.deliver(&issued.peer, &text, "issued")?;
+    admin::audit_failure(&format!("peer `{}`", issued.peer.name), issued.audit_error)
 }
 
 /// The services a new peer gets: those named (each must exist), or the defaults.
-fn resolve_services(cfg: &Config, requested: &[String]) -> Result<Vec<String>> {
+pub(crate) fn resolve_services(cfg: &Config, requested: &[String]) -> Result<Vec<String>> {
     if requested.is_empty() {
         return Ok(cfg
             .services
@@ -622,7 +606,7 @@ fn resolve_services(cfg: &Config, requested: &[String]) -> Result<Vec<String>> {
     Ok(requested.to_vec())
 }
 
-fn unix_now() -> i64 {
+pub(crate) fn unix_now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
@@ -633,7 +617,7 @@ fn unix_now() -> i64 {
 /// Returns Unix seconds. humantime's other units are refused on purpose: `ms`
 /// would make an instantly expired peer, and `M` (months) is one shift key
 /// away from `m` (minutes).
-fn parse_expires(s: &str, now: i64) -> Result<i64> {
+pub(crate) fn parse_expires(s: &str, now: i64) -> Result<i64> {
     let bad = || {
         anyhow!("--expires `{s}` is neither a duration (8s, 30m, 12h, 30d) nor a future date (YYYY-MM-DD)")
     };

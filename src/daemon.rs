@@ -280,12 +280,36 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         started_at: unix_now(),
         private_key: *key.as_bytes(),
     };
+    let (to_loop, requests) = tokio::sync::mpsc::channel::<server::Pending>(64);
+    // The admin API: bound now (the tunnel address exists) so that a bad
+    // [api] section stops the start; served on this runtime until the end.
+    let api_task = match crate::api::Listener::bind(
+        Arc::new(cfg.clone()),
+        Arc::clone(&shared),
+        to_loop.clone(),
+        key.public_key(),
+    )
+    .await?
+    {
+        Some(listener) => {
+            if let Some(api) = &cfg.api {
+                tracing::info!(event = "api_listening", listen = %api.listen, tls = api.tls.is_some());
+            }
+            Some(tokio::spawn(listener.serve()))
+        }
+        None => None,
+    };
     let sockets = Sockets {
         uapi,
         control,
         fatal: fatal_rx,
+        to_loop,
+        requests,
     };
     let result = serve(&info, &shared, &mut registry, sockets, shutdown).await;
+    if let Some(task) = api_task {
+        task.abort();
+    }
 
     shared.stopping.store(true, Ordering::Relaxed);
     let _ = interrupt.trigger();
@@ -353,6 +377,9 @@ struct Sockets {
     uapi: tokio::net::UnixListener,
     control: tokio::net::UnixListener,
     fatal: tokio::sync::mpsc::UnboundedReceiver<Fatal>,
+    /// Requests for the loop from control clients and the admin API.
+    to_loop: tokio::sync::mpsc::Sender<server::Pending>,
+    requests: tokio::sync::mpsc::Receiver<server::Pending>,
 }
 
 /// The control loop: timers, store changes, SIGHUP, UAPI and admin clients,
@@ -370,7 +397,7 @@ async fn serve(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut timers = Timers::default();
     let mut ticks: u64 = 0;
-    let (to_loop, mut requests) = tokio::sync::mpsc::channel::<server::Pending>(64);
+    let to_loop = sockets.to_loop.clone();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -398,7 +425,7 @@ async fn serve(
                     Err(e) => registry.failed(shared, &e),
                 }
             }
-            Some((request, reply)) = requests.recv() => {
+            Some((request, reply)) = sockets.requests.recv() => {
                 let _ = reply.send(handle_request(info, shared, registry, request));
             }
             accepted = sockets.control.accept() => {

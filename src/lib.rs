@@ -26,6 +26,7 @@
 //!   (files, `/proc/net`, `nft`, store, control socket) is a thin shell.
 //! - [`cli`]: the clap command tree.
 
+pub mod api;
 pub mod audit;
 pub mod check;
 pub mod cli;

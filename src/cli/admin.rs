@@ -27,13 +27,13 @@ use crate::config::Config;
 use crate::control::client::{self, ClientError};
 use crate::control::protocol::{control_socket_path, AdminEvent, Request, Response};
 use crate::keys::{PresharedKey, PrivateKey, PublicKey};
-use crate::registry::{Peer, PeerName, Store};
+use crate::registry::{NewPeer, Peer, PeerName, Store};
 
 /// Longest `--reason` accepted: it is a note, not a document.
 const MAX_REASON_CHARS: usize = 200;
 
 /// One admin action as audited and as sent to the daemon.
-pub(super) struct AdminAction {
+pub(crate) struct AdminAction {
     pub event: &'static str,
     pub actor: String,
     /// Never secrets: names, public keys, addresses, times, reasons.
@@ -41,9 +41,9 @@ pub(super) struct AdminAction {
 }
 
 impl AdminAction {
-    /// `peer`, `public_key` and `actor` first, as every admin record carries them.
-    pub fn new(event: &'static str, peer: &Peer) -> Self {
-        let actor = actor();
+    /// `peer`, `public_key` and `actor` first, as every admin record carries
+    /// them. `actor` is whoever runs the command ([`actor`]), or `api:<peer>`.
+    pub fn by(event: &'static str, peer: &Peer, actor: String) -> Self {
         Self {
             event,
             fields: vec![
@@ -60,7 +60,7 @@ impl AdminAction {
         self
     }
 
-    fn audit_fields(&self) -> Map<String, Value> {
+    pub(crate) fn audit_fields(&self) -> Map<String, Value> {
         self.fields
             .iter()
             .map(|(k, v)| ((*k).to_string(), v.clone()))
@@ -69,7 +69,7 @@ impl AdminAction {
 
     /// The control protocol carries text values: strings as they are, the rest
     /// as JSON.
-    fn daemon_event(&self) -> AdminEvent {
+    pub(crate) fn daemon_event(&self) -> AdminEvent {
         let fields: BTreeMap<String, String> = self
             .fields
             .iter()
@@ -104,18 +104,173 @@ pub(super) fn actor() -> String {
     }
 }
 
-/// Steps (2) and (3) after a committed action; see the module doc. Returns the
-/// audit failure, if any, for the caller to report once its output is out.
-pub(super) fn after_commit(cfg: &Config, store: &Store, action: &AdminAction) -> Option<String> {
-    let audit_error = cfg.log.audit_file.as_ref().and_then(|path| {
+/// Step (2): the audit record, with the chain head in the store. Returns the
+/// failure, if any.
+pub(crate) fn audit(cfg: &Config, store: &Store, action: &AdminAction) -> Option<String> {
+    cfg.log.audit_file.as_ref().and_then(|path| {
         AuditWriter::new(path)
             .with_rotate_bytes(cfg.log.audit_rotate_bytes)
             .append(store, action.event, &action.audit_fields())
             .err()
             .map(|e| e.to_string())
-    });
-    notify_daemon(cfg, action);
-    audit_error
+    })
+}
+
+/// A new peer as the CLI and the API ask for it, already checked.
+pub(crate) struct IssueRequest {
+    pub name: PeerName,
+    /// `None`: generate a key pair; its private half goes only into the config.
+    pub public_key: Option<PublicKey>,
+    pub address: Option<IpAddr>,
+    /// Resolved service names (see [`resolve_services`]).
+    pub services: Vec<String>,
+    pub expires_at: Option<i64>,
+    pub psk: bool,
+    pub admin: bool,
+}
+
+/// A committed and audited issue or rotation.
+pub(crate) struct Issued {
+    pub peer: Peer,
+    pub private_key: Option<PrivateKey>,
+    pub action: AdminAction,
+    pub audit_error: Option<String>,
+}
+
+/// Steps (1) and (2) of `peer add`, for the CLI and the API alike.
+///
+/// # Errors
+/// The gateway's own key, or the store's refusal (name or key taken,
+/// address, ...); nothing is committed then.
+pub(crate) fn issue(
+    cfg: &Config,
+    store: &mut Store,
+    server: &PublicKey,
+    req: IssueRequest,
+    actor: String,
+) -> Result<Issued> {
+    let (private_key, public_key) = match req.public_key {
+        Some(k) => (None, k),
+        None => {
+            let sk = PrivateKey::generate();
+            let pk = sk.public_key();
+            (Some(sk), pk)
+        }
+    };
+    if public_key == *server {
+        bail!("public key {public_key} is the gateway's own public key");
+    }
+    let peer = store.add_peer(
+        &cfg.interface,
+        NewPeer {
+            name: req.name,
+            public_key,
+            preshared_key: req.psk.then(PresharedKey::generate),
+            address: req.address,
+            services: req.services,
+            created_at: unix_now(),
+            expires_at: req.expires_at,
+            admin: req.admin,
+        },
+    )?;
+    let mut action = AdminAction::by("peer_added", &peer, actor)
+        .with("addresses", addresses_text(&peer.addresses))
+        .with("services", peer.services.join(","));
+    if let Some(t) = peer.expires_at {
+        action = action.with("expires_at", t);
+    }
+    if peer.admin {
+        action = action.with("admin", true);
+    }
+    let audit_error = audit(cfg, store, &action);
+    Ok(Issued {
+        peer,
+        private_key,
+        action,
+        audit_error,
+    })
+}
+
+/// Steps (1) and (2) of `peer rotate`.
+///
+/// # Errors
+/// The gateway's own key, or the store's refusal (unknown or revoked peer,
+/// key taken or revoked).
+pub(crate) fn rotate(
+    cfg: &Config,
+    store: &mut Store,
+    server: &PublicKey,
+    name: &PeerName,
+    public_key: Option<PublicKey>,
+    psk: bool,
+    actor: String,
+) -> Result<Issued> {
+    let (private_key, public_key) = match public_key {
+        Some(k) => (None, k),
+        None => {
+            let sk = PrivateKey::generate();
+            let pk = sk.public_key();
+            (Some(sk), pk)
+        }
+    };
+    if public_key == *server {
+        bail!("public key {public_key} is the gateway's own public key");
+    }
+    let psk = psk.then(PresharedKey::generate);
+    let (peer, old) = store.rotate_peer(name, public_key, psk, unix_now())?;
+    let action = AdminAction::by("peer_rotated", &peer, actor)
+        .with("old_public_key", old.to_base64())
+        .with("addresses", addresses_text(&peer.addresses));
+    let audit_error = audit(cfg, store, &action);
+    Ok(Issued {
+        peer,
+        private_key,
+        action,
+        audit_error,
+    })
+}
+
+/// Steps (1) and (2) of `peer revoke`: the revoked peer, the addresses it
+/// freed, the action and the audit failure, if any.
+///
+/// # Errors
+/// The store's refusal (unknown or already revoked peer).
+pub(crate) fn revoke(
+    cfg: &Config,
+    store: &mut Store,
+    name: &PeerName,
+    reason: Option<&str>,
+    actor: String,
+) -> Result<(Peer, Vec<IpAddr>, AdminAction, Option<String>)> {
+    let peer = store.revoke_peer(name, reason, unix_now())?;
+    // Committed: a failed read now must not stop the audit record.
+    let freed = store.former_addresses(name).unwrap_or_default();
+    let mut action =
+        AdminAction::by("peer_revoked", &peer, actor).with("addresses", addresses_text(&freed));
+    if let Some(r) = reason {
+        action = action.with("reason", r);
+    }
+    let audit_error = audit(cfg, store, &action);
+    Ok((peer, freed, action, audit_error))
+}
+
+/// The wg-quick client config for `peer`.
+pub(crate) fn client_config(
+    cfg: &Config,
+    server: &PublicKey,
+    peer: &Peer,
+    private_key: Option<&PrivateKey>,
+    kill_switch: bool,
+) -> String {
+    clientconf::render(&ClientConfig {
+        private_key,
+        addresses: &peer.addresses,
+        dns: &cfg.interface.dns,
+        gateway_public_key: server,
+        preshared_key: peer.preshared_key.as_ref(),
+        endpoint: &cfg.interface.endpoint,
+        kill_switch,
+    })
 }
 
 /// Exit 1 for an action that is committed but not audited.
@@ -131,7 +286,7 @@ pub(super) fn audit_failure(what: &str, error: Option<String>) -> Result<()> {
 /// Tells a running daemon to reload now. Never fails the command: the store is
 /// committed, and a daemon that missed the message still finds the change at
 /// its periodic store check.
-fn notify_daemon(cfg: &Config, action: &AdminAction) {
+pub(super) fn notify(cfg: &Config, action: &AdminAction) {
     let socket = control_socket_path(&cfg.interface.name);
     let req = Request::Reload {
         event: Some(action.daemon_event()),
@@ -233,30 +388,7 @@ pub(super) fn server_public_key(cfg: &Config) -> Result<PublicKey> {
     Ok(PrivateKey::from_file(&cfg.interface.private_key_file)?.public_key())
 }
 
-/// `--public-key KEY`, or a fresh key pair whose private half only the printed
-/// config carries.
-pub(super) fn peer_key(
-    given: Option<&str>,
-    server: &PublicKey,
-) -> Result<(Option<PrivateKey>, PublicKey)> {
-    let (sk, pk) = match given {
-        Some(k) => (
-            None,
-            PublicKey::from_base64(k).map_err(|e| anyhow!("--public-key {e}"))?,
-        ),
-        None => {
-            let sk = PrivateKey::generate();
-            let pk = sk.public_key();
-            (Some(sk), pk)
-        }
-    };
-    if pk == *server {
-        bail!("--public-key {pk} is the gateway's own public key");
-    }
-    Ok((sk, pk))
-}
-
-fn addresses_text(addrs: &[IpAddr]) -> String {
+pub(crate) fn addresses_text(addrs: &[IpAddr]) -> String {
     addrs
         .iter()
         .map(IpAddr::to_string)
@@ -265,7 +397,7 @@ fn addresses_text(addrs: &[IpAddr]) -> String {
 }
 
 /// `--reason`: one line of printable text, so audit lines and tables stay readable.
-fn check_reason(reason: Option<&str>) -> Result<Option<&str>> {
+pub(crate) fn check_reason(reason: Option<&str>) -> Result<Option<&str>> {
     let Some(r) = reason else { return Ok(None) };
     if r.trim().is_empty() {
         bail!("--reason is empty; give a short note or leave the flag out");
@@ -285,15 +417,8 @@ pub fn peer_revoke(config: &Path, name: &str, reason: Option<&str>) -> Result<()
     let reason = check_reason(reason)?;
     let cfg = Config::load(config)?;
     let mut store = Store::open(&cfg.store)?;
-    let peer = store.revoke_peer(&name, reason, unix_now())?;
-    // Committed: a failed read now must not stop the audit record.
-    let freed = store.former_addresses(&name).unwrap_or_default();
-    let mut action =
-        AdminAction::new("peer_revoked", &peer).with("addresses", addresses_text(&freed));
-    if let Some(r) = reason {
-        action = action.with("reason", r);
-    }
-    let audit = after_commit(&cfg, &store, &action);
+    let (peer, freed, action, audit) = revoke(&cfg, &mut store, &name, reason, actor())?;
+    notify(&cfg, &action);
     write_stdout(&format!(
         "revoked peer `{}`: key {} is on the revocation list; address {} freed\n",
         peer.name,
@@ -312,32 +437,38 @@ pub fn peer_rotate(config: &Path, a: &PeerRotateArgs) -> Result<()> {
     let name = PeerName::new(&a.name)?;
     let cfg = Config::load(config)?;
     let server = server_public_key(&cfg)?;
-    let (private_key, public_key) = peer_key(a.public_key.as_deref(), &server)?;
-    let psk = (!a.delivery.no_psk).then(PresharedKey::generate);
+    let given = match a.public_key.as_deref() {
+        Some(k) => Some(PublicKey::from_base64(k).map_err(|e| anyhow!("--public-key {e}"))?),
+        None => None,
+    };
     let mut store = Store::open(&cfg.store)?;
     let sink = ConfigSink::new(a.delivery.output.as_deref(), a.delivery.qr)?;
-    let (peer, old) = match store.rotate_peer(&name, public_key, psk, unix_now()) {
+    let rotated = rotate(
+        &cfg,
+        &mut store,
+        &server,
+        &name,
+        given,
+        !a.delivery.no_psk,
+        actor(),
+    );
+    let issued = match rotated {
         Ok(r) => r,
         Err(e) => {
             sink.discard();
-            return Err(e.into());
+            return Err(e);
         }
     };
-    let action = AdminAction::new("peer_rotated", &peer)
-        .with("old_public_key", old.to_base64())
-        .with("addresses", addresses_text(&peer.addresses));
-    let audit = after_commit(&cfg, &store, &action);
-    let text = clientconf::render(&ClientConfig {
-        private_key: private_key.as_ref(),
-        addresses: &peer.addresses,
-        dns: &cfg.interface.dns,
-        gateway_public_key: &server,
-        preshared_key: peer.preshared_key.as_ref(),
-        endpoint: &cfg.interface.endpoint,
-        kill_switch: a.delivery.kill_switch,
-    });
-    sink.deliver(&peer, &text, "rotated")?;
-    audit_failure(&format!("the rotation of `{name}`"), audit)
+    notify(&cfg, &issued.action);
+    let text = client_config(
+        &cfg,
+        &server,
+        &issued.peer,
+        issued.private_key.as_ref(),
+        a.delivery.kill_switch,
+    );
+    sink.deliver(&issued.peer, &text, "rotated")?;
+    audit_failure(&format!("the rotation of `{name}`"), issued.audit_error)
 }
 
 #[cfg(test)]

@@ -121,6 +121,23 @@ fn peer_json(r: &Row<'_>, now: i64) -> Value {
     })
 }
 
+/// The JSON objects of `peer list --json` for `peers`, with live state from
+/// `view`: one shape for the CLI and the admin API.
+///
+/// # Errors
+/// A store read fails.
+pub(crate) fn peer_values(
+    store: &Store,
+    peers: &[Peer],
+    view: Option<&StatusView>,
+    now: i64,
+) -> Result<Vec<Value>> {
+    Ok(rows(store, peers, view)?
+        .iter()
+        .map(|r| peer_json(r, now))
+        .collect())
+}
+
 fn print_json(v: &Value) -> Result<()> {
     let text = serde_json::to_string_pretty(v).context("cannot render JSON")?;
     write_stdout(&format!("{text}\n"))

@@ -91,6 +91,8 @@ pub struct ServiceConfig {
 pub struct ApiConfig {
     pub listen: SocketAddr,
     pub token_file: PathBuf,
+    /// PEM certificate chain and private key: HTTPS when both are set.
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 #[derive(Debug, Clone)]
@@ -159,17 +161,6 @@ impl Config {
     /// by the packet policy.
     pub fn unenforced_keys(&self) -> Vec<Unenforced> {
         let mut keys = Vec::new();
-        if self.api.is_some() {
-            const API: &str = "the admin API listener is not built yet (issue 9)";
-            keys.push(Unenforced {
-                key: "api.listen",
-                missing: API,
-            });
-            keys.push(Unenforced {
-                key: "api.token_file",
-                missing: API,
-            });
-        }
         if self.daemon.user.is_some() {
             keys.push(Unenforced {
                 key: "daemon.user",

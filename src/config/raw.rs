@@ -76,6 +76,8 @@ pub struct ServiceRaw {
 pub struct ApiRaw {
     pub listen: String,
     pub token_file: String,
+    pub tls_cert_file: Option<String>,
+    pub tls_key_file: Option<String>,
 }
 
 /// `[store]`.

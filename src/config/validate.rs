@@ -270,9 +270,31 @@ impl Validator<'_> {
                 if listen.port() == 0 {
                     return Err(self.bad("api.listen", &a.listen, "needs a port from 1 to 65535"));
                 }
+                let tls = match (&a.tls_cert_file, &a.tls_key_file) {
+                    (None, None) => None,
+                    (Some(c), Some(k)) => Some((
+                        self.file("api.tls_cert_file", c)?,
+                        self.file("api.tls_key_file", k)?,
+                    )),
+                    (Some(_), None) => {
+                        return Err(self.bad(
+                            "api.tls_key_file",
+                            "",
+                            "is missing: `api.tls_cert_file` needs its private key",
+                        ))
+                    }
+                    (None, Some(_)) => {
+                        return Err(self.bad(
+                            "api.tls_cert_file",
+                            "",
+                            "is missing: `api.tls_key_file` needs its certificate",
+                        ))
+                    }
+                };
                 Some(ApiConfig {
                     listen,
                     token_file: self.file("api.token_file", &a.token_file)?,
+                    tls,
                 })
             }
             None => None,
@@ -1024,15 +1046,7 @@ seal_key_file = "seal.key"
         let keys =
             |c: &Config| -> Vec<&str> { c.unenforced_keys().iter().map(|u| u.key).collect() };
         let full = parse(path(), BASE).unwrap();
-        assert_eq!(
-            keys(&full),
-            [
-                "api.listen",
-                "api.token_file",
-                "daemon.user",
-                "daemon.seal_key_file"
-            ]
-        );
+        assert_eq!(keys(&full), ["daemon.user", "daemon.seal_key_file"]);
         let text = "[interface]\nname='sg0'\nprivate_key_file='/k'\naddress='10.8.0.1/24'\nendpoint='h:1'\n[store]\nurl='sqlite:///d.db'\n";
         assert!(keys(&parse(path(), text).unwrap()).is_empty());
         let pg = text.replace(

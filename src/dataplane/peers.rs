@@ -51,6 +51,8 @@ pub struct PeerSlot {
     /// [`Grants`] bits for the services this peer may reach; updated in place
     /// on reload, like `expires_at`.
     pub grants: AtomicU64,
+    /// `peer add --admin`: only admin peers reach the admin API when any exists.
+    pub admin: std::sync::atomic::AtomicBool,
     /// [`super::Shared::coarse_ms`] when internet-bound traffic last came
     /// through this peer's session; 0: never.
     pub internet_seen_ms: AtomicU64,
@@ -200,6 +202,7 @@ impl PeerTable {
                         .store(p.expires_at.unwrap_or(i64::MAX), Ordering::Relaxed);
                     s.grants
                         .store(policy.grants(&p.services).bits(), Ordering::Relaxed);
+                    s.admin.store(p.admin, Ordering::Relaxed);
                     Arc::clone(s)
                 }
                 None => {
@@ -313,6 +316,7 @@ impl PeerSlot {
             noise: AtomicU64::new(0),
             ipv6_dropped: AtomicU64::new(0),
             grants: AtomicU64::new(grants.bits()),
+            admin: std::sync::atomic::AtomicBool::new(p.admin),
             internet_seen_ms: AtomicU64::new(0),
         }
     }

@@ -119,10 +119,19 @@ fn admin_page_issues_lists_and_revokes() {
         peer["revoked_reason"], "lost laptop (browser test)",
         "the reason typed in the dialog reaches the registry: {peer}"
     );
-    assert_eq!(
-        conf_value(&run.config, "Address").map(|a| a.split('/').next().unwrap_or("").to_string()),
-        peer["addresses"][0].as_str().map(str::to_string),
-        "the config shown is the issued peer's:\n{}",
+    // A revoked peer's address moves to `former_addresses`.
+    let shown = conf_value(&run.config, "Address")
+        .and_then(|a| a.split('/').next().map(str::to_string))
+        .unwrap_or_default();
+    let issued: Vec<&str> = ["addresses", "former_addresses"]
+        .iter()
+        .filter_map(|k| peer[k].as_array())
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(
+        issued.contains(&shown.as_str()),
+        "the config shown (Address {shown}) is not the issued peer's ({issued:?}):\n{}",
         run.config
     );
     // The downloaded .conf is the config shown.
@@ -190,7 +199,13 @@ fn drive_page(url: &str, token: &str, shots: &Path, downloads: &Path) -> PageRun
             let msg = match ev {
                 Event::LogEntryAdded(e) => {
                     let entry = &e.params.entry;
-                    format!("{:?} {:?}: {}", entry.source, entry.level, entry.text)
+                    format!(
+                        "{:?} {:?}: {} ({})",
+                        entry.source,
+                        entry.level,
+                        entry.text,
+                        entry.url.as_deref().unwrap_or("")
+                    )
                 }
                 Event::RuntimeExceptionThrown(e) => {
                     let d = &e.params.exception_details;

@@ -249,8 +249,17 @@
       const hs = live && live.latest_handshake;
       cell(tr, "Last handshake", "handshake", hs ? ago(hs) : "—", hs ? isoTime(hs) : "");
 
-      cell(tr, "Received / sent", "bytes",
-        live ? bytes(live.rx_bytes) + " / " + bytes(live.tx_bytes) : "—");
+      const io = cell(tr, "Received / sent", "bytes", live ? "" : "—");
+      if (live) {
+        const dirs = [["↓ ", live.rx_bytes, " bytes received from the peer"],
+          ["↑ ", live.tx_bytes, " bytes sent to the peer"]];
+        for (const [arrow, n, what] of dirs) {
+          const s = document.createElement("span");
+          s.textContent = arrow + bytes(n);
+          s.title = n + what;
+          io.appendChild(s);
+        }
+      }
 
       let denied = "—";
       let deniedTitle = "";

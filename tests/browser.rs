@@ -416,6 +416,18 @@ fn drive_page(url: &str, token: &str, shots: &Path, downloads: &Path) -> PageRun
         ),
         "the peer shown revoked",
     );
+    assert_eq!(
+        js(
+            &tab,
+            &format!(
+                "document.querySelector('tr[data-peer=\"{ISSUED}\"] [data-reason]').textContent"
+            )
+        )
+        .as_str()
+        .map(|t| t.ends_with(": lost laptop (browser test)")),
+        Some(true),
+        "the revoked row shows the reason"
+    );
     screenshot(&tab, shots, "06-revoked");
     step("peer revoked through the confirmation");
 

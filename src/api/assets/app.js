@@ -114,6 +114,7 @@
     const future = d < 0;
     const a = Math.abs(d);
     let s;
+    if (a < 5) return "just now";
     if (a < 60) s = a + " s";
     else if (a < 3600) s = Math.floor(a / 60) + " min";
     else if (a < 86400) s = Math.floor(a / 3600) + " h";
@@ -226,7 +227,11 @@
       }
       name.parentNode.title = "public key " + p.public_key;
 
-      cell(tr, "Addresses", "addresses", (p.addresses || []).join(", "));
+      const addrs = p.addresses || [];
+      const former = p.former_addresses || [];
+      // A revoked peer's address goes back to the pool: show what it was.
+      cell(tr, "Addresses", "addresses",
+        addrs.length ? addrs.join(", ") : former.length ? "was " + former.join(", ") : "—");
 
       const st = cell(tr, "State", "state", "");
       const badge = document.createElement("span");
@@ -236,6 +241,12 @@
       if (p.state === "revoked") {
         st.parentNode.title = "revoked " + (p.revoked_at ? isoTime(p.revoked_at) : "") +
           (p.revoked_reason ? ": " + p.revoked_reason : "");
+        const s = document.createElement("span");
+        s.className = "sub muted";
+        s.dataset.reason = "";
+        s.textContent = (p.revoked_at ? ago(p.revoked_at) : "") +
+          (p.revoked_reason ? ": " + p.revoked_reason : "");
+        st.appendChild(s);
       }
       if (live && live.session) {
         const s = document.createElement("span");

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use boringtun::noise::Tunn;
 use ipnet::IpNet;
 
+use super::tally::PacketCounters;
 use crate::events::{CloseReason, HandshakeFailure, Throttle};
 use crate::keys::{PresharedKey, PublicKey};
 use crate::policy::{DenyReason, Grants, Policy};
@@ -54,6 +55,13 @@ pub struct PeerSlot {
     /// [`super::Shared::coarse_ms`] when internet-bound traffic last came
     /// through this peer's session; 0: never.
     pub internet_seen_ms: AtomicU64,
+    /// Handshakes completed with this peer (sessions established or renewed,
+    /// either role), for `/metrics`: every accepted handshake, whether or not
+    /// its event was logged.
+    pub handshakes: AtomicU64,
+    /// IP packets forwarded from (rx) and encrypted to (tx) this peer, added
+    /// once per loop batch by a [`super::tally::Tally`].
+    pub packets: PacketCounters,
 }
 
 impl PeerSlot {
@@ -314,6 +322,8 @@ impl PeerSlot {
             ipv6_dropped: AtomicU64::new(0),
             grants: AtomicU64::new(grants.bits()),
             internet_seen_ms: AtomicU64::new(0),
+            handshakes: AtomicU64::new(0),
+            packets: PacketCounters::default(),
         }
     }
 }

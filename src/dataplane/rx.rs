@@ -316,6 +316,8 @@ fn process(
                 }
                 peer.lock().session_up = true;
                 peer.handshakes.fetch_add(1, Ordering::Relaxed);
+                peer.last_handshake_ms
+                    .store(shared.clock.now_ms(), Ordering::Relaxed);
                 tracing::info!(
                     event = "handshake",
                     peer = %peer.name,

@@ -643,6 +643,53 @@ sitegate_datagrams_dropped_total{reason="unknown_session"} 0
         );
     }
 
+    /// `peer_states` reads the store and counts by the lifecycle rule.
+    #[test]
+    fn peer_states_from_a_store() {
+        use crate::registry::NewPeer;
+        let dir = std::env::temp_dir().join(format!("sitegate-metrics-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let text = format!(
+            "[interface]\nname='sg0'\nprivate_key_file='/k'\naddress='10.8.0.1/24'\n\
+             endpoint='h:1'\n[store]\nurl='sqlite://{}/s.db'\n",
+            dir.display()
+        );
+        let cfg = crate::config::Config::parse(std::path::Path::new("/x/s.toml"), &text).unwrap();
+        let mut store = Store::create(&cfg.store).unwrap();
+        let new = |name: &str, expires_at| NewPeer {
+            name: PeerName::new(name).unwrap(),
+            public_key: crate::keys::PrivateKey::generate().public_key(),
+            preshared_key: None,
+            address: None,
+            services: vec![],
+            created_at: 0,
+            expires_at,
+            admin: false,
+        };
+        for (name, expires) in [
+            ("a", None),
+            ("b", Some(2_000)),
+            ("c", Some(500)),
+            ("d", None),
+        ] {
+            store.add_peer(&cfg.interface, new(name, expires)).unwrap();
+        }
+        store
+            .revoke_peer(&PeerName::new("d").unwrap(), None, 900)
+            .unwrap();
+        assert_eq!(
+            peer_states(&store, 1_000).unwrap(),
+            PeerStates {
+                active: 2,
+                expired: 1,
+                revoked: 1
+            }
+        );
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// With no peer in the table the per-peer families are left out, not
     /// printed as a descriptor with no samples; the gateway-wide ones stay.
     #[test]

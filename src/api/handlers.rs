@@ -411,3 +411,19 @@ fn audit_failed(error: Option<&str>) {
         tracing::error!(event = "audit_error", error = %e, origin = "api");
     }
 }
+
+/// Prometheus text format: the live counters and the registry's peer states.
+pub(super) async fn metrics(State(api): State<Arc<Api>>) -> Answer {
+    let worker = Arc::clone(&api);
+    let text = blocking(move || {
+        let store = open_store(&worker)?;
+        let states =
+            crate::metrics::peer_states(&store, crate::cli::unix_now()).map_err(internal)?;
+        Ok(crate::metrics::render(&crate::metrics::snapshot(
+            &worker.shared,
+            states,
+        )))
+    })
+    .await?;
+    Ok(([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response())
+}

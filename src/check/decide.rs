@@ -1163,10 +1163,21 @@ mod tests {
     #[test]
     fn unenforced_verdicts() {
         let c = config();
-        let l = unenforced_keys(&c.path, &c.unenforced_keys());
+        assert!(c.unenforced_keys().is_empty(), "[api] is enforced");
+        let keys = [
+            crate::config::Unenforced {
+                key: "daemon.user",
+                missing: "the privilege drop is not built yet",
+            },
+            crate::config::Unenforced {
+                key: "daemon.seal_key_file",
+                missing: "sealing is not built yet",
+            },
+        ];
+        let l = unenforced_keys(&c.path, &keys);
         assert_eq!(statuses(&l), [Status::Fail, Status::Fail]);
-        assert!(l[0].detail.contains("`api.listen`") && l[0].detail.contains("/x/sitegate.toml"));
-        assert!(l[1].detail.contains("`api.token_file`"));
+        assert!(l[0].detail.contains("`daemon.user`") && l[0].detail.contains("/x/sitegate.toml"));
+        assert!(l[1].detail.contains("`daemon.seal_key_file`"));
         assert_eq!(statuses(&unenforced_keys(&c.path, &[])), [Status::Pass]);
     }
 

@@ -823,9 +823,9 @@ fn bad_requests_get_named_errors_and_change_nothing() {
 /// `POST /v1/peers` issues a peer whose `config` brings a stock wg-quick site
 /// up (DNS line stripped) that pings 10.8.0.1, with a `qr_svg` beside it;
 /// `DELETE /v1/peers/{name}` with a reason cuts that live session within 1 s
-/// (pings stop, `session_closed reason=revoked`); both actions are in the
-/// audit chain with `actor = "api:ops"`, without the issued secrets, and
-/// `sitegate audit verify` exits 0.
+/// (pings stop, `session_closed reason=revoked`), a second DELETE is 409;
+/// both actions are in the audit chain with `actor = "api:ops"`, without the
+/// issued secrets, and `sitegate audit verify` exits 0.
 #[test]
 fn issued_peer_connects_and_revoke_cuts_within_1s_audited() {
     if !rig_ready("api_issue_revoke") || !tools_ready("api_issue_revoke", &["nft"]) {
@@ -938,6 +938,15 @@ fn issued_peer_connects_and_revoke_cuts_within_1s_audited() {
         replies.iter().all(|r| r.at <= last.at),
         "branch answered again after the cut"
     );
+    let a = call(
+        ns_ops,
+        &gw,
+        "DELETE",
+        "/v1/peers/branch",
+        Some(&token),
+        None,
+    );
+    assert_error(&a, 409, &["branch"], "DELETE branch again");
 
     // The audit trail names the API caller.
     let records = audit_records(&gw);
@@ -1285,11 +1294,14 @@ fn metrics_need_the_token() {
             .is_some_and(|t| t.starts_with("text/plain")),
         "metrics content type: {a:?}"
     );
-    assert!(
-        a.body.contains("sitegate_handshakes_total"),
-        "no sitegate_handshakes_total in:\n{}",
-        a.body
-    );
+    // The ops site's handshake is counted under its name.
+    let handshakes = a
+        .body
+        .lines()
+        .find_map(|l| l.strip_prefix("sitegate_handshakes_total{peer=\"ops\"} "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no sitegate_handshakes_total for ops in:\n{}", a.body));
+    assert!(handshakes >= 1.0, "ops handshook, yet {handshakes} counted");
     let a = call(ns, &gw, "GET", "/metrics", None, None);
     assert_error(&a, 401, &[], "GET /metrics without a token");
     assert_eq!(a.header("www-authenticate"), Some("Bearer"), "{a:?}");

@@ -181,5 +181,64 @@ fn lookup_and_policy(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, crypto, lookup_and_policy);
+/// The per-packet cost of the `/metrics` packet counters: one batch of 64
+/// packets from 4 peers of 10,000, counted in a loop's `Tally` and flushed
+/// (what the loops do), against one relaxed `fetch_add` per packet.
+fn packet_counters(c: &mut Criterion) {
+    use sitegate::dataplane::peers::PeerTable;
+    use sitegate::dataplane::tally::{Direction, Tally};
+    use std::sync::Arc;
+    let gw = PrivateKey::generate();
+    let records: Vec<sitegate::registry::Peer> = (0..10_000u32)
+        .map(|i| sitegate::registry::Peer {
+            id: i64::from(i),
+            name: sitegate::registry::PeerName::new(&format!("p{i}")).unwrap(),
+            public_key: PrivateKey::generate().public_key(),
+            preshared_key: None,
+            addresses: vec![IpAddr::V4(Ipv4Addr::from(0x0a80_0002 + i))],
+            created_at: 0,
+            expires_at: None,
+            revoked_at: None,
+            revoked_reason: None,
+            admin: false,
+            services: vec![],
+        })
+        .collect();
+    let policy = policy::Policy::from_config(&bench_config());
+    let (table, _) = PeerTable::default().rebuild(&records, &[], 0, &policy, |i, p| {
+        Tunn::new(
+            gw.to_x25519(),
+            p.public_key.to_x25519(),
+            None,
+            None,
+            i,
+            None,
+        )
+    });
+    let table = Arc::new(table);
+    let batch: Vec<usize> = (0..64)
+        .map(|i| [7, 7, 7, 7, 42, 999, 7, 5_000][i % 8])
+        .collect();
+    let mut group = c.benchmark_group("packet_counters_batch_64");
+    group.throughput(Throughput::Elements(batch.len() as u64));
+    let mut tally = Tally::new(Direction::Rx);
+    group.bench_function("tally_per_batch", |b| {
+        b.iter(|| {
+            for &pos in &batch {
+                tally.count(&table, black_box(pos));
+            }
+            tally.flush();
+        })
+    });
+    group.bench_function("fetch_add_per_packet", |b| {
+        b.iter(|| {
+            for &pos in &batch {
+                table.peers[black_box(pos)].packets.add(Direction::Rx, 1);
+            }
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, crypto, lookup_and_policy, packet_counters);
 criterion_main!(benches);

@@ -151,6 +151,19 @@ fn close_removed(removed: Vec<Removed>) {
     }
 }
 
+/// The daemon's socket files, removed when dropped: at the end of `run`, and
+/// also when a later start step fails (a refused `[api]` section, say), so
+/// that no stale socket is left for `wg show` and the CLI to find.
+struct SocketFiles(Vec<std::path::PathBuf>);
+
+impl Drop for SocketFiles {
+    fn drop(&mut self) {
+        for path in &self.0 {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
 /// A packet loop that ended on its own: a panic or an error it cannot survive.
 #[derive(Debug)]
 struct Fatal {
@@ -214,9 +227,11 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     let uapi_path = control::uapi_socket_path(&iface.name);
     let uapi = control::bind_private_socket(&uapi_path, 0o755)
         .with_context(|| format!("cannot serve {}", uapi_path.display()))?;
+    let mut socket_files = SocketFiles(vec![uapi_path]);
     let control_path = protocol::control_socket_path(&iface.name);
     let control = control::bind_private_socket(&control_path, 0o700)
         .with_context(|| format!("cannot serve {}", control_path.display()))?;
+    socket_files.0.push(control_path);
     let audit_sink = match &cfg.log.audit_file {
         Some(path) => {
             // The writer thread keeps its own connection: SQLite serializes it
@@ -322,8 +337,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
             timers::session_closed(peer, CloseReason::Shutdown);
         }
     }
-    let _ = std::fs::remove_file(&uapi_path);
-    let _ = std::fs::remove_file(&control_path);
+    drop(socket_files);
     drop(shared);
     drop(device); // the last reference: closes the TUN fd, the kernel removes the device
     drop(firewall);

@@ -12,6 +12,8 @@
 //! - [`control::uapi`]: the WireGuard UAPI `get=1` reply as text.
 //! - [`events`]: event names and rate-limited summaries of repeated failures.
 //! - [`firewall::render`]: the nftables table `inet sitegate` as nft JSON.
+//! - [`metrics`]: `/metrics` text from a snapshot of counters ([`metrics::render`]);
+//!   [`metrics::snapshot`] reads them from the data plane.
 //!
 //! I/O shell:
 //! - [`dataplane`]: TUN and UDP loops around boringtun's `noise::Tunn` (batched
@@ -38,6 +40,7 @@ pub mod dataplane;
 pub mod events;
 pub mod firewall;
 pub mod keys;
+pub mod metrics;
 pub mod policy;
 pub mod registry;
 pub mod routing;

@@ -1082,3 +1082,266 @@ fn loop_errors_are_throttled() {
     );
     assert_eq!(gw.shared.loop_errors[LoopError::Tun.index()].total(), 100);
 }
+
+/// A key's text form (43 base64 characters and `=`) anywhere in `line`.
+fn looks_like_key(line: &str) -> bool {
+    let b = line.as_bytes();
+    let is_b64 = |c: u8| c.is_ascii_alphanumeric() || c == b'+' || c == b'/';
+    (0..b.len().saturating_sub(43)).any(|i| {
+        b[i..i + 43].iter().all(|&c| is_b64(c))
+            && b[i + 43] == b'='
+            && (i == 0 || !is_b64(b[i - 1]))
+    })
+}
+
+/// The value of the series `name{labels}` in a `/metrics` text, by a real
+/// text-format parser.
+fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    use prometheus_parse::{Scrape, Value};
+    let scrape = Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).unwrap();
+    let hit = scrape.samples.into_iter().find(|s| {
+        s.metric == name
+            && s.labels.len() == labels.len()
+            && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v))
+    })?;
+    match hit.value {
+        Value::Counter(v) | Value::Gauge(v) => Some(v),
+        other => panic!("{name}: {other:?}"),
+    }
+}
+
+/// Real traffic moves the counters, and snapshot and render show them:
+/// handshakes (a renewal counts again), forwarded and sent packets per peer
+/// and direction (a denied packet is not forwarded but is counted denied),
+/// boringtun's bytes, the handshake time, failures by reason and the states
+/// the caller passes; no key appears anywhere in the text.
+#[test]
+fn metrics_follow_real_traffic() {
+    use sitegate::dataplane::tally::Direction::{Rx, Tx};
+    use sitegate::metrics::{self, PeerStates};
+    let mut gw = Gateway::new();
+    let mut a = Site::new(&gw, "alpha", "10.8.0.2", 40001);
+    let b = Site::new(&gw, "beta", "10.8.0.3", 40002);
+    gw.load(&[a.record.clone(), b.record.clone()]);
+    let before = metrics::snapshot(&gw.shared, PeerStates::default());
+    assert_eq!(before.peers.len(), 2);
+    assert!(before
+        .peers
+        .iter()
+        .all(|p| p.handshakes == 0 && p.packets == [0, 0] && p.last_handshake.is_none()));
+
+    let wall = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64
+    };
+    let t0 = wall();
+    assert!(a.connect(&mut gw));
+    let sent = [
+        icmp("10.8.0.2", "10.8.0.1"),
+        tcp("10.8.0.2", "203.0.113.10", 443),
+        icmp("10.8.0.2", "10.8.0.1"),
+    ];
+    for p in &sent {
+        a.send(&mut gw, p);
+    }
+    let denied = tcp("10.8.0.2", "10.8.0.1", 22); // sftp, not granted
+    a.send(&mut gw, &denied);
+    assert_eq!(gw.cap.take_packets().len(), 3);
+    for _ in 0..2 {
+        gw.tun_packet(&icmp("10.8.0.1", "10.8.0.2"));
+    }
+    // beta has neither session nor endpoint: boringtun queues the packet.
+    gw.tun_packet(&icmp("10.8.0.1", "10.8.0.3"));
+    assert_eq!(gw.cap.take_datagrams().len(), 2, "alpha's two");
+    assert!(a.connect(&mut gw), "alpha renews");
+    let mut stranger = Site::new(&gw, "stranger", "10.8.0.9", 40009);
+    assert!(!stranger.connect(&mut gw));
+
+    let states = PeerStates {
+        active: 2,
+        expired: 0,
+        revoked: 1,
+    };
+    let snap = metrics::snapshot(&gw.shared, states);
+    let names: Vec<&str> = snap.peers.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["alpha", "beta"], "sorted by name");
+    let alpha = &snap.peers[0];
+    assert_eq!(alpha.handshakes, 2);
+    assert_eq!(alpha.packets[Rx.index()], 3, "forwarded only");
+    assert_eq!(alpha.packets[Tx.index()], 2);
+    let inner: usize = sent.iter().map(Vec::len).sum::<usize>() + denied.len();
+    assert_eq!(
+        alpha.bytes[Rx.index()],
+        inner as u64,
+        "every decrypted byte"
+    );
+    assert_eq!(alpha.bytes[Tx.index()], 2 * 28);
+    assert_eq!(alpha.denied[DenyReason::Acl.index()], 1);
+    let when = alpha.last_handshake.expect("a handshake time");
+    assert!((t0 - 1..=wall() + 1).contains(&when), "{when} vs {t0}");
+    let beta = &snap.peers[1];
+    assert_eq!((beta.handshakes, beta.packets), (0, [0, 0]));
+    assert_eq!(
+        beta.packets[Tx.index()],
+        0,
+        "a packet queued for a handshake is not sent yet"
+    );
+    assert_eq!(
+        snap.handshake_failures[HandshakeFailure::UnknownKey.index()],
+        1
+    );
+    assert_eq!(snap.states, states);
+
+    let text = metrics::render(&snap);
+    let alpha_l = ("peer", "alpha");
+    assert_eq!(
+        metric(&text, "sitegate_handshakes_total", &[alpha_l]),
+        Some(2.0)
+    );
+    assert_eq!(
+        metric(&text, "sitegate_handshakes_total", &[("peer", "beta")]),
+        Some(0.0)
+    );
+    for (dir, packets) in [("rx", 3.0), ("tx", 2.0)] {
+        let labels = [alpha_l, ("direction", dir)];
+        assert_eq!(
+            metric(&text, "sitegate_peer_packets_total", &labels),
+            Some(packets)
+        );
+        assert!(metric(&text, "sitegate_peer_bytes_total", &labels).unwrap() > 0.0);
+    }
+    assert_eq!(
+        metric(
+            &text,
+            "sitegate_packets_denied_total",
+            &[alpha_l, ("reason", "acl")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "sitegate_handshake_failures_total",
+            &[("reason", "unknown_key")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "sitegate_peer_last_handshake_timestamp_seconds",
+            &[alpha_l]
+        ),
+        Some(when as f64)
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "sitegate_peer_last_handshake_timestamp_seconds",
+            &[("peer", "beta")]
+        ),
+        None,
+        "no handshake, no timestamp"
+    );
+    assert_eq!(
+        metric(&text, "sitegate_peers", &[("state", "revoked")]),
+        Some(1.0)
+    );
+    let keys = [
+        gw.key.public_key().to_base64(),
+        a.record.public_key.to_base64(),
+        b.record.public_key.to_base64(),
+    ];
+    for line in text.lines() {
+        assert!(!looks_like_key(line), "{line}");
+        assert!(!keys.iter().any(|k| line.contains(k.as_str())), "{line}");
+        assert!(!line.contains("192.0.2.10"), "no endpoint: {line}");
+    }
+}
+
+/// The receive loop's counting: packets of a batch reach the peer's counter
+/// at the end of the batch, in one add, not before.
+#[test]
+fn rx_packets_counted_per_batch() {
+    use sitegate::dataplane::tally::Direction::Rx;
+    let mut gw = Gateway::new();
+    let mut a = Site::new(&gw, "alpha", "10.8.0.2", 40001);
+    gw.load(std::slice::from_ref(&a.record));
+    assert!(a.connect(&mut gw));
+    let mut buf = vec![0u8; 2048];
+    let mut sink = CaptureWire(Arc::clone(&gw.cap));
+    for _ in 0..5 {
+        let d = match a.tunn.encapsulate(&icmp("10.8.0.2", "10.8.0.1"), &mut buf) {
+            TunnResult::WriteToNetwork(d) => d.to_vec(),
+            other => panic!("no session: {other:?}"),
+        };
+        rx::handle_in_batch(&gw.shared, &mut gw.rx, &d, a.addr, &mut sink);
+    }
+    assert_eq!(gw.cap.take_packets().len(), 5, "delivered at once");
+    let slot = gw_slot(&gw, "alpha");
+    assert_eq!(slot.packets.get(Rx), 0, "counted at the end of the batch");
+    gw.rx.end_batch();
+    assert_eq!(slot.packets.get(Rx), 5);
+}
+
+/// A handshake the gateway initiates (data queued for a site with no
+/// session) counts like one it answers, and the queued packet counts as sent
+/// once, when it finally leaves.
+#[test]
+fn gateway_initiated_handshake_counts() {
+    use sitegate::dataplane::tally::Direction::Tx;
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut gw = Gateway::new();
+    let mut a = Site::new(&gw, "alpha", "10.8.0.2", 40001);
+    gw.load(std::slice::from_ref(&a.record));
+    let mut buf = vec![0u8; 2048];
+    let init = match a.tunn.format_handshake_initiation(&mut buf, true) {
+        TunnResult::WriteToNetwork(p) => p.to_vec(),
+        other => panic!("no initiation: {other:?}"),
+    };
+    gw.receive(&init, a.addr);
+    let response = gw.cap.take_datagrams().remove(0).0;
+    gw.tun_packet(&icmp("10.8.0.1", "10.8.0.2"));
+    let gw_init = gw.cap.take_datagrams().remove(0).0;
+    let slot = gw_slot(&gw, "alpha");
+    assert_eq!(slot.handshakes.load(Relaxed), 1, "the site's, answered");
+    assert_eq!(slot.packets.get(Tx), 0, "queued, not sent");
+    let _ = a.tunn.decapsulate(None, &response, &mut buf);
+    let answer = match a.tunn.decapsulate(None, &gw_init, &mut buf) {
+        TunnResult::WriteToNetwork(p) => p.to_vec(),
+        other => panic!("no answer: {other:?}"),
+    };
+    gw.receive(&answer, a.addr);
+    assert!(!gw.cap.take_datagrams().is_empty());
+    assert_eq!(slot.handshakes.load(Relaxed), 2, "the gateway's, completed");
+    assert_eq!(slot.packets.get(Tx), 1, "the queued packet, sent");
+}
+
+/// Failures charged to a peer stay in the gateway-wide count after the peer
+/// leaves the table, so the counter never goes down.
+#[test]
+fn peer_failures_outlive_the_peer() {
+    use sitegate::metrics::{self, PeerStates};
+    let mut gw = Gateway::new();
+    let mut a = Site::new(&gw, "alpha", "10.8.0.2", 40001);
+    gw.load(std::slice::from_ref(&a.record));
+    let mut buf = vec![0u8; 2048];
+    let init = match a.tunn.format_handshake_initiation(&mut buf, true) {
+        TunnResult::WriteToNetwork(p) => p.to_vec(),
+        other => panic!("no initiation: {other:?}"),
+    };
+    gw.receive(&init, a.addr);
+    gw.receive(&init, a.addr); // a replay
+    let replays = |gw: &Gateway| {
+        metrics::snapshot(&gw.shared, PeerStates::default()).handshake_failures
+            [HandshakeFailure::Replay.index()]
+    };
+    assert_eq!(replays(&gw), 1);
+    let mut revoked = a.record.clone();
+    revoked.revoked_at = Some(500);
+    gw.load(&[revoked]);
+    assert!(gw.shared.table.load().peers.is_empty());
+    assert_eq!(replays(&gw), 1, "still counted");
+}

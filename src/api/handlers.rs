@@ -24,6 +24,9 @@ use crate::registry::{PeerName, Store, StoreError};
 
 type Answer = Result<Response, ApiError>;
 
+/// Time allowed for a request body (at most 64 KiB) to arrive.
+const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 const INDEX_HTML: &str = include_str!("assets/index.html");
 const APP_JS: &str = include_str!("assets/app.js");
 const APP_CSS: &str = include_str!("assets/app.css");
@@ -177,9 +180,20 @@ async fn json_body<T: DeserializeOwned>(req: Request) -> Result<T, ApiError> {
     if declared.is_some_and(|n| n > MAX_BODY as u64) {
         return Err(too_large());
     }
-    let bytes: Bytes = axum::body::to_bytes(req.into_body(), MAX_BODY)
-        .await
-        .map_err(|_| too_large())?;
+    // A body trickled in slowly would hold one of the few connection slots.
+    let read = tokio::time::timeout(
+        BODY_TIMEOUT,
+        axum::body::to_bytes(req.into_body(), MAX_BODY),
+    );
+    let bytes: Bytes = match read.await {
+        Err(_) => {
+            return Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request body not received in time",
+            ))
+        }
+        Ok(r) => r.map_err(|_| too_large())?,
+    };
     let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
         b"{}"
     } else {
@@ -410,4 +424,20 @@ fn audit_failed(error: Option<&str>) {
     if let Some(e) = error {
         tracing::error!(event = "audit_error", error = %e, origin = "api");
     }
+}
+
+/// Prometheus text format: the live counters and the registry's peer states.
+pub(super) async fn metrics(State(api): State<Arc<Api>>) -> Answer {
+    let worker = Arc::clone(&api);
+    let text = blocking(move || {
+        let store = open_store(&worker)?;
+        let states =
+            crate::metrics::peer_states(&store, crate::cli::unix_now()).map_err(internal)?;
+        Ok(crate::metrics::render(&crate::metrics::snapshot(
+            &worker.shared,
+            states,
+        )))
+    })
+    .await?;
+    Ok(([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response())
 }

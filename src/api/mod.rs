@@ -230,6 +230,7 @@ fn router(api: Arc<Api>) -> Router {
             get(handlers::peer).delete(handlers::revoke),
         )
         .route("/v1/peers/:name/rotate", post(handlers::rotate))
+        .route("/metrics", get(handlers::metrics))
         .layer(middleware::from_fn_with_state(Arc::clone(&api), bearer));
     open.merge(guarded)
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })

@@ -8,8 +8,8 @@ use anyhow::{anyhow, Context};
 use tokio_rustls::rustls;
 
 /// # Errors
-/// Naming the key at fault: a file unreadable, empty or not PEM, or a key
-/// that does not match the certificate.
+/// Naming the key at fault: a file unreadable, empty or not PEM, a key file
+/// readable by group or others, or a key that does not match the certificate.
 pub(super) fn acceptor(cert: &Path, key: &Path) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
     let certs = {
         let text = std::fs::read(cert)
@@ -25,6 +25,19 @@ pub(super) fn acceptor(cert: &Path, key: &Path) -> anyhow::Result<tokio_rustls::
         ));
     }
     let private = {
+        // Like the token file and the server key: a private key others can
+        // read is refused, not served.
+        use std::os::unix::fs::MetadataExt;
+        let mode = std::fs::metadata(key)
+            .with_context(|| format!("api.tls_key_file {}: cannot read", key.display()))?
+            .mode();
+        if mode & 0o077 != 0 {
+            return Err(anyhow!(
+                "api.tls_key_file {} is mode {:04o}: readable by group or others; run chmod 600",
+                key.display(),
+                mode & 0o7777
+            ));
+        }
         let text = zeroize::Zeroizing::new(
             std::fs::read(key)
                 .with_context(|| format!("api.tls_key_file {}: cannot read", key.display()))?,

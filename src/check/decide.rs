@@ -29,6 +29,8 @@ pub enum FileRole {
     ServerKey,
     SealKey,
     ApiToken,
+    /// `[api] tls_key_file`: the API's TLS private key.
+    ApiTlsKey,
     Store,
     /// The store's `-wal` or `-shm` file: it holds the same secrets.
     StoreJournal,
@@ -43,6 +45,7 @@ impl FileRole {
             FileRole::ServerKey => "interface.private_key_file",
             FileRole::SealKey => "daemon.seal_key_file",
             FileRole::ApiToken => "api.token_file",
+            FileRole::ApiTlsKey => "api.tls_key_file",
             FileRole::Store | FileRole::StoreJournal => "store.url",
             FileRole::AuditLog => "log.audit_file",
         }
@@ -53,6 +56,7 @@ impl FileRole {
             FileRole::ServerKey => "the server private key",
             FileRole::SealKey => "the seal key",
             FileRole::ApiToken => "the API token",
+            FileRole::ApiTlsKey => "the API's TLS private key",
             FileRole::Store | FileRole::StoreJournal => "the peer store (preshared keys)",
             FileRole::AuditLog => "the audit log",
         }
@@ -65,13 +69,17 @@ impl FileRole {
             _ => 0o077,
         }
     }
-    /// Whether a missing file is a fault. The token file is looked at only
-    /// when it exists (the API is not built yet); the store's journals and the
-    /// audit log appear with their first write.
+    /// Whether a missing file is a fault (`run` would refuse to start); the
+    /// store's journals and the audit log appear with their first write.
     fn required(self) -> bool {
         matches!(
             self,
-            FileRole::Config | FileRole::ServerKey | FileRole::SealKey | FileRole::Store
+            FileRole::Config
+                | FileRole::ServerKey
+                | FileRole::SealKey
+                | FileRole::ApiToken
+                | FileRole::ApiTlsKey
+                | FileRole::Store
         )
     }
 }
@@ -802,7 +810,9 @@ mod tests {
             f(FileRole::StoreJournal, FileState::Missing),
             f(FileRole::AuditLog, FileState::Missing),
         ]);
-        assert_eq!(statuses(&l), [Status::Fail; 3]);
+        // The daemon serves [api] now: a missing token file stops `run`.
+        assert_eq!(statuses(&l), [Status::Fail; 4]);
+        assert!(l[3].detail.contains("api.token_file"));
         assert!(
             l[1].detail.contains("daemon.seal_key_file") && l[1].detail.contains("does not exist")
         );
@@ -1163,10 +1173,21 @@ mod tests {
     #[test]
     fn unenforced_verdicts() {
         let c = config();
-        let l = unenforced_keys(&c.path, &c.unenforced_keys());
+        assert!(c.unenforced_keys().is_empty(), "[api] is enforced");
+        let keys = [
+            crate::config::Unenforced {
+                key: "daemon.user",
+                missing: "the privilege drop is not built yet",
+            },
+            crate::config::Unenforced {
+                key: "daemon.seal_key_file",
+                missing: "sealing is not built yet",
+            },
+        ];
+        let l = unenforced_keys(&c.path, &keys);
         assert_eq!(statuses(&l), [Status::Fail, Status::Fail]);
-        assert!(l[0].detail.contains("`api.listen`") && l[0].detail.contains("/x/sitegate.toml"));
-        assert!(l[1].detail.contains("`api.token_file`"));
+        assert!(l[0].detail.contains("`daemon.user`") && l[0].detail.contains("/x/sitegate.toml"));
+        assert!(l[1].detail.contains("`daemon.seal_key_file`"));
         assert_eq!(statuses(&unenforced_keys(&c.path, &[])), [Status::Pass]);
     }
 

@@ -164,6 +164,9 @@ fn files(cfg: &Config) -> Vec<FileFacts> {
     }
     if let Some(a) = &cfg.api {
         out.push(stat(FileRole::ApiToken, &a.token_file));
+        if let Some((_, key)) = &a.tls {
+            out.push(stat(FileRole::ApiTlsKey, key));
+        }
     }
     if let StoreConfig::Sqlite { path } = &cfg.store {
         out.push(stat(FileRole::Store, path));

@@ -45,13 +45,7 @@ fn live_view(cfg: &Config) -> Option<StatusView> {
 }
 
 fn state(p: &Peer, now: i64) -> &'static str {
-    if p.revoked_at.is_some() {
-        "revoked"
-    } else if p.is_active(now) {
-        "active"
-    } else {
-        "expired"
-    }
+    p.lifecycle(now).as_str()
 }
 
 /// A registry peer and its live state, matched by public key (a peer rotated a

@@ -11,6 +11,8 @@
 //! control plane swaps whole ([`arc_swap`]), so the only lock on the path is the
 //! sending peer's own `Tunn` mutex, held for the crypto and released before any
 //! I/O. [`timers::Timers::tick`] drives boringtun's timers and the event summaries.
+//! Packet counts for `/metrics` are tallied per batch ([`tally`]) and reach the
+//! peer's atomic counters once per batch.
 //!
 //! The protocol rules against abuse live here too: one handshake limiter for
 //! every `Tunn` ([`Shared::rate_limiter`]), roaming only on authenticated
@@ -22,6 +24,7 @@ pub mod packet;
 pub mod peers;
 pub mod rx;
 pub mod sources;
+pub mod tally;
 pub mod timers;
 pub mod tx;
 pub mod udp;
@@ -188,6 +191,12 @@ pub struct Shared {
     pub rate_limiter: Arc<RateLimiter>,
     pub clock: Clock,
     pub anon: AnonFailures,
+    /// Handshake failures charged to an issued peer, by reason, gateway-wide.
+    /// Each peer's own throttles count them too, but leave with its slot
+    /// (revocation, rotation); these stay, so that the gateway-wide counter
+    /// of `/metrics` never goes down. Failures are not the data path: one
+    /// more relaxed `fetch_add` per failure.
+    pub peer_failures: [AtomicU64; HandshakeFailure::ALL.len()],
     /// Failed handshakes per source address; sources over the threshold are
     /// ignored for a while. Locked by the receive loop for handshake messages
     /// only, and by the timer for its summary.
@@ -227,6 +236,7 @@ impl Shared {
             static_public,
             clock: Clock::new(),
             anon: AnonFailures::default(),
+            peer_failures: Default::default(),
             sources: Mutex::new(sources::SourceTable::default()),
             source_blocks: Throttle::default(),
             live_endpoints: ArcSwap::from_pointee(HashSet::new()),

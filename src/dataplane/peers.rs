@@ -9,11 +9,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use boringtun::noise::Tunn;
 use ipnet::IpNet;
 
+use super::tally::PacketCounters;
 use crate::events::{CloseReason, HandshakeFailure, Throttle};
 use crate::keys::{PresharedKey, PublicKey};
 use crate::policy::{DenyReason, Grants, Policy};
 use crate::registry::store::RevokedKey;
-use crate::registry::{Peer, PeerName};
+use crate::registry::{Lifecycle, Peer, PeerName};
 use crate::routing::AllowedIps;
 
 /// Mutable per-peer state, guarded by the slot's mutex. Held only around
@@ -56,6 +57,16 @@ pub struct PeerSlot {
     /// [`super::Shared::coarse_ms`] when internet-bound traffic last came
     /// through this peer's session; 0: never.
     pub internet_seen_ms: AtomicU64,
+    /// Handshakes completed with this peer (sessions established or renewed,
+    /// either role), for `/metrics`: every accepted handshake, whether or not
+    /// its event was logged.
+    pub handshakes: AtomicU64,
+    /// [`super::Clock::now_ms`] of the latest of them; 0: none yet. Kept here
+    /// because boringtun forgets the time once the session ends.
+    pub last_handshake_ms: AtomicU64,
+    /// IP packets forwarded from (rx) and encrypted to (tx) this peer, added
+    /// once per loop batch by a [`super::tally::Tally`].
+    pub packets: PacketCounters,
 }
 
 impl PeerSlot {
@@ -287,12 +298,10 @@ fn fresh_index(taken: impl Fn(u32) -> bool) -> u32 {
 }
 
 fn inactive_reason(p: &Peer, now: i64) -> Option<Inactive> {
-    if p.revoked_at.is_some() {
-        Some(Inactive::Revoked)
-    } else if p.expires_at.is_some_and(|t| now >= t) {
-        Some(Inactive::Expired)
-    } else {
-        None
+    match p.lifecycle(now) {
+        Lifecycle::Active => None,
+        Lifecycle::Expired => Some(Inactive::Expired),
+        Lifecycle::Revoked => Some(Inactive::Revoked),
     }
 }
 
@@ -318,6 +327,9 @@ impl PeerSlot {
             grants: AtomicU64::new(grants.bits()),
             admin: std::sync::atomic::AtomicBool::new(p.admin),
             internet_seen_ms: AtomicU64::new(0),
+            handshakes: AtomicU64::new(0),
+            last_handshake_ms: AtomicU64::new(0),
+            packets: PacketCounters::default(),
         }
     }
 }

@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Instant;
 
 use boringtun::noise::errors::WireGuardError;
@@ -12,6 +13,7 @@ use boringtun::noise::{Packet, TunnResult};
 use super::batch::TunBatch;
 use super::packet::Header;
 use super::peers::{PeerSlot, PeerTable};
+use super::tally::{Direction, Tally};
 use super::udp::{RecvBatch, Udp};
 use super::{DropReason, LoopError, Seen, Shared, TunSink, FATAL_AFTER, MAX_PACKET};
 use crate::events::HandshakeFailure;
@@ -51,7 +53,7 @@ pub fn run(
                 for i in 0..n {
                     match batch.datagram(i) {
                         Some((datagram, src)) => {
-                            handle(shared, &mut rx, datagram, src, &mut packets)
+                            handle_in_batch(shared, &mut rx, datagram, src, &mut packets)
                         }
                         // Longer than any tunnel MTU: not a message we sent for.
                         None => match batch.source(i) {
@@ -64,6 +66,7 @@ pub fn run(
                     }
                 }
                 packets.flush(tun);
+                rx.end_batch();
             }
             Err(e)
                 if matches!(
@@ -128,11 +131,12 @@ impl Initiators {
     }
 }
 
-/// What the receive loop owns between datagrams: its output buffer and its
-/// memory of initiators.
+/// What the receive loop owns between datagrams: its output buffer, its
+/// memory of initiators, and the packet counts of the batch in hand.
 pub struct Receiver {
     out: Vec<u8>,
     initiators: Initiators,
+    forwarded: Tally,
 }
 
 impl Default for Receiver {
@@ -140,13 +144,36 @@ impl Default for Receiver {
         Receiver {
             out: vec![0u8; MAX_PACKET],
             initiators: Initiators::default(),
+            forwarded: Tally::new(Direction::Rx),
         }
     }
 }
 
-/// Handles one datagram from `src`; a decrypted packet that passes policy goes
-/// to `sink`.
+impl Receiver {
+    /// Ends a batch begun with [`handle_in_batch`]: the packets it forwarded
+    /// reach their peers' counters (one atomic add per peer).
+    pub fn end_batch(&mut self) {
+        self.forwarded.flush();
+    }
+}
+
+/// Handles one datagram from `src` as a batch of its own; a decrypted packet
+/// that passes policy goes to `sink`.
 pub fn handle(
+    shared: &Shared,
+    rx: &mut Receiver,
+    datagram: &[u8],
+    src: SocketAddr,
+    sink: &mut impl TunSink,
+) {
+    handle_in_batch(shared, rx, datagram, src, sink);
+    rx.end_batch();
+}
+
+/// Handles one datagram of a batch, as [`handle`] does, except that the
+/// packet counts wait for [`Receiver::end_batch`]: the receive loop counts a
+/// batch in memory it owns and touches the peers' atomics once.
+pub fn handle_in_batch(
     shared: &Shared,
     rx: &mut Receiver,
     datagram: &[u8],
@@ -252,7 +279,7 @@ fn identify(
 fn process(
     shared: &Shared,
     rx: &mut Receiver,
-    table: &PeerTable,
+    table: &Arc<PeerTable>,
     pos: usize,
     kind: Kind,
     remembered: bool,
@@ -288,6 +315,9 @@ fn process(
                     rx.initiators.remember(src, *peer.public_key.as_bytes());
                 }
                 peer.lock().session_up = true;
+                peer.handshakes.fetch_add(1, Ordering::Relaxed);
+                peer.last_handshake_ms
+                    .store(shared.clock.now_ms(), Ordering::Relaxed);
                 tracing::info!(
                     event = "handshake",
                     peer = %peer.name,
@@ -299,7 +329,7 @@ fn process(
             flush_queue(shared, peer, &mut rx.out);
         }
         TunnResult::WriteToTunnelV4(ip, _) | TunnResult::WriteToTunnelV6(ip, _) => {
-            deliver(shared, table, pos, peer, ip, sink);
+            deliver(shared, table, pos, peer, ip, sink, &mut rx.forwarded);
         }
     }
     Some(())
@@ -337,15 +367,17 @@ fn authenticated(kind: Kind, result: &TunnResult<'_>) -> bool {
     }
 }
 
-/// Applies policy to a decrypted packet and writes it to the TUN device.
+/// Applies policy to a decrypted packet and writes it to the TUN device,
+/// counting it in `forwarded` when it goes there.
 #[inline]
 fn deliver(
     shared: &Shared,
-    table: &PeerTable,
+    table: &Arc<PeerTable>,
     pos: usize,
     peer: &PeerSlot,
     ip: &[u8],
     sink: &mut impl TunSink,
+    forwarded: &mut Tally,
 ) {
     let Some(header) = Header::parse(ip) else {
         return;
@@ -353,6 +385,7 @@ fn deliver(
     match policy::decide(&shared.policy, &pos, peer.grants(), &header, &table.routes) {
         Verdict::Forward => {
             sink.packet(ip);
+            forwarded.count(table, pos);
         }
         Verdict::Internet => {
             let now = shared.coarse_ms.load(Ordering::Relaxed);
@@ -360,6 +393,7 @@ fn deliver(
                 peer.internet_seen_ms.store(now, Ordering::Relaxed);
             }
             sink.packet(ip);
+            forwarded.count(table, pos);
         }
         Verdict::Quiet(Quiet::Ipv6Noise) => {
             peer.noise.fetch_add(1, Ordering::Relaxed);
@@ -385,7 +419,8 @@ fn deliver(
     }
 }
 
-/// Sends packets boringtun queued while the session was being established.
+/// Sends packets boringtun queued while the session was being established,
+/// counting them as transmitted (once per handshake, so one atomic add each).
 fn flush_queue(shared: &Shared, peer: &PeerSlot, out: &mut [u8]) {
     loop {
         let mut state = peer.lock();
@@ -394,6 +429,9 @@ fn flush_queue(shared: &Shared, peer: &PeerSlot, out: &mut [u8]) {
             TunnResult::WriteToNetwork(packet) => {
                 drop(state);
                 if let Some(ep) = endpoint {
+                    if packet.first() == Some(&MSG_TRANSPORT) {
+                        peer.packets.add(Direction::Tx, 1);
+                    }
                     shared.wire.send_datagram(packet, ep);
                 }
             }
@@ -426,6 +464,7 @@ fn peer_failure(
 }
 
 fn failure_event(shared: &Shared, peer: &PeerSlot, reason: HandshakeFailure, src: SocketAddr) {
+    shared.peer_failures[reason.index()].fetch_add(1, Ordering::Relaxed);
     if peer.handshake_failures[reason.index()].hit(shared.clock.now_ms()) {
         tracing::warn!(
             event = "handshake_failed",

@@ -44,6 +44,9 @@ pub struct SourceTable {
     /// Insertion order, oldest first, for eviction.
     order: VecDeque<IpAddr>,
     capacity: usize,
+    /// Messages ignored since start, all sources (evicted ones included), for
+    /// `/metrics`: counted under the lock the caller already holds.
+    ignored_total: u64,
 }
 
 impl Default for SourceTable {
@@ -66,6 +69,7 @@ impl SourceTable {
             entries: HashMap::with_capacity(capacity + 1),
             order: VecDeque::with_capacity(capacity + 1),
             capacity,
+            ignored_total: 0,
         }
     }
 
@@ -76,6 +80,7 @@ impl SourceTable {
         match self.entries.get_mut(&source) {
             Some(e) if e.blocked_until_ms > now_ms => {
                 e.ignored += 1;
+                self.ignored_total += 1;
                 true
             }
             _ => false,
@@ -146,6 +151,11 @@ impl SourceTable {
         (others, other_count)
     }
 
+    /// Handshake messages ignored in backoff since start (never drained).
+    pub fn ignored_total(&self) -> u64 {
+        self.ignored_total
+    }
+
     /// Sources tracked now.
     pub fn len(&self) -> usize {
         self.entries.len()
@@ -188,6 +198,7 @@ mod tests {
         assert_eq!(named, vec![(src, 2)]);
         t.take_ignored(8, &mut named);
         assert!(named.is_empty(), "drained");
+        assert_eq!(t.ignored_total(), 2, "the total is not drained");
     }
 
     /// Failures spread over windows never reach the threshold.

@@ -1,19 +1,28 @@
 //! TUN → UDP: route by destination to the owning peer, encrypt, send.
 
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
 
 use boringtun::noise::TunnResult;
 
-use std::net::SocketAddr;
-
+use super::peers::PeerTable;
+use super::tally::{Direction, Tally};
 use super::udp::Udp;
 use super::{packet, LoopError, Shared, FATAL_AFTER, MAX_PACKET};
-use std::time::Instant;
+
+/// WireGuard message type of a transport (data) message: what `encapsulate`
+/// returns for a packet sent on a session, as opposed to the handshake
+/// initiation it returns when it queued the packet instead.
+const MSG_TRANSPORT: u8 = 4;
 
 /// Reads the TUN device until shutdown. With offload on, one read may return a
 /// 64 KiB TCP/UDP super-packet that tun-rs splits into MTU-sized segments (the
 /// kernel skips segmentation and checksums); each is then routed and encrypted.
-/// Datagrams for the same endpoint leave together by UDP GSO. Owns its buffers.
+/// Datagrams for the same endpoint leave together by UDP GSO. Owns its buffers,
+/// and counts the packets of a read per peer, adding to the peers' counters
+/// once per read.
 ///
 /// # Errors
 /// The TUN device has failed for [`FATAL_AFTER`] without a single successful
@@ -30,6 +39,7 @@ pub fn run(
     let mut sizes = vec![0usize; tun_rs::IDEAL_BATCH_SIZE];
     let mut out = vec![0u8; MAX_PACKET];
     let mut gso = GsoBatch::new();
+    let mut sent = Tally::new(Direction::Tx);
     let mut failing_since: Option<Instant> = None;
     while !shared.is_stopping() {
         match tun.recv_multiple_intr(&mut raw, &mut segments, &mut sizes, 0, interrupt) {
@@ -39,11 +49,13 @@ pub fn run(
                     panic!("test hook panic_tx");
                 }
                 for (seg, &len) in segments.iter().zip(&sizes).take(n) {
-                    if let Some((datagram, ep)) = encrypt(shared, &seg[..len], &mut out) {
+                    let count = |table: &Arc<PeerTable>, pos| sent.count(table, pos);
+                    if let Some((datagram, ep)) = encrypt(shared, &seg[..len], &mut out, count) {
                         gso.push(datagram, ep, udp);
                     }
                 }
                 gso.flush(udp);
+                sent.flush();
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
@@ -64,22 +76,28 @@ pub fn run(
 }
 
 /// Encrypts one IP packet from the TUN device for the peer owning its
-/// destination and sends it.
+/// destination and sends it, counting it at once (a batch of one).
 #[inline]
 pub fn handle(shared: &Shared, ip: &[u8], out: &mut [u8]) {
-    if let Some((datagram, ep)) = encrypt(shared, ip, out) {
+    let count = |table: &Arc<PeerTable>, pos: usize| {
+        table.peers[pos].packets.add(Direction::Tx, 1);
+    };
+    if let Some((datagram, ep)) = encrypt(shared, ip, out, count) {
         shared.wire.send_datagram(datagram, ep);
     }
 }
 
 /// Encrypts one IP packet for the peer owning its destination: the datagram
 /// (in `out`) and where it goes, or `None` when no peer owns the destination or
-/// the peer has no endpoint yet.
+/// the peer has no session or endpoint yet (boringtun then queues the packet
+/// and starts a handshake). A packet that leaves as a transport message is
+/// passed to `count` with the table and the peer's position in it.
 #[inline]
-pub fn encrypt<'a>(
+fn encrypt<'a>(
     shared: &Shared,
     ip: &[u8],
     out: &'a mut [u8],
+    count: impl FnOnce(&Arc<PeerTable>, usize),
 ) -> Option<(&'a [u8], SocketAddr)> {
     let dst = packet::destination(ip)?;
     let table = shared.table.load();
@@ -93,7 +111,12 @@ pub fn encrypt<'a>(
     let endpoint = state.endpoint;
     drop(state);
     match (result, endpoint) {
-        (TunnResult::WriteToNetwork(datagram), Some(ep)) => Some((datagram, ep)),
+        (TunnResult::WriteToNetwork(datagram), Some(ep)) => {
+            if datagram.first() == Some(&MSG_TRANSPORT) {
+                count(&table, pos);
+            }
+            Some((datagram, ep))
+        }
         _ => None,
     }
 }

@@ -6,5 +6,5 @@ pub mod model;
 pub mod store;
 
 pub use alloc::AllocError;
-pub use model::{NameError, Peer, PeerName};
+pub use model::{Lifecycle, NameError, Peer, PeerName};
 pub use store::{NewPeer, RevokedKey, Store, StoreError};

@@ -69,6 +69,38 @@ impl Peer {
     pub fn is_active(&self, now: i64) -> bool {
         self.revoked_at.is_none() && self.expires_at.is_none_or(|t| now < t)
     }
+
+    /// Where the peer stands at `now`: revocation wins over expiry, as it
+    /// is final and expiry is not (an admin may issue a new expiry).
+    pub fn lifecycle(&self, now: i64) -> Lifecycle {
+        if self.revoked_at.is_some() {
+            Lifecycle::Revoked
+        } else if self.is_active(now) {
+            Lifecycle::Active
+        } else {
+            Lifecycle::Expired
+        }
+    }
+}
+
+/// A peer's `state` in listings, the admin API and metrics: one rule for all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lifecycle {
+    Active,
+    Expired,
+    Revoked,
+}
+
+impl Lifecycle {
+    pub const ALL: [Lifecycle; 3] = [Lifecycle::Active, Lifecycle::Expired, Lifecycle::Revoked];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lifecycle::Active => "active",
+            Lifecycle::Expired => "expired",
+            Lifecycle::Revoked => "revoked",
+        }
+    }
 }
 
 #[cfg(test)]
@@ -118,8 +150,11 @@ mod tests {
             services: vec![],
         };
         assert!(p.is_active(99) && !p.is_active(100));
-        p.expires_at = None;
+        assert_eq!(p.lifecycle(99), Lifecycle::Active);
+        assert_eq!(p.lifecycle(100), Lifecycle::Expired);
         p.revoked_at = Some(5);
+        assert_eq!(p.lifecycle(99), Lifecycle::Revoked, "revocation wins");
+        p.expires_at = None;
         assert!(!p.is_active(1));
     }
 }

@@ -20,6 +20,7 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -986,4 +987,215 @@ pub fn tcp_connect_from(ns: &str, dst: &str, timeout: Duration) -> Result<(), st
     })
     .join()
     .expect("connect thread")
+}
+
+/// Quiet time after which a continuous ping is taken to have stopped working.
+pub const SILENCE_SECS: f64 = 2.0;
+
+/// A request as one `ping -D` line reported it: sequence number and the
+/// wall-clock time of the line.
+#[derive(Clone, Copy, Debug)]
+pub struct Reply {
+    pub seq: u64,
+    pub at: f64,
+}
+
+/// What one line of `ping -n -D -O` says about a request.
+#[derive(Clone, Copy, Debug)]
+pub enum PingLine {
+    /// `[1795619031.121326] 64 bytes from 10.8.0.1: icmp_seq=1 ttl=64 time=0.03 ms`
+    Reply(Reply),
+    /// `[1795619031.171326] no answer yet for icmp_seq=2`, printed when the next
+    /// request goes out (one interval after this one was sent).
+    NoAnswerYet(Reply),
+}
+
+pub fn parse_ping_line(line: &str) -> Option<PingLine> {
+    let rest = line.strip_prefix('[')?;
+    let (ts, rest) = rest.split_once(']')?;
+    let seq = rest
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("icmp_seq="))?
+        .parse()
+        .ok()?;
+    let r = Reply {
+        seq,
+        at: ts.parse().ok()?,
+    };
+    if rest.contains("bytes from") {
+        Some(PingLine::Reply(r))
+    } else if rest.contains("no answer yet") {
+        Some(PingLine::NoAnswerYet(r))
+    } else {
+        None
+    }
+}
+
+/// A continuous `ping -n -D -O -i INTERVAL` in a namespace whose replies (and
+/// requests reported unanswered) are collected as they arrive; ended (SIGINT)
+/// by [`Pinger::stop`] or on drop.
+pub struct Pinger {
+    what: String,
+    interval: f64,
+    child: Child,
+    replies: Arc<Mutex<Vec<Reply>>>,
+    unanswered: Arc<Mutex<Vec<Reply>>>,
+    reader: Option<JoinHandle<()>>,
+}
+
+impl Pinger {
+    pub fn start(ns: &Netns, dst: &str, interval: &str, what: &str) -> Pinger {
+        let mut child = ns
+            .cmd(&["ping", "-n", "-D", "-O", "-W", "1", "-i", interval, dst])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn ping");
+        let out = child.stdout.take().expect("ping stdout");
+        let replies = Arc::new(Mutex::new(Vec::new()));
+        let unanswered = Arc::new(Mutex::new(Vec::new()));
+        let (r_sink, u_sink) = (Arc::clone(&replies), Arc::clone(&unanswered));
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                match parse_ping_line(&line) {
+                    Some(PingLine::Reply(r)) => r_sink.lock().unwrap().push(r),
+                    Some(PingLine::NoAnswerYet(r)) => u_sink.lock().unwrap().push(r),
+                    None => {}
+                }
+            }
+        });
+        Pinger {
+            what: what.to_string(),
+            interval: interval.parse().expect("ping interval in seconds"),
+            child,
+            replies,
+            unanswered,
+            reader: Some(reader),
+        }
+    }
+
+    pub fn replies(&self) -> Vec<Reply> {
+        self.replies.lock().unwrap().clone()
+    }
+
+    pub fn last(&self) -> Option<Reply> {
+        self.replies.lock().unwrap().last().copied()
+    }
+
+    /// When the first request after `last` that never got a reply was sent
+    /// (its "no answer yet" time less one interval), if one was reported.
+    pub fn first_failed_sent(&self, last: &Reply) -> Option<f64> {
+        self.unanswered
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|r| r.seq > last.seq)
+            .map(|r| r.at - self.interval)
+    }
+
+    /// Waits until `n` replies arrived; panics naming the pinger otherwise.
+    pub fn wait_replies(&self, n: usize, deadline: Duration) {
+        assert!(
+            poll_until(deadline, || self.replies.lock().unwrap().len() >= n),
+            "{}: fewer than {n} replies within {deadline:?} ({} so far)",
+            self.what,
+            self.replies.lock().unwrap().len()
+        );
+    }
+
+    /// Ends the ping (SIGINT, as ^C) and returns every reply.
+    pub fn stop(&mut self) -> Vec<Reply> {
+        if self.child.try_wait().ok().flatten().is_none() {
+            // SAFETY: kill(2) on our own unreaped child (`ip netns exec` execs ping).
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+            let pid = self.child.id();
+            if !poll_until(Duration::from_secs(3), || {
+                self.child.try_wait().ok().flatten().is_some()
+            }) {
+                let _ = self.child.kill();
+                eprintln!("{}: ping {pid} ignored SIGINT, killed", self.what);
+            }
+            let _ = self.child.wait();
+        }
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+        self.replies()
+    }
+}
+
+impl Drop for Pinger {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Sequence numbers missing among `replies`, from 1 to the highest answered
+/// (requests after the last reply may still be in flight and are not counted).
+pub fn missing_seqs(replies: &[Reply]) -> Vec<u64> {
+    let max = replies.iter().map(|r| r.seq).max().unwrap_or(0);
+    let mut seen = vec![false; max as usize + 1];
+    for r in replies {
+        seen[r.seq as usize] = true;
+    }
+    (1..=max).filter(|&s| !seen[s as usize]).collect()
+}
+
+/// Polls until `pinger` has had no reply for [`SILENCE_SECS`] (or never had
+/// one); returns its last reply. Panics if replies keep coming for `deadline`.
+pub fn wait_silence(p: &Pinger, deadline: Duration) -> Option<Reply> {
+    let quiet = poll_until(deadline, || {
+        p.last().is_none_or(|r| now_unix() - r.at > SILENCE_SECS)
+    });
+    assert!(
+        quiet,
+        "{}: still answered {deadline:?} on (last reply {:?})",
+        p.what,
+        p.last()
+    );
+    p.last()
+}
+
+/// The `[log] audit_file` of a gateway's config.
+pub fn audit_path(gw: &Gateway) -> PathBuf {
+    let text = fs::read_to_string(&gw.config).expect("read config");
+    let line = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("audit_file"))
+        .unwrap_or_else(|| panic!("no audit_file in {}:\n{text}", gw.config.display()));
+    let value = line.split_once('=').expect("audit_file = ...").1;
+    let path = value.split('#').next().unwrap().trim().trim_matches('"');
+    PathBuf::from(path)
+}
+
+/// Everything `sitegate audit verify [FILE]` printed, and its exit code.
+pub fn audit_verify(gw: &Gateway, file: Option<&Path>) -> (i32, String) {
+    let mut cmd = gw.cli(&["audit", "verify"]);
+    if let Some(f) = file {
+        cmd.arg(f);
+    }
+    let out = run(&mut cmd);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// How long a connection attempt that must not be answered is given.
+pub const REFUSED_WITHIN: Duration = Duration::from_millis(1_500);
+
+/// Asserts that a TCP connection from `ns` to `dst` is not answered at all:
+/// no SYN-ACK and no reset, the attempt times out.
+pub fn assert_unanswered(ns: &Netns, who: &str, dst: &str) {
+    match tcp_connect_from(&ns.name, dst, REFUSED_WITHIN) {
+        Ok(()) => panic!("{who} connected to {dst}"),
+        Err(kind) => assert_eq!(
+            kind,
+            std::io::ErrorKind::TimedOut,
+            "{who} → {dst}: expected silence (a drop), got {kind:?}"
+        ),
+    }
 }

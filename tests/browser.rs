@@ -49,9 +49,10 @@ struct PageRun {
 }
 
 /// Logs in with the API token, issues a peer (config text, QR code and `.conf`
-/// download shown), sees it in the live list, revokes it through the
-/// confirmation dialog and sees it revoked; the token is never a cookie, and
-/// the page runs under the server's CSP without a violation or a script error.
+/// download shown), sees it in the live list, rotates its key, revokes it
+/// through the confirmation dialog and sees it revoked; the token is never a
+/// cookie, and the page runs under the server's CSP without a violation or a
+/// script error.
 #[test]
 fn admin_page_issues_lists_and_revokes() {
     if !rig_ready("browser") || !tools_ready("browser", &["chromium"]) {
@@ -244,6 +245,19 @@ fn drive_page(url: &str, token: &str, shots: &Path, downloads: &Path) -> PageRun
         "document.body.dataset.ready === '1'",
         "the page script ran",
     );
+    // The page is served under the strict CSP (the page's own fetch may read
+    // its headers: connect-src 'self').
+    let csp = js_async(
+        &tab,
+        "fetch('/', {cache: 'no-store'}).then(r => r.headers.get('content-security-policy'))",
+    );
+    assert!(
+        csp.as_str()
+            .is_some_and(|c| c.contains("default-src 'none'")
+                && c.contains("script-src 'self'")
+                && !c.contains("unsafe-inline")),
+        "GET / without a strict Content-Security-Policy: {csp}"
+    );
     assert!(
         is_true(&tab, "!document.getElementById('login-view').hidden"),
         "the login form is not shown to a fresh tab"
@@ -383,6 +397,41 @@ fn drive_page(url: &str, token: &str, shots: &Path, downloads: &Path) -> PageRun
     );
     screenshot(&tab, shots, "04-list-issued");
     step("Escape closed the dialog; filter works");
+
+    // Rotate through its confirmation: a new config, shown the same way.
+    click(
+        &tab,
+        &format!("tr[data-peer=\"{ISSUED}\"] button[data-action=\"rotate\"]"),
+    );
+    wait_js(
+        &tab,
+        "document.getElementById('confirm-dialog').open && \
+         document.getElementById('confirm-dialog').dataset.action === 'rotate'",
+        "the rotate confirmation",
+    );
+    click(&tab, "#confirm-ok");
+    wait_js(
+        &tab,
+        "document.getElementById('config-dialog').open && \
+         document.getElementById('config-text').value.includes('[Peer]')",
+        "the config dialog after rotate",
+    );
+    let rotated = js(&tab, "document.getElementById('config-text').value")
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        conf_value(&rotated, "PrivateKey").is_some()
+            && conf_value(&rotated, "PrivateKey") != conf_value(&config, "PrivateKey"),
+        "rotate showed no new private key:\n{rotated}"
+    );
+    click(&tab, "#config-close");
+    wait_js(
+        &tab,
+        "!document.getElementById('config-dialog').open",
+        "Close closes the config dialog",
+    );
+    step("key rotated: new config shown");
 
     // Revoke through the confirmation dialog, with a reason.
     click(
@@ -547,6 +596,18 @@ fn js(tab: &Tab, expr: &str) -> Value {
     let wrapped = format!("JSON.stringify({expr})");
     let r = tab
         .evaluate(&wrapped, false)
+        .unwrap_or_else(|e| panic!("evaluate {expr}: {e}"));
+    match r.value {
+        Some(Value::String(s)) => serde_json::from_str(&s).unwrap_or(Value::Null),
+        _ => Value::Null,
+    }
+}
+
+/// Like [`js`] for an expression that yields a promise: its resolved value.
+fn js_async(tab: &Tab, expr: &str) -> Value {
+    let wrapped = format!("Promise.resolve({expr}).then(v => JSON.stringify(v))");
+    let r = tab
+        .evaluate(&wrapped, true)
         .unwrap_or_else(|e| panic!("evaluate {expr}: {e}"));
     match r.value {
         Some(Value::String(s)) => serde_json::from_str(&s).unwrap_or(Value::Null),

@@ -335,6 +335,37 @@ impl Net {
 }
 
 /// `peer add ops --admin --service api`: the admin peer of every test.
+/// The start most tests share: one site, a running gateway, the admin peer
+/// `ops` (granted `api`) up on that site, and the API token. Destructure it in
+/// field order (`n, net, gw, ops, token`) so that the site goes down before
+/// the gateway, and the gateway before the namespaces.
+struct OpsRig {
+    n: Names,
+    net: Net,
+    gw: Gateway,
+    ops: Site,
+    token: String,
+}
+
+impl OpsRig {
+    fn start(code: &str) -> OpsRig {
+        let n = names(code);
+        let net = Net::build(&n, 1, false);
+        let mut gw = Gateway::init(&net.gw, &n.name("g"));
+        let ops_conf = add_ops(&gw);
+        gw.start();
+        let ops = site_with_api(&net.sites[0], &n.name("w1"), &ops_conf, &gw, "ops");
+        let token = read_token(&gw);
+        OpsRig {
+            n,
+            net,
+            gw,
+            ops,
+            token,
+        }
+    }
+}
+
 fn add_ops(gw: &Gateway) -> String {
     gw.add_peer_with("ops", &["--admin", "--service", "api"])
 }
@@ -398,14 +429,14 @@ fn admin_reads_with_token_and_every_answer_has_security_headers() {
     if !rig_ready("api_reads") || !tools_ready("api_reads", &["nft"]) {
         return;
     }
-    let n = names("qa");
-    let net = Net::build(&n, 1, false);
-    let mut gw = Gateway::init(&net.gw, &n.name("g"));
-    let ops_conf = add_ops(&gw);
-    gw.start();
-    let ops = site_with_api(&net.sites[0], &n.name("w1"), &ops_conf, &gw, "ops");
+    let OpsRig {
+        n: _n,
+        net,
+        mut gw,
+        ops,
+        token,
+    } = OpsRig::start("qa");
     let ns = &net.sites[0];
-    let token = read_token(&gw);
     let ops_key = ops.public_key();
 
     let a = call(ns, &gw, "GET", "/v1/status", Some(&token), None);
@@ -482,14 +513,14 @@ fn missing_or_wrong_token_is_401_and_never_echoed() {
     if !rig_ready("api_token") || !tools_ready("api_token", &["nft"]) {
         return;
     }
-    let n = names("qk");
-    let net = Net::build(&n, 1, false);
-    let mut gw = Gateway::init(&net.gw, &n.name("g"));
-    let ops_conf = add_ops(&gw);
-    gw.start();
-    let _ops = site_with_api(&net.sites[0], &n.name("w1"), &ops_conf, &gw, "ops");
+    let OpsRig {
+        n: _n,
+        net,
+        mut gw,
+        ops: _ops,
+        token,
+    } = OpsRig::start("qk");
     let ns = &net.sites[0];
-    let token = read_token(&gw);
     // As long as the real one and unlike it in every position.
     let wrong: String = token
         .chars()
@@ -638,14 +669,14 @@ fn oversized_body_413_early_and_rapid_requests_429() {
     if !rig_ready("api_limits") || !tools_ready("api_limits", &["nft"]) {
         return;
     }
-    let n = names("ql");
-    let net = Net::build(&n, 1, false);
-    let mut gw = Gateway::init(&net.gw, &n.name("g"));
-    let ops_conf = add_ops(&gw);
-    gw.start();
-    let _ops = site_with_api(&net.sites[0], &n.name("w1"), &ops_conf, &gw, "ops");
+    let OpsRig {
+        n: _n,
+        net,
+        mut gw,
+        ops: _ops,
+        token,
+    } = OpsRig::start("ql");
     let ns = &net.sites[0];
-    let token = read_token(&gw);
 
     // The headers of a 2 MB POST, and not one byte of its body: the answer
     // must come anyway (TESTING.md: an answer racing the upload may be lost to
@@ -764,14 +795,14 @@ fn bad_requests_get_named_errors_and_change_nothing() {
     if !rig_ready("api_bad_input") || !tools_ready("api_bad_input", &["nft"]) {
         return;
     }
-    let n = names("qv");
-    let net = Net::build(&n, 1, false);
-    let mut gw = Gateway::init(&net.gw, &n.name("g"));
-    let ops_conf = add_ops(&gw);
-    gw.start();
-    let _ops = site_with_api(&net.sites[0], &n.name("w1"), &ops_conf, &gw, "ops");
+    let OpsRig {
+        n: _n,
+        net,
+        mut gw,
+        ops: _ops,
+        token,
+    } = OpsRig::start("qv");
     let ns = &net.sites[0];
-    let token = read_token(&gw);
     let peers_before = stored_peers(&gw);
     let audit_before = fs::read_to_string(audit_path(&gw)).unwrap_or_default();
 
@@ -1277,14 +1308,14 @@ fn metrics_need_the_token() {
     if !rig_ready("api_metrics") || !tools_ready("api_metrics", &["nft"]) {
         return;
     }
-    let n = names("qm");
-    let net = Net::build(&n, 1, false);
-    let mut gw = Gateway::init(&net.gw, &n.name("g"));
-    let ops_conf = add_ops(&gw);
-    gw.start();
-    let _ops = site_with_api(&net.sites[0], &n.name("w1"), &ops_conf, &gw, "ops");
+    let OpsRig {
+        n: _n,
+        net,
+        mut gw,
+        ops: _ops,
+        token,
+    } = OpsRig::start("qm");
     let ns = &net.sites[0];
-    let token = read_token(&gw);
 
     let a = call(ns, &gw, "GET", "/metrics", Some(&token), None);
     expect_status(&a, 200, "GET /metrics");

@@ -315,24 +315,36 @@ pub(super) async fn issue(
         psk: body.psk.unwrap_or(true),
         admin: body.admin.unwrap_or(false),
     };
-    let worker = Arc::clone(&api);
-    let (issued, answer) = blocking(move || {
-        let mut store = open_store(&worker)?;
-        let issued = admin::issue(
+    let answer = issue_or_rotate(&api, move |worker, store| {
+        admin::issue(
             &worker.cfg,
-            &mut store,
+            store,
             &worker.server_public,
             request,
             caller.actor(),
         )
-        .map_err(refused)?;
+    })
+    .await?;
+    Ok((StatusCode::CREATED, Json(answer)).into_response())
+}
+
+/// Runs an issue or rotation on the blocking pool (store transaction and
+/// audit record), applies it live, and returns the answer with the config.
+async fn issue_or_rotate(
+    api: &Arc<Api>,
+    action: impl FnOnce(&Api, &mut Store) -> anyhow::Result<Issued> + Send + 'static,
+) -> Result<Value, ApiError> {
+    let worker = Arc::clone(api);
+    let (issued, answer) = blocking(move || {
+        let mut store = open_store(&worker)?;
+        let issued = action(&worker, &mut store).map_err(refused)?;
         let answer = issued_answer(&worker, &store, &issued)?;
         Ok((issued, answer))
     })
     .await?;
-    apply(&api, &issued.action).await;
+    apply(api, &issued.action).await;
     audit_failed(issued.audit_error.as_deref());
-    Ok((StatusCode::CREATED, Json(answer)).into_response())
+    Ok(answer)
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -351,25 +363,19 @@ pub(super) async fn rotate(
     let name = path_name(&name)?;
     let body: RotateBody = json_body(req).await?;
     let public_key = public_key(body.public_key.as_deref())?;
-    let worker = Arc::clone(&api);
-    let (issued, answer) = blocking(move || {
-        let mut store = open_store(&worker)?;
-        let issued = admin::rotate(
+    let psk = body.psk.unwrap_or(true);
+    let answer = issue_or_rotate(&api, move |worker, store| {
+        admin::rotate(
             &worker.cfg,
-            &mut store,
+            store,
             &worker.server_public,
             &name,
             public_key,
-            body.psk.unwrap_or(true),
+            psk,
             caller.actor(),
         )
-        .map_err(refused)?;
-        let answer = issued_answer(&worker, &store, &issued)?;
-        Ok((issued, answer))
     })
     .await?;
-    apply(&api, &issued.action).await;
-    audit_failed(issued.audit_error.as_deref());
     Ok(Json(answer).into_response())
 }
 

@@ -137,6 +137,26 @@ pub(crate) struct Issued {
     pub audit_error: Option<String>,
 }
 
+/// The given public key, or a fresh pair whose private half only the issued
+/// config carries; never the gateway's own key.
+fn key_pair(
+    given: Option<PublicKey>,
+    server: &PublicKey,
+) -> Result<(Option<PrivateKey>, PublicKey)> {
+    let (private_key, public_key) = match given {
+        Some(k) => (None, k),
+        None => {
+            let sk = PrivateKey::generate();
+            let pk = sk.public_key();
+            (Some(sk), pk)
+        }
+    };
+    if public_key == *server {
+        bail!("public key {public_key} is the gateway's own public key");
+    }
+    Ok((private_key, public_key))
+}
+
 /// Steps (1) and (2) of `peer add`, for the CLI and the API alike.
 ///
 /// # Errors
@@ -149,17 +169,7 @@ pub(crate) fn issue(
     req: IssueRequest,
     actor: String,
 ) -> Result<Issued> {
-    let (private_key, public_key) = match req.public_key {
-        Some(k) => (None, k),
-        None => {
-            let sk = PrivateKey::generate();
-            let pk = sk.public_key();
-            (Some(sk), pk)
-        }
-    };
-    if public_key == *server {
-        bail!("public key {public_key} is the gateway's own public key");
-    }
+    let (private_key, public_key) = key_pair(req.public_key, server)?;
     let peer = store.add_peer(
         &cfg.interface,
         NewPeer {
@@ -205,17 +215,7 @@ pub(crate) fn rotate(
     psk: bool,
     actor: String,
 ) -> Result<Issued> {
-    let (private_key, public_key) = match public_key {
-        Some(k) => (None, k),
-        None => {
-            let sk = PrivateKey::generate();
-            let pk = sk.public_key();
-            (Some(sk), pk)
-        }
-    };
-    if public_key == *server {
-        bail!("public key {public_key} is the gateway's own public key");
-    }
+    let (private_key, public_key) = key_pair(public_key, server)?;
     let psk = psk.then(PresharedKey::generate);
     let (peer, old) = store.rotate_peer(name, public_key, psk, unix_now())?;
     let action = AdminAction::by("peer_rotated", &peer, actor)

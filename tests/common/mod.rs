@@ -58,18 +58,7 @@ pub fn rig_ready(test: &str) -> bool {
             missing.push(tool.to_string());
         }
     }
-    if missing.is_empty() {
-        return true;
-    }
-    let note = format!(
-        "{test}: needs {} (run as root on a machine with the packages of .ci/run)",
-        missing.join(", ")
-    );
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{note}; CI=true never skips");
-    }
-    eprintln!("SKIPPED {note}");
-    false
+    ready_or_skip(test, &missing)
 }
 
 /// The wall clock as Unix seconds with fractions (the clock `ping -D` prints).
@@ -840,18 +829,7 @@ pub fn tools_ready(test: &str, tools: &[&str]) -> bool {
         missing.push("root".to_string());
     }
     missing.extend(tools.iter().filter(|t| !on_path(t)).map(|t| t.to_string()));
-    if missing.is_empty() {
-        return true;
-    }
-    let note = format!(
-        "{test}: needs {} (run as root on a machine with the packages of .ci/run)",
-        missing.join(", ")
-    );
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{note}; CI=true never skips");
-    }
-    eprintln!("SKIPPED {note}");
-    false
+    ready_or_skip(test, &missing)
 }
 
 /// `/run/sshd`, which sshd insists on (privilege separation), with mode 0755.
@@ -1198,4 +1176,21 @@ pub fn assert_unanswered(ns: &Netns, who: &str, dst: &str) {
             "{who} → {dst}: expected silence (a drop), got {kind:?}"
         ),
     }
+}
+
+/// True when nothing is `missing`; otherwise a skip note and false, or with
+/// `CI=true` a panic (CI never skips).
+fn ready_or_skip(test: &str, missing: &[String]) -> bool {
+    if missing.is_empty() {
+        return true;
+    }
+    let note = format!(
+        "{test}: needs {} (run as root on a machine with the packages of .ci/run)",
+        missing.join(", ")
+    );
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{note}; CI=true never skips");
+    }
+    eprintln!("SKIPPED {note}");
+    false
 }

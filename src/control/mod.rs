@@ -34,13 +34,39 @@ pub fn uapi_socket_path(interface: &str) -> PathBuf {
 /// with `dir_mode` if missing. A live socket of another process is an error; a
 /// stale file left by a crash is replaced.
 ///
+/// The socket is born 0600: the umask is narrowed around `bind` (the daemon
+/// binds before its packet threads start; a file another thread created in
+/// that instant would only come out narrower), so there is no moment in which
+/// another user could connect before a chmod. An existing directory must
+/// belong to this user and be writable by nobody else (or be sticky), or
+/// someone else could swap the socket for their own.
+///
 /// # Errors
-/// The directory cannot be made, another daemon serves the name, or bind fails.
+/// The directory cannot be made or is unsafe, another daemon serves the name,
+/// or bind fails.
 pub fn bind_private_socket(path: &Path, dir_mode: u32) -> io::Result<UnixListener> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
     if let Some(dir) = path.parent() {
         if !dir.exists() {
-            std::fs::create_dir_all(dir)?;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(dir_mode)
+                .create(dir)?;
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(dir_mode))?;
+        }
+        let meta = std::fs::metadata(dir)?;
+        let me = nix::unistd::geteuid().as_raw();
+        let open_to_others = meta.mode() & 0o022 != 0 && meta.mode() & 0o1000 == 0;
+        if meta.uid() != me || open_to_others {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "{} is owned by uid {} with mode {:04o}; it must belong to uid {me} and be writable by nobody else",
+                    dir.display(),
+                    meta.uid(),
+                    meta.mode() & 0o7777
+                ),
+            ));
         }
     }
     if path.exists() {
@@ -52,9 +78,10 @@ pub fn bind_private_socket(path: &Path, dir_mode: u32) -> io::Result<UnixListene
         }
         std::fs::remove_file(path)?;
     }
-    let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(listener)
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let bound = UnixListener::bind(path);
+    nix::sys::stat::umask(old);
+    bound
 }
 
 /// Builds the UAPI view of the live peers.
@@ -128,5 +155,68 @@ pub async fn serve_uapi_client(
             _ => uapi::render_errno(libc::EINVAL),
         };
         write.write_all(reply.as_bytes()).await?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    fn in_runtime<T>(f: impl FnOnce() -> T) -> T {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let _guard = rt.enter();
+        f()
+    }
+
+    fn temp_dir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("sg-sock-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    /// The socket is born 0600 (under the usual umask 022 it would be born
+    /// 0755) in a directory created with the given mode; a stale file is
+    /// replaced. (The test leaves the process umask alone: other tests run
+    /// in parallel.)
+    #[test]
+    fn socket_born_private() {
+        let dir = temp_dir("ok");
+        let path = dir.join("sub").join("x.sock");
+        in_runtime(|| {
+            let l = bind_private_socket(&path, 0o700).expect("bind");
+            assert_eq!(std::fs::metadata(&path).unwrap().mode() & 0o777, 0o600);
+            assert_eq!(
+                std::fs::metadata(path.parent().unwrap()).unwrap().mode() & 0o777,
+                0o700
+            );
+            drop(l);
+            // The file left behind is stale (nobody serves it): replaced.
+            assert!(bind_private_socket(&path, 0o700).is_ok());
+        });
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A directory others can write (without the sticky bit) is refused,
+    /// naming it; a sticky one is accepted.
+    #[test]
+    fn open_directory_refused() {
+        let dir = temp_dir("open");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let path = dir.join("x.sock");
+        in_runtime(|| {
+            let e = bind_private_socket(&path, 0o700).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::PermissionDenied);
+            assert!(e.to_string().contains(&dir.display().to_string()), "{e}");
+            assert!(e.to_string().contains("0777"), "{e}");
+            assert!(!path.exists(), "nothing bound");
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o1777)).unwrap();
+            assert!(bind_private_socket(&path, 0o700).is_ok());
+        });
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

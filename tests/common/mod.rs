@@ -392,28 +392,7 @@ impl Gateway {
     /// `sitegate --config DIR/sitegate.toml init --endpoint 192.168.1.1:51820
     /// --interface IFNAME --subnet 10.8.0.0/24`; does not start the daemon.
     pub fn init(ns: &Netns, ifname: &str) -> Gateway {
-        let dir = TempDir::new(ifname);
-        let config = dir.path.join("sitegate.toml");
-        let log = dir.path.join("gateway.log");
-        let _ = fs::remove_file(format!("/var/run/wireguard/{ifname}.sock"));
-        let gw = Gateway {
-            ns: ns.name.clone(),
-            ifname: ifname.to_string(),
-            dir,
-            config,
-            log,
-            child: None,
-        };
-        gw.cli_ok(&[
-            "init",
-            "--endpoint",
-            &Underlay::endpoint(),
-            "--interface",
-            ifname,
-            "--subnet",
-            "10.8.0.0/24",
-        ]);
-        gw
+        Gateway::init_with(ns, ifname, &[])
     }
 
     /// `sitegate --config CONFIG ARGS...` (host namespace), not yet run.
@@ -441,12 +420,7 @@ impl Gateway {
 
     /// Issues a peer and returns its wg-quick client config.
     pub fn add_peer(&self, name: &str) -> String {
-        let conf = self.cli_ok(&["peer", "add", name]);
-        assert!(
-            conf.contains("[Peer]") && conf.contains("PrivateKey"),
-            "`peer add {name}` printed no client config:\n{conf}"
-        );
-        conf
+        self.add_peer_with(name, &[])
     }
 
     /// Starts `ip netns exec NS sitegate --config CONFIG run`, stderr to

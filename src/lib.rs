@@ -5,6 +5,7 @@
 //! Pure core (no sockets, no clock reads; unit-tested without root):
 //! - [`config`]: `sitegate.toml` → validated [`config::Config`].
 //! - [`keys`]: WireGuard key codec, redacted secrets, key-file loading.
+//! - [`seal`]: the seal key: secrets sealed at rest, the audit chain's MAC key.
 //! - [`registry`]: peer names, records, address allocation; the SQLite store.
 //! - [`clientconf`]: the wg-quick client config an issued peer receives.
 //! - [`routing`]: allowed-IPs table, longest prefix → peer slot.
@@ -44,3 +45,4 @@ pub mod metrics;
 pub mod policy;
 pub mod registry;
 pub mod routing;
+pub mod seal;

@@ -206,6 +206,22 @@ pub fn check(config: &Path) -> Result<()> {
 /// is created), then hand over to the daemon.
 pub fn run(config: &Path) -> Result<()> {
     let cfg = Config::load(config)?;
+    // Fail closed (SPEC): a key this build cannot honour stops the start.
+    let unenforced = cfg.unenforced_keys();
+    if let Some(first) = unenforced.first() {
+        let more: Vec<&str> = unenforced[1..].iter().map(|u| u.key).collect();
+        bail!(
+            "{}: `{}` is set but {}; sitegate run refuses to start rather than ignore it (remove the key){}",
+            config.display(),
+            first.key,
+            first.missing,
+            if more.is_empty() {
+                String::new()
+            } else {
+                format!("; also not enforced: {}", more.join(", "))
+            }
+        );
+    }
     crate::events::init_tracing(cfg.log.format);
     crate::daemon::run_until_signal(cfg)
 }
@@ -352,6 +368,9 @@ pub fn init(config: &Path, a: &InitArgs) -> Result<()> {
             }
         }
     }
+    // Unsealed until first opened with the seal key (by the first admin command
+    // or the daemon, before any peer exists), so that a config edited to drop
+    // `[daemon]` before first use still opens it.
     Store::create(&StoreConfig::Sqlite {
         path: paths.db.clone(),
     })?;
@@ -549,7 +568,7 @@ pub fn peer_add(config: &Path, a: &PeerAddArgs) -> Result<()> {
         Some(s) => Some(parse_expires(s, unix_now())?),
         None => None,
     };
-    let mut store = Store::open(&cfg.store)?;
+    let mut store = Store::open_config(&cfg)?;
     let sink = admin::ConfigSink::new(a.delivery.output.as_deref(), a.delivery.qr)?;
     let request = admin::IssueRequest {
         name,

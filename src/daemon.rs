@@ -54,6 +54,7 @@ pub fn run_until_signal(cfg: Config) -> anyhow::Result<()> {
 /// shows as a failed read instead of a stale connection that still works.
 struct Registry {
     store: StoreConfig,
+    seal: Option<Arc<crate::seal::SealKey>>,
     /// `Store::registry_version` of the snapshot in force.
     registry_version: i64,
     /// How long each read pauses inside its transaction (test hook).
@@ -115,7 +116,7 @@ impl Registry {
     }
 
     fn open(&self) -> anyhow::Result<Store> {
-        Store::open(&self.store).context("cannot open the peer store")
+        Store::open_sealed(&self.store, self.seal.clone()).context("cannot open the peer store")
     }
 
     /// Logs a failed read, throttled: the first at once, then a summary with
@@ -182,8 +183,11 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         Err(_) => Hooks::default(),
     };
     let key = PrivateKey::from_file(&iface.private_key_file)?;
-    // Opened once here so that a missing or too-new store stops the start.
-    drop(crate::registry::Store::open(&cfg.store)?);
+    // Read once, before privileges go; an unreadable key stops the start.
+    let seal = crate::registry::store::seal_key(&cfg)?;
+    // Opened once here so that a missing, too-new or wrongly sealed store stops
+    // the start (and clear secrets left from before sealing get sealed).
+    drop(Store::open_sealed(&cfg.store, seal.clone())?);
 
     let mut builder = tun_rs::DeviceBuilder::new()
         .name(&iface.name)
@@ -236,7 +240,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         Some(path) => {
             // The writer thread keeps its own connection: SQLite serializes it
             // against admin commands and the registry reads.
-            let heads = Store::open(&cfg.store)?;
+            let heads = Store::open_sealed(&cfg.store, seal.clone())?;
             let writer =
                 audit::writer::AuditWriter::new(path).with_rotate_bytes(cfg.log.audit_rotate_bytes);
             Some(audit::sink::start(writer, heads).context("cannot start the audit writer")?)
@@ -256,6 +260,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     let shared = Arc::new(shared);
     let mut registry = Registry {
         store: cfg.store.clone(),
+        seal: seal.clone(),
         registry_version: -1,
         pause: std::time::Duration::from_millis(hooks.reload_pause_ms),
         failures: Throttle::default(),
@@ -293,7 +298,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         public_key: key.public_key().to_base64(),
         listen_port: iface.listen_port,
         started_at: unix_now(),
-        private_key: *key.as_bytes(),
+        private_key: Arc::new(key.clone()),
     };
     let (to_loop, requests) = tokio::sync::mpsc::channel::<server::Pending>(64);
     // The admin API: bound now (the tunnel address exists) so that a bad
@@ -303,6 +308,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         Arc::clone(&shared),
         to_loop.clone(),
         key.public_key(),
+        seal.clone(),
     )
     .await?
     {
@@ -384,7 +390,7 @@ struct Info {
     public_key: String,
     listen_port: u16,
     started_at: i64,
-    private_key: [u8; 32],
+    private_key: Arc<PrivateKey>,
 }
 
 struct Sockets {
@@ -455,7 +461,7 @@ async fn serve(
             accepted = sockets.uapi.accept() => {
                 if let Ok((stream, _)) = accepted {
                     let shared = Arc::clone(shared);
-                    let (key, port) = (info.private_key, info.listen_port);
+                    let (key, port) = (Arc::clone(&info.private_key), info.listen_port);
                     tokio::spawn(async move {
                         if let Err(e) = control::serve_uapi_client(stream, shared, key, port).await {
                             tracing::debug!(event = "uapi_error", error = %e);

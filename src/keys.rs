@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use rand_core::{OsRng, RngCore};
-use subtle_eq::ct_eq;
+use subtle::ConstantTimeEq;
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
 /// Length of every WireGuard key (private, public, preshared).
@@ -79,7 +79,7 @@ impl PublicKey {
     }
     /// Constant-time comparison, for places an attacker controls one side.
     pub fn ct_eq(&self, other: &Self) -> bool {
-        ct_eq(&self.0, &other.0)
+        bool::from(self.0.ct_eq(&other.0))
     }
 }
 
@@ -160,8 +160,23 @@ impl fmt::Debug for PrivateKey {
 }
 
 /// A WireGuard preshared key (post-quantum hedge), random 32 bytes.
-#[derive(Clone, Zeroize, ZeroizeOnDrop, PartialEq, Eq)]
+#[derive(Clone, Zeroize, ZeroizeOnDrop)]
 pub struct PresharedKey([u8; KEY_LEN]);
+
+/// Secrets compare in constant time (`subtle`), wherever they are compared.
+impl PartialEq for PresharedKey {
+    fn eq(&self, other: &Self) -> bool {
+        bool::from(self.0.ct_eq(&other.0))
+    }
+}
+impl Eq for PresharedKey {}
+
+impl PartialEq for PrivateKey {
+    fn eq(&self, other: &Self) -> bool {
+        bool::from(self.0.ct_eq(&other.0))
+    }
+}
+impl Eq for PrivateKey {}
 
 impl PresharedKey {
     pub fn generate() -> Self {
@@ -188,20 +203,6 @@ impl PresharedKey {
 impl fmt::Debug for PresharedKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("PresharedKey(<redacted>)")
-    }
-}
-
-mod subtle_eq {
-    /// Compares without an early exit, so timing does not reveal the matching prefix.
-    pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
-        if a.len() != b.len() {
-            return false;
-        }
-        let mut diff = 0u8;
-        for (x, y) in a.iter().zip(b) {
-            diff |= x ^ y;
-        }
-        std::hint::black_box(diff) == 0
     }
 }
 

@@ -120,7 +120,7 @@ pub(super) async fn status(State(api): State<Arc<Api>>) -> Answer {
 }
 
 fn open_store(api: &Api) -> Result<Store, ApiError> {
-    Store::open(&api.cfg.store).map_err(internal)
+    Store::open_sealed(&api.cfg.store, api.seal.clone()).map_err(internal)
 }
 
 /// The `peer list --json` objects for the given peers (all when `name` is None).

@@ -53,6 +53,8 @@ pub(crate) struct Api {
     pub to_loop: mpsc::Sender<Pending>,
     pub token: Token,
     pub server_public: PublicKey,
+    /// Read once at start, before the daemon drops privileges.
+    pub seal: Option<Arc<crate::seal::SealKey>>,
     pub limits: Mutex<RateLimits>,
     pub tls: bool,
 }
@@ -119,6 +121,7 @@ impl Listener {
         shared: Arc<Shared>,
         to_loop: mpsc::Sender<Pending>,
         server_public: PublicKey,
+        seal: Option<Arc<crate::seal::SealKey>>,
     ) -> anyhow::Result<Option<Listener>> {
         let Some(api_cfg) = cfg.api.clone() else {
             return Ok(None);
@@ -137,6 +140,7 @@ impl Listener {
             to_loop,
             token,
             server_public,
+            seal,
             limits: Mutex::new(RateLimits::default()),
             tls: tls.is_some(),
         });

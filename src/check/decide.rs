@@ -12,7 +12,7 @@ use super::procnet::canonical;
 use super::Line;
 use crate::config::{ApiConfig, InterfaceConfig, Protocol, Unenforced};
 use crate::control::protocol::StatusView;
-use crate::registry::{Peer, RevokedKey};
+use crate::registry::{Peer, RevokedKey, SecretCounts};
 
 /// Seconds a revocation or expiry may take to reach the daemon's memory before
 /// a live peer counts as a fault: the SPEC gives a revocation one second, the
@@ -704,19 +704,52 @@ pub fn privileges(user: Option<(&str, UserFacts)>) -> Line {
     }
 }
 
+/// What `check` learns about sealing.
+#[derive(Debug, Clone)]
+pub struct SealFacts {
+    /// Preshared keys in the store, counted before anything seals them.
+    pub counts: Result<SecretCounts, String>,
+    /// With `[daemon] seal_key_file`: whether the key reads and opens the store.
+    pub key: Option<Result<(), String>>,
+}
+
 /// Sealing of secrets in the store: without `[daemon] seal_key_file` they are
-/// stored unsealed (WARN); with it, still unsealed until sealing is built.
-pub fn sealing(seal_key_file: Option<&Path>) -> Line {
+/// stored unsealed (WARN); with it, the key must read and open the store, and
+/// any preshared key still in clear is a FAIL naming the count.
+pub fn sealing(seal_key_file: Option<&Path>, facts: SealFacts) -> Line {
     const CHECK: &str = "sealing";
-    match seal_key_file {
-        None => Line::warn(
+    let counts = match facts.counts {
+        Ok(c) => c,
+        Err(e) => return Line::fail(CHECK, format!("cannot inspect the peer store: {e}")),
+    };
+    match (seal_key_file, facts.key) {
+        (None, _) if counts.sealed_store => Line::fail(
             CHECK,
-            "no [daemon] seal_key_file: secrets stored unsealed in the peer store",
+            "the peer store is sealed but no [daemon] seal_key_file is configured",
         ),
-        Some(p) => Line::warn(
+        (None, _) => Line::warn(
             CHECK,
             format!(
-                "daemon.seal_key_file = {} is not acted on yet: secrets stored unsealed",
+                "no [daemon] seal_key_file: secrets stored unsealed in the peer store ({} preshared keys in clear)",
+                counts.clear
+            ),
+        ),
+        (Some(p), Some(Err(e))) => Line::fail(
+            CHECK,
+            format!("daemon.seal_key_file = {}: {e}", p.display()),
+        ),
+        (Some(_), _) if counts.clear > 0 => Line::fail(
+            CHECK,
+            format!(
+                "{} preshared keys are stored unsealed in the peer store; the next admin command or daemon start seals them",
+                counts.clear
+            ),
+        ),
+        (Some(p), _) => Line::pass(
+            CHECK,
+            format!(
+                "{} preshared keys sealed under daemon.seal_key_file = {}; none in clear",
+                counts.sealed,
                 p.display()
             ),
         ),
@@ -1202,8 +1235,27 @@ mod tests {
         );
         let l = privileges(Some(("nobody-here", UserFacts::NoSuchUser)));
         assert!(l.status == Status::Fail && l.detail.contains("no such user"));
-        let l = sealing(None);
-        assert!(l.status == Status::Warn && l.detail.contains("unsealed"));
-        assert_eq!(sealing(Some(Path::new("/s"))).status, Status::Warn);
+        let counts = |sealed, clear, sealed_store| SecretCounts {
+            sealed,
+            clear,
+            sealed_store,
+        };
+        let facts = |c, key| SealFacts {
+            counts: Ok(c),
+            key,
+        };
+        let l = sealing(None, facts(counts(0, 3, false), None));
+        assert!(l.status == Status::Warn && l.detail.contains("3 preshared keys in clear"));
+        let l = sealing(None, facts(counts(3, 0, true), None));
+        assert!(l.status == Status::Fail && l.detail.contains("sealed but no"));
+        let key = Path::new("/s");
+        let l = sealing(Some(key), facts(counts(2, 1, true), Some(Ok(()))));
+        assert!(l.status == Status::Fail && l.detail.contains("1 preshared keys are stored unsealed"));
+        let l = sealing(Some(key), facts(counts(2, 0, true), Some(Err("wrong key".into()))));
+        assert!(l.status == Status::Fail && l.detail.contains("wrong key"));
+        let l = sealing(Some(key), facts(counts(2, 0, true), Some(Ok(()))));
+        assert_eq!(l.status, Status::Pass, "{}", l.detail);
+        let l = sealing(Some(key), SealFacts { counts: Err("gone".into()), key: None });
+        assert_eq!(l.status, Status::Fail);
     }
 }

@@ -12,7 +12,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::decide::{
     self, AuditFacts, Bound, Daemon, FileFacts, FileRole, FileState, IssuedConfig, RegistryFacts,
-    ServiceFacts, TableFacts, UserFacts,
+    SealFacts, ServiceFacts, TableFacts, UserFacts,
 };
 use super::procnet::{self, TCP_LISTEN};
 use super::{Line, Report};
@@ -47,6 +47,19 @@ pub(super) fn run(config: &Path) -> Report {
 
     lines.extend(decide::file_permissions(&files(&cfg)));
 
+    // Counted before `registry` opens the store, which seals clear secrets.
+    let sealing = SealFacts {
+        counts: Store::inspect_secrets(&cfg.store).map_err(|e| e.to_string()),
+        key: cfg.daemon.seal_key_file.as_ref().map(|_| {
+            crate::registry::store::seal_key(&cfg)
+                .map_err(|e| e.to_string())
+                .and_then(|k| {
+                    Store::open_sealed(&cfg.store, k)
+                        .map(drop)
+                        .map_err(|e| e.to_string())
+                })
+        }),
+    };
     let registry = registry(&cfg);
     let issued = registry.as_ref().map(|r| issued_configs(&cfg, r, now));
     lines.extend(decide::full_routes(
@@ -96,12 +109,12 @@ pub(super) fn run(config: &Path) -> Report {
         (u, facts)
     });
     lines.push(decide::privileges(user));
-    lines.push(decide::sealing(cfg.daemon.seal_key_file.as_deref()));
+    lines.push(decide::sealing(cfg.daemon.seal_key_file.as_deref(), sealing));
     Report { lines }
 }
 
 fn registry(cfg: &Config) -> Result<RegistryFacts, String> {
-    let store = Store::open(&cfg.store).map_err(|e| e.to_string())?;
+    let store = Store::open_config(cfg).map_err(|e| e.to_string())?;
     Ok(RegistryFacts {
         peers: store.peers().map_err(|e| e.to_string())?,
         revoked: store.revoked_keys().map_err(|e| e.to_string())?,

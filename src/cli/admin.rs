@@ -416,7 +416,7 @@ pub fn peer_revoke(config: &Path, name: &str, reason: Option<&str>) -> Result<()
     let name = PeerName::new(name)?;
     let reason = check_reason(reason)?;
     let cfg = Config::load(config)?;
-    let mut store = Store::open(&cfg.store)?;
+    let mut store = Store::open_config(&cfg)?;
     let (peer, freed, action, audit) = revoke(&cfg, &mut store, &name, reason, actor())?;
     notify(&cfg, &action);
     write_stdout(&format!(
@@ -441,7 +441,7 @@ pub fn peer_rotate(config: &Path, a: &PeerRotateArgs) -> Result<()> {
         Some(k) => Some(PublicKey::from_base64(k).map_err(|e| anyhow!("--public-key {e}"))?),
         None => None,
     };
-    let mut store = Store::open(&cfg.store)?;
+    let mut store = Store::open_config(&cfg)?;
     let sink = ConfigSink::new(a.delivery.output.as_deref(), a.delivery.qr)?;
     let rotated = rotate(
         &cfg,

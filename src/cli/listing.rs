@@ -140,7 +140,7 @@ fn print_json(v: &Value) -> Result<()> {
 /// `sitegate peer list [--json]`.
 pub fn peer_list(config: &Path, json: bool) -> Result<()> {
     let cfg = Config::load(config)?;
-    let store = Store::open(&cfg.store)?;
+    let store = Store::open_config(&cfg)?;
     let peers = store.peers()?;
     let view = live_view(&cfg);
     let rows = rows(&store, &peers, view.as_ref())?;
@@ -198,7 +198,7 @@ pub fn peer_list(config: &Path, json: bool) -> Result<()> {
 pub fn peer_show(config: &Path, name: &str, json: bool) -> Result<()> {
     let name = PeerName::new(name)?;
     let cfg = Config::load(config)?;
-    let store = Store::open(&cfg.store)?;
+    let store = Store::open_config(&cfg)?;
     let peer = store
         .peer(&name)?
         .ok_or_else(|| anyhow!("no peer named `{name}`"))?;

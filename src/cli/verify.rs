@@ -85,7 +85,7 @@ pub(crate) fn verify_chain(cfg: &Config) -> Result<String> {
             cfg.path.display()
         );
     };
-    let store = Store::open(&cfg.store)?;
+    let store = Store::open_config(cfg)?;
     let recorded = store.audit_head().map_err(|e| anyhow!("{e}"))?;
     let files = chain_files(&path);
     let mut notes = String::new();

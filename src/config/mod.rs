@@ -167,12 +167,6 @@ impl Config {
                 missing: "the privilege drop is not built yet (issue 10): the daemon stays root",
             });
         }
-        if self.daemon.seal_key_file.is_some() {
-            keys.push(Unenforced {
-                key: "daemon.seal_key_file",
-                missing: "sealing is not built yet (issue 10): secrets are stored unsealed",
-            });
-        }
         if let StoreConfig::Postgres { pool, .. } = &self.store {
             const PG: &str = "PostgreSQL stores are not built yet (issue 12)";
             keys.push(Unenforced {

@@ -1046,7 +1046,7 @@ seal_key_file = "seal.key"
         let keys =
             |c: &Config| -> Vec<&str> { c.unenforced_keys().iter().map(|u| u.key).collect() };
         let full = parse(path(), BASE).unwrap();
-        assert_eq!(keys(&full), ["daemon.user", "daemon.seal_key_file"]);
+        assert_eq!(keys(&full), ["daemon.user"]);
         let text = "[interface]\nname='sg0'\nprivate_key_file='/k'\naddress='10.8.0.1/24'\nendpoint='h:1'\n[store]\nurl='sqlite:///d.db'\n";
         assert!(keys(&parse(path(), text).unwrap()).is_empty());
         let pg = text.replace(

@@ -17,7 +17,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
 use crate::dataplane::Shared;
-use crate::keys::KEY_LEN;
+use crate::keys::PrivateKey;
 
 /// Where wireguard-tools looks for userspace interfaces.
 pub const UAPI_DIR: &str = "/var/run/wireguard";
@@ -85,7 +85,7 @@ pub fn bind_private_socket(path: &Path, dir_mode: u32) -> io::Result<UnixListene
 }
 
 /// Builds the UAPI view of the live peers.
-pub fn view(shared: &Shared, private_key: [u8; KEY_LEN], listen_port: u16) -> uapi::InterfaceView {
+pub fn view(shared: &Shared, private_key: &PrivateKey, listen_port: u16) -> uapi::InterfaceView {
     let table = shared.table.load();
     let peers = table
         .peers
@@ -94,7 +94,7 @@ pub fn view(shared: &Shared, private_key: [u8; KEY_LEN], listen_port: u16) -> ua
             let live = p.live();
             uapi::PeerView {
                 public_key: *p.public_key.as_bytes(),
-                preshared_key: p.preshared_key.as_ref().map(|k| *k.as_bytes()),
+                preshared_key: p.preshared_key.clone(),
                 endpoint: live.endpoint,
                 last_handshake: live.last_handshake,
                 rx_bytes: live.rx_bytes,
@@ -104,7 +104,7 @@ pub fn view(shared: &Shared, private_key: [u8; KEY_LEN], listen_port: u16) -> ua
         })
         .collect();
     uapi::InterfaceView {
-        private_key,
+        private_key: private_key.clone(),
         listen_port,
         peers,
     }
@@ -114,7 +114,7 @@ pub fn view(shared: &Shared, private_key: [u8; KEY_LEN], listen_port: u16) -> ua
 pub async fn serve_uapi_client(
     stream: UnixStream,
     shared: Arc<Shared>,
-    private_key: [u8; KEY_LEN],
+    private_key: Arc<PrivateKey>,
     listen_port: u16,
 ) -> io::Result<()> {
     let (read, mut write) = stream.into_split();
@@ -134,10 +134,11 @@ pub async fn serve_uapi_client(
                 // The request ends with a blank line; read it before answering.
                 let mut blank = String::new();
                 let _ = tokio::time::timeout(io_deadline, reader.read_line(&mut blank)).await;
-                uapi::render_get(&view(&shared, private_key, listen_port))
+                uapi::render_get(&view(&shared, &private_key, listen_port))
             }
             "set=1" => {
-                let mut body = String::new();
+                // `wg set` bodies carry keys: zeroized when dropped.
+                let mut body = zeroize::Zeroizing::new(String::new());
                 loop {
                     body.clear();
                     let n = tokio::time::timeout(io_deadline, reader.read_line(&mut body))
@@ -149,10 +150,10 @@ pub async fn serve_uapi_client(
                         break;
                     }
                 }
-                uapi::render_errno(uapi::SET_ERRNO)
+                zeroize::Zeroizing::new(uapi::render_errno(uapi::SET_ERRNO))
             }
             "" => continue,
-            _ => uapi::render_errno(libc::EINVAL),
+            _ => zeroize::Zeroizing::new(uapi::render_errno(libc::EINVAL)),
         };
         write.write_all(reply.as_bytes()).await?;
     }

@@ -6,12 +6,15 @@ use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use crate::keys::KEY_LEN;
+use zeroize::Zeroizing;
 
-/// Interface-level state as UAPI reports it.
+use crate::keys::{PresharedKey, PrivateKey, KEY_LEN};
+
+/// Interface-level state as UAPI reports it. Secrets stay in their zeroizing
+/// key types; the rendered text is zeroized on drop too.
 #[derive(Debug, Clone)]
 pub struct InterfaceView {
-    pub private_key: [u8; KEY_LEN],
+    pub private_key: PrivateKey,
     pub listen_port: u16,
     pub peers: Vec<PeerView>,
 }
@@ -20,7 +23,7 @@ pub struct InterfaceView {
 #[derive(Debug, Clone)]
 pub struct PeerView {
     pub public_key: [u8; KEY_LEN],
-    pub preshared_key: Option<[u8; KEY_LEN]>,
+    pub preshared_key: Option<PresharedKey>,
     pub endpoint: Option<SocketAddr>,
     /// Wall-clock time of the latest handshake since the Unix epoch.
     pub last_handshake: Option<Duration>,
@@ -33,16 +36,33 @@ pub struct PeerView {
 /// so a stock `wg set` is refused rather than silently diverging from the store.
 pub const SET_ERRNO: i32 = libc::EPERM;
 
-/// Renders the reply to `get=1`, ending with `errno=0` and a blank line.
-pub fn render_get(view: &InterfaceView) -> String {
-    let mut out = String::with_capacity(256 + view.peers.len() * 320);
+/// Upper bound of one peer's lines without its `allowed_ip` lines.
+const PEER_TEXT: usize = 512;
+/// Upper bound of one `allowed_ip=` line.
+const ALLOWED_IP_TEXT: usize = 64;
+
+/// Renders the reply to `get=1`, ending with `errno=0` and a blank line. The
+/// buffer is sized up front so it never reallocates (a reallocation would leave
+/// a copy of the keys behind), and keys are hex-encoded straight into it.
+pub fn render_get(view: &InterfaceView) -> Zeroizing<String> {
+    let cap = 256
+        + view
+            .peers
+            .iter()
+            .map(|p| PEER_TEXT + p.addresses.len() * ALLOWED_IP_TEXT)
+            .sum::<usize>();
+    let mut out = Zeroizing::new(String::with_capacity(cap));
     // Writing to a String cannot fail.
-    let _ = writeln!(out, "private_key={}", hex::encode(view.private_key));
+    out.push_str("private_key=");
+    push_hex(&mut out, view.private_key.as_bytes());
+    out.push('\n');
     let _ = writeln!(out, "listen_port={}", view.listen_port);
     for p in &view.peers {
         let _ = writeln!(out, "public_key={}", hex::encode(p.public_key));
-        if let Some(psk) = p.preshared_key {
-            let _ = writeln!(out, "preshared_key={}", hex::encode(psk));
+        if let Some(psk) = &p.preshared_key {
+            out.push_str("preshared_key=");
+            push_hex(&mut out, psk.as_bytes());
+            out.push('\n');
         }
         let _ = writeln!(out, "protocol_version=1");
         if let Some(ep) = p.endpoint {
@@ -60,7 +80,17 @@ pub fn render_get(view: &InterfaceView) -> String {
         }
     }
     out.push_str("errno=0\n\n");
+    debug_assert!(out.len() <= cap, "the get=1 buffer grew");
     out
+}
+
+/// Lower-case hex without an intermediate String.
+fn push_hex(out: &mut String, bytes: &[u8; KEY_LEN]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 15)]));
+    }
 }
 
 /// Renders an error-only reply (`errno=N` and a blank line).
@@ -76,12 +106,12 @@ mod tests {
     #[test]
     fn golden_get() {
         let view = InterfaceView {
-            private_key: [1; 32],
+            private_key: PrivateKey::from_base64(&base64_of([1; 32])).unwrap(),
             listen_port: 51820,
             peers: vec![
                 PeerView {
                     public_key: [2; 32],
-                    preshared_key: Some([3; 32]),
+                    preshared_key: Some(PresharedKey::from_bytes([3; 32])),
                     endpoint: Some("192.0.2.7:40000".parse().unwrap()),
                     last_handshake: Some(Duration::new(1_700_000_000, 5)),
                     rx_bytes: 10,
@@ -113,7 +143,14 @@ mod tests {
             h(3),
             h(4)
         );
-        assert_eq!(render_get(&view), expected);
+        let text = render_get(&view);
+        assert_eq!(*text, expected);
+        assert!(text.capacity() >= text.len());
+    }
+
+    fn base64_of(b: [u8; 32]) -> String {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(b)
     }
 
     /// Error replies end with a blank line so `wg` stops reading.

@@ -7,4 +7,4 @@ pub mod store;
 
 pub use alloc::AllocError;
 pub use model::{Lifecycle, NameError, Peer, PeerName};
-pub use store::{NewPeer, RevokedKey, Store, StoreError};
+pub use store::{NewPeer, RevokedKey, SecretCounts, Store, StoreError};

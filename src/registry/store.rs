@@ -9,6 +9,7 @@ use std::fs::OpenOptions;
 use std::net::IpAddr;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -20,6 +21,7 @@ use crate::config::{InterfaceConfig, StoreConfig};
 use crate::keys::{PresharedKey, PublicKey};
 use crate::registry::alloc::{self, AllocError};
 use crate::registry::{Peer, PeerName};
+use crate::seal::{self, SealError, SealKey};
 
 /// How long a writer waits for another process's transaction before failing.
 pub const BUSY_TIMEOUT_MS: u64 = 10_000;
@@ -34,8 +36,8 @@ const MIGRATIONS: &[&str] = &[
         id             INTEGER PRIMARY KEY,
         name           TEXT NOT NULL UNIQUE,      -- PeerName: [a-z0-9][a-z0-9_.-]{0,62}
         public_key     TEXT NOT NULL UNIQUE,      -- base64, as `wg pubkey` prints it
-        preshared_key  TEXT,                      -- base64; NULL when issued with --no-psk
-                                                  -- (stored unsealed until [daemon] seal_key_file acts)
+        preshared_key  TEXT,                      -- base64, or `sealed:v1:...` under the seal key
+                                                  -- (migration 4); NULL when issued with --no-psk
         created_at     INTEGER NOT NULL,          -- Unix seconds
         expires_at     INTEGER,                   -- Unix seconds; NULL = never
         revoked_at     INTEGER,                   -- Unix seconds; NULL = not revoked
@@ -98,7 +100,25 @@ const MIGRATIONS: &[&str] = &[
     CREATE TRIGGER svc_del AFTER DELETE ON peer_services BEGIN UPDATE registry_version SET v = v + 1; END;
     CREATE TRIGGER rk_ins AFTER INSERT ON revoked_keys BEGIN UPDATE registry_version SET v = v + 1; END;
     "#,
+    // 4: which seal key sealed this store's secrets, so that opening it with
+    // another key (or none) is a clear error and never a silent reset.
+    r#"
+    CREATE TABLE seal_check (
+        id     INTEGER PRIMARY KEY CHECK (id = 1),
+        value  TEXT NOT NULL                      -- a known value sealed under the key
+    );
+    "#,
 ];
+
+/// Associated data of the seal check value.
+const SEAL_CHECK_AD: &[u8] = b"sitegate store seal check";
+const SEAL_CHECK_VALUE: &[u8] = b"sitegate";
+
+/// Associated data of a peer's sealed preshared key: its row id, so a sealed
+/// value moved onto another row does not open.
+fn psk_ad(id: i64) -> Vec<u8> {
+    format!("sitegate peer {id} preshared_key").into_bytes()
+}
 
 /// Why the store could not do what was asked.
 #[derive(Debug, thiserror::Error)]
@@ -165,9 +185,30 @@ pub enum StoreError {
     /// A revocation-list key that does not parse.
     #[error("peer store holds a bad revoked key `{0}`")]
     CorruptRevoked(String),
+    /// The store's secrets are sealed and no seal key was given.
+    #[error("peer store {} holds secrets sealed with a seal key, but no `daemon.seal_key_file` is configured; set it to the key that sealed them", .path.display())]
+    SealKeyMissing { path: PathBuf },
+    /// The store's secrets were sealed with another key.
+    #[error("peer store {} was sealed with a different seal key than `daemon.seal_key_file`; restore the right key file (the store is left unchanged)", .path.display())]
+    WrongSealKey { path: PathBuf },
+    /// A sealed value that does not open.
+    #[error("peer store {}: {source}", .path.display())]
+    Seal { path: PathBuf, source: SealError },
+    /// `daemon.seal_key_file` cannot be read.
+    #[error("{0}")]
+    SealKeyFile(#[from] SealError),
     /// Any other database error.
     #[error("peer store: {0}")]
     Sqlite(#[from] rusqlite::Error),
+}
+
+/// How the store's preshared keys are kept, for `sitegate check`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SecretCounts {
+    pub sealed: u64,
+    pub clear: u64,
+    /// A seal check value is recorded: the store was sealed under some key.
+    pub sealed_store: bool,
 }
 
 /// What `peer add` stores.
@@ -211,6 +252,9 @@ pub struct Snapshot {
 pub struct Store {
     conn: Connection,
     path: PathBuf,
+    /// Seals preshared keys on write and opens them on read; `None` only for a
+    /// store that has never been sealed.
+    seal: Option<Arc<SealKey>>,
 }
 
 impl Store {
@@ -220,6 +264,21 @@ impl Store {
     /// [`StoreError::Missing`] when there is no database file; PostgreSQL is not
     /// supported yet; database errors.
     pub fn open(cfg: &StoreConfig) -> Result<Store, StoreError> {
+        Self::open_sealed(cfg, None)
+    }
+
+    /// Opens an existing store with the seal key (`[daemon] seal_key_file`).
+    /// With a key, a store sealed under another key is refused, and preshared
+    /// keys still in clear are sealed in one transaction (the migration of a store
+    /// from before sealing); without one, a sealed store is refused.
+    ///
+    /// # Errors
+    /// As [`Store::open`], plus [`StoreError::WrongSealKey`] and
+    /// [`StoreError::SealKeyMissing`]. Nothing is written on error.
+    pub fn open_sealed(
+        cfg: &StoreConfig,
+        seal: Option<Arc<SealKey>>,
+    ) -> Result<Store, StoreError> {
         let path = sqlite_path(cfg)?;
         if !path.exists() {
             return Err(StoreError::Missing { path });
@@ -228,8 +287,160 @@ impl Store {
             &path,
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )?;
-        Self::setup(conn, path)
+        let mut store = Self::setup(conn, path)?;
+        store.adopt_seal(seal)?;
+        Ok(store)
     }
+
+    /// Opens the store `cfg` names, with its seal key read from
+    /// `[daemon] seal_key_file` (for processes that can read it: admin commands,
+    /// `check`; the daemon reads the key once, before dropping privileges).
+    ///
+    /// # Errors
+    /// As [`Store::open_sealed`], plus [`StoreError::SealKeyFile`].
+    pub fn open_config(cfg: &crate::config::Config) -> Result<Store, StoreError> {
+        Self::open_sealed(&cfg.store, seal_key(cfg)?)
+    }
+
+    /// Creates a new, empty store sealed under `seal` (when given).
+    ///
+    /// # Errors
+    /// As [`Store::create`].
+    pub fn create_sealed(
+        cfg: &StoreConfig,
+        seal: Option<Arc<SealKey>>,
+    ) -> Result<Store, StoreError> {
+        let mut store = Self::create(cfg)?;
+        store.adopt_seal(seal)?;
+        Ok(store)
+    }
+
+    /// Counts sealed and clear preshared keys of the store `cfg` names, opening
+    /// none and sealing none (what `sitegate check` reports).
+    ///
+    /// # Errors
+    /// As [`Store::open`] without the seal checks.
+    pub fn inspect_secrets(cfg: &StoreConfig) -> Result<SecretCounts, StoreError> {
+        let path = sqlite_path(cfg)?;
+        if !path.exists() {
+            return Err(StoreError::Missing { path });
+        }
+        let conn = Connection::open_with_flags(
+            &path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        Self::setup(conn, path)?.secret_counts()
+    }
+
+    /// Counts sealed and clear preshared keys without opening any.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn secret_counts(&self) -> Result<SecretCounts, StoreError> {
+        let (sealed, clear): (i64, i64) = self.conn.query_row(
+            "SELECT COALESCE(SUM(preshared_key LIKE 'sealed:%'), 0),
+                    COALESCE(SUM(preshared_key NOT LIKE 'sealed:%'), 0)
+             FROM peers WHERE preshared_key IS NOT NULL",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        let sealed_store = self
+            .conn
+            .query_row("SELECT 1 FROM seal_check WHERE id = 1", [], |_| Ok(()))
+            .optional()?
+            .is_some();
+        Ok(SecretCounts {
+            sealed: u64::try_from(sealed).unwrap_or(0),
+            clear: u64::try_from(clear).unwrap_or(0),
+            sealed_store,
+        })
+    }
+
+    /// Checks `seal` against the store's seal check value, or records one and
+    /// seals every clear preshared key (one transaction; then the WAL is
+    /// checkpointed and truncated, and `secure_delete` has zeroed the old
+    /// cells, so no clear copy stays in the files).
+    fn adopt_seal(&mut self, seal: Option<Arc<SealKey>>) -> Result<(), StoreError> {
+        let check: Option<String> = self
+            .conn
+            .query_row("SELECT value FROM seal_check WHERE id = 1", [], |r| r.get(0))
+            .optional()?;
+        let Some(key) = seal else {
+            if check.is_some() {
+                return Err(StoreError::SealKeyMissing {
+                    path: self.path.clone(),
+                });
+            }
+            return Ok(());
+        };
+        if let Some(value) = &check {
+            match key.open(SEAL_CHECK_AD, value, "seal check") {
+                Ok(v) if v.as_slice() == SEAL_CHECK_VALUE => {}
+                Err(SealError::Malformed { .. }) => {
+                    return Err(corrupt(0, "seal check value", value));
+                }
+                _ => {
+                    return Err(StoreError::WrongSealKey {
+                        path: self.path.clone(),
+                    })
+                }
+            }
+        }
+        if check.is_none() || self.secret_counts()?.clear > 0 {
+            let tx = self
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let recorded: Option<String> = tx
+                .query_row("SELECT value FROM seal_check WHERE id = 1", [], |r| r.get(0))
+                .optional()?;
+            match recorded {
+                // Another process sealed it in the meantime: it must be our key.
+                Some(v) => {
+                    if !key
+                        .open(SEAL_CHECK_AD, &v, "seal check")
+                        .is_ok_and(|p| p.as_slice() == SEAL_CHECK_VALUE)
+                    {
+                        return Err(StoreError::WrongSealKey {
+                            path: self.path.clone(),
+                        });
+                    }
+                }
+                None => {
+                    tx.execute(
+                        "INSERT INTO seal_check (id, value) VALUES (1, ?1)",
+                        [key.seal(SEAL_CHECK_AD, SEAL_CHECK_VALUE)],
+                    )?;
+                }
+            }
+            let clear: Vec<(i64, String)> = {
+                let mut stmt = tx.prepare(
+                    "SELECT id, preshared_key FROM peers
+                     WHERE preshared_key IS NOT NULL AND preshared_key NOT LIKE 'sealed:%'",
+                )?;
+                let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                rows.collect::<Result<_, _>>()?
+            };
+            let sealed_any = !clear.is_empty();
+            for (id, mut text) in clear {
+                let psk = PresharedKey::from_base64(&text)
+                    .map_err(|_| corrupt(id, "preshared key", "<redacted>"));
+                zeroize::Zeroize::zeroize(&mut text);
+                let psk = psk?;
+                tx.execute(
+                    "UPDATE peers SET preshared_key = ?1 WHERE id = ?2",
+                    params![key.seal(&psk_ad(id), psk.as_bytes()), id],
+                )?;
+            }
+            tx.commit()?;
+            if sealed_any {
+                self.conn
+                    .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+            }
+        }
+        self.seal = Some(key);
+        Ok(())
+    }
+
 
     /// Creates a new, empty store (file mode 0600, WAL mode).
     ///
@@ -263,14 +474,22 @@ impl Store {
         let opened = conn
             .busy_timeout(Duration::from_millis(BUSY_TIMEOUT_MS))
             // FULL: a commit survives power loss, not only a process crash.
+            // secure_delete: a rewritten secret (sealing, rotation) leaves no old
+            // copy in free pages.
             .and_then(|()| {
-                conn.execute_batch("PRAGMA foreign_keys = ON; PRAGMA synchronous = FULL;")
+                conn.execute_batch(
+                    "PRAGMA foreign_keys = ON; PRAGMA synchronous = FULL; PRAGMA secure_delete = ON;",
+                )
             });
         if let Err(source) = opened {
             return Err(StoreError::Open { path, source });
         }
         match migrate(&mut conn, &path) {
-            Ok(()) => Ok(Store { conn, path }),
+            Ok(()) => Ok(Store {
+                conn,
+                path,
+                seal: None,
+            }),
             Err(StoreError::Sqlite(source)) => Err(StoreError::Open { path, source }),
             Err(e) => Err(e),
         }
@@ -279,6 +498,10 @@ impl Store {
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    fn seal(&self) -> Option<(&SealKey, &Path)> {
+        self.seal.as_deref().map(|k| (k, self.path.as_path()))
     }
 
     /// A number that changes with every change to peers, their addresses and
@@ -302,7 +525,7 @@ impl Store {
     /// Database errors; [`StoreError::Corrupt`] for values that do not parse.
     pub fn peers(&self) -> Result<Vec<Peer>, StoreError> {
         let tx = self.conn.unchecked_transaction()?;
-        let peers = read_peers(&tx, None)?;
+        let peers = read_peers(&tx, None, self.seal())?;
         tx.commit()?;
         Ok(peers)
     }
@@ -318,7 +541,7 @@ impl Store {
     /// [`StoreError::CorruptRevoked`] for values that do not parse.
     pub fn snapshot(&self, mid: impl FnOnce()) -> Result<Snapshot, StoreError> {
         let tx = self.conn.unchecked_transaction()?;
-        let peers = read_peers(&tx, None)?;
+        let peers = read_peers(&tx, None, self.seal())?;
         mid();
         let revoked = self.revoked_keys()?;
         let version = self.registry_version()?;
@@ -338,6 +561,7 @@ impl Store {
     /// [`StoreError::NameTaken`], [`StoreError::NameRetired`], [`StoreError::KeyTaken`], [`StoreError::KeyRevoked`],
     /// [`StoreError::Address`]; database errors. On error nothing is written.
     pub fn add_peer(&mut self, iface: &InterfaceConfig, new: NewPeer) -> Result<Peer, StoreError> {
+        let seal = self.seal.clone();
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -386,18 +610,18 @@ impl Store {
         addresses.sort();
 
         tx.execute(
-            "INSERT INTO peers (name, public_key, preshared_key, created_at, expires_at, admin)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![
-                name,
-                key,
-                new.preshared_key.as_ref().map(PresharedKey::to_base64),
-                new.created_at,
-                new.expires_at,
-                new.admin
-            ],
+            "INSERT INTO peers (name, public_key, created_at, expires_at, admin)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![name, key, new.created_at, new.expires_at, new.admin],
         )?;
         let id = tx.last_insert_rowid();
+        // Sealed for this row's id, which exists only after the insert.
+        if let Some(text) = psk_text(seal.as_deref(), id, new.preshared_key.as_ref()) {
+            tx.execute(
+                "UPDATE peers SET preshared_key = ?1 WHERE id = ?2",
+                params![text, id],
+            )?;
+        }
         for a in &addresses {
             tx.execute(
                 "INSERT INTO peer_addresses (peer_id, address) VALUES (?1, ?2)",
@@ -436,7 +660,7 @@ impl Store {
     pub fn peer(&self, name: &PeerName) -> Result<Option<Peer>, StoreError> {
         let tx = self.conn.unchecked_transaction()?;
         let peer = match peer_row(&tx, name)? {
-            Some(row) => read_peers(&tx, Some(row.id))?.pop(),
+            Some(row) => read_peers(&tx, Some(row.id), self.seal())?.pop(),
             None => None,
         };
         tx.commit()?;
@@ -484,6 +708,8 @@ impl Store {
         reason: Option<&str>,
         now: i64,
     ) -> Result<Peer, StoreError> {
+        let (seal, path) = (self.seal.clone(), self.path.clone());
+        let sealed = seal.as_deref().map(|k| (k, path.as_path()));
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -491,7 +717,7 @@ impl Store {
         if row.revoked {
             return Err(StoreError::AlreadyRevoked(name.to_string()));
         }
-        let freed = read_peers(&tx, Some(row.id))?
+        let freed = read_peers(&tx, Some(row.id), sealed)?
             .pop()
             .map(|p| p.addresses)
             .unwrap_or_default();
@@ -509,7 +735,7 @@ impl Store {
              VALUES (?1, ?2, ?3, ?4)",
             params![row.public_key, name.as_str(), now, reason],
         )?;
-        let peer = read_peers(&tx, Some(row.id))?
+        let peer = read_peers(&tx, Some(row.id), sealed)?
             .pop()
             .ok_or_else(|| StoreError::UnknownPeer(name.to_string()))?;
         tx.commit()?;
@@ -531,6 +757,8 @@ impl Store {
         new_psk: Option<PresharedKey>,
         now: i64,
     ) -> Result<(Peer, PublicKey), StoreError> {
+        let (seal, path) = (self.seal.clone(), self.path.clone());
+        let sealed = seal.as_deref().map(|k| (k, path.as_path()));
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -543,14 +771,14 @@ impl Store {
         let key = check_key_unused(&tx, &new_key)?;
         tx.execute(
             "UPDATE peers SET public_key = ?1, preshared_key = ?2 WHERE id = ?3",
-            params![key, new_psk.as_ref().map(PresharedKey::to_base64), row.id],
+            params![key, psk_text(seal.as_deref(), row.id, new_psk.as_ref()), row.id],
         )?;
         tx.execute(
             "INSERT OR IGNORE INTO revoked_keys (public_key, peer_name, revoked_at, reason)
              VALUES (?1, ?2, ?3, 'rotated')",
             params![row.public_key, name.as_str(), now],
         )?;
-        let peer = read_peers(&tx, Some(row.id))?
+        let peer = read_peers(&tx, Some(row.id), sealed)?
             .pop()
             .ok_or_else(|| StoreError::UnknownPeer(name.to_string()))?;
         tx.commit()?;
@@ -683,7 +911,11 @@ fn check_key_unused(tx: &rusqlite::Transaction<'_>, key: &PublicKey) -> Result<S
 }
 
 /// Every peer, or only peer `only`, in one read.
-fn read_peers(tx: &rusqlite::Transaction<'_>, only: Option<i64>) -> Result<Vec<Peer>, StoreError> {
+fn read_peers(
+    tx: &rusqlite::Transaction<'_>,
+    only: Option<i64>,
+    seal: Option<(&SealKey, &Path)>,
+) -> Result<Vec<Peer>, StoreError> {
     let mut addresses: BTreeMap<i64, Vec<IpAddr>> = BTreeMap::new();
     let mut stmt =
         tx.prepare("SELECT peer_id, address FROM peer_addresses WHERE ?1 IS NULL OR peer_id = ?1")?;
@@ -733,10 +965,7 @@ fn read_peers(tx: &rusqlite::Transaction<'_>, only: Option<i64>) -> Result<Vec<P
             name: PeerName::new(&name).map_err(|_| corrupt(id, "name", &name))?,
             public_key: PublicKey::from_base64(&pk).map_err(|_| corrupt(id, "public key", &pk))?,
             preshared_key: match psk {
-                Some(s) => Some(
-                    PresharedKey::from_base64(&s)
-                        .map_err(|_| corrupt(id, "preshared key", "<redacted>"))?,
-                ),
+                Some(s) => Some(open_psk(id, s, seal)?),
                 None => None,
             },
             addresses: addrs,
@@ -749,6 +978,53 @@ fn read_peers(tx: &rusqlite::Transaction<'_>, only: Option<i64>) -> Result<Vec<P
         });
     }
     Ok(peers)
+}
+
+/// A stored preshared key: sealed text opened under the store's key, or (in a
+/// store never sealed) clear base64.
+fn open_psk(
+    id: i64,
+    mut text: String,
+    seal: Option<(&SealKey, &Path)>,
+) -> Result<PresharedKey, StoreError> {
+    let out = match (seal::is_sealed(&text), seal) {
+        (true, Some((key, path))) => key
+            .open(&psk_ad(id), &text, &format!("preshared key of peer id {id}"))
+            .map_err(|source| StoreError::Seal {
+                path: path.to_path_buf(),
+                source,
+            })
+            .and_then(|bytes| {
+                <[u8; crate::keys::KEY_LEN]>::try_from(bytes.as_slice())
+                    .map(PresharedKey::from_bytes)
+                    .map_err(|_| corrupt(id, "preshared key", "<redacted>"))
+            }),
+        (true, None) => Err(corrupt(id, "preshared key", "<sealed, and no seal key>")),
+        (false, _) => PresharedKey::from_base64(&text)
+            .map_err(|_| corrupt(id, "preshared key", "<redacted>")),
+    };
+    zeroize::Zeroize::zeroize(&mut text);
+    out
+}
+
+/// The seal key `cfg` names, read from its file.
+///
+/// # Errors
+/// [`SealError::Read`] naming `daemon.seal_key_file`.
+pub fn seal_key(cfg: &crate::config::Config) -> Result<Option<Arc<SealKey>>, SealError> {
+    cfg.daemon
+        .seal_key_file
+        .as_deref()
+        .map(|p| SealKey::from_file(p).map(Arc::new))
+        .transpose()
+}
+
+/// The stored form of a preshared key for row `id`.
+fn psk_text(seal: Option<&SealKey>, id: i64, psk: Option<&PresharedKey>) -> Option<String> {
+    psk.map(|k| match seal {
+        Some(key) => key.seal(&psk_ad(id), k.as_bytes()),
+        None => k.to_base64(),
+    })
 }
 
 fn sqlite_path(cfg: &StoreConfig) -> Result<PathBuf, StoreError> {

@@ -471,6 +471,34 @@ impl Gateway {
         );
     }
 
+    /// Runs `sitegate run` in the namespace and asserts that it refuses to start:
+    /// exit 1 within 15 s, stderr containing every one of `parts`, and no TUN
+    /// device left behind.
+    pub fn start_expect_failure(&mut self, parts: &[&str]) {
+        assert!(self.child.is_none(), "gateway already started");
+        let out = Command::new("timeout")
+            .args(["15", "ip", "netns", "exec", &self.ns, sitegate_bin(), "--config"])
+            .arg(&self.config)
+            .arg("run")
+            .stdin(Stdio::null())
+            .output()
+            .expect("spawn sitegate run");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "`sitegate run` was expected to refuse to start (exit 1); stderr:\n{err}"
+        );
+        for p in parts {
+            assert!(err.contains(p), "refusal does not mention `{p}`:\n{err}");
+        }
+        assert!(
+            !link_exists(&self.ns, &self.ifname),
+            "a refused start left TUN {} behind",
+            self.ifname
+        );
+    }
+
     /// The process id of `sitegate run` (`ip netns exec` execs into it).
     pub fn pid(&self) -> i32 {
         self.child.as_ref().expect("gateway not started").id() as i32

@@ -481,8 +481,11 @@ fn unenforced_key_fails() {
     let c = check(&ns, &gw);
     c.assert_ok();
     c.one("PASS", "unenforced-keys", &["every key"]);
-    c.one("PASS", "sealing", &["sealed under daemon.seal_key_file", "none in clear"]);
-
+    c.one(
+        "PASS",
+        "sealing",
+        &["sealed under daemon.seal_key_file", "none in clear"],
+    );
 }
 
 /// `manage = false` is a warning that the host's firewall is not managed; on an

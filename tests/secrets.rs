@@ -49,7 +49,11 @@ fn leaks(files: &[PathBuf], psks: &[String]) -> Vec<String> {
         for psk in psks {
             for enc in encodings(psk) {
                 if bytes.windows(enc.len()).any(|w| w == enc.as_slice()) {
-                    found.push(format!("{} holds a PSK ({} bytes form)", f.display(), enc.len()));
+                    found.push(format!(
+                        "{} holds a PSK ({} bytes form)",
+                        f.display(),
+                        enc.len()
+                    ));
                 }
             }
         }
@@ -169,8 +173,11 @@ fn clear_store_is_migrated() {
     );
 
     let text = fs::read_to_string(&gw.config).expect("config");
-    fs::write(&gw.config, text.replace("[daemon]\n", &format!("[daemon]\n{seal_line}\n")))
-        .expect("write config");
+    fs::write(
+        &gw.config,
+        text.replace("[daemon]\n", &format!("[daemon]\n{seal_line}\n")),
+    )
+    .expect("write config");
     let out = run(&mut gw.cli(&["peer", "list", "--json"]));
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     for v in stored_psks(&gw) {
@@ -206,7 +213,7 @@ fn wrong_or_missing_seal_key_refused() {
     let seal = gw.dir.path.join("seal.key");
     let right = fs::read_to_string(&seal).expect("seal key");
 
-    write_key(&seal, &run_ok(&mut gw.cli(&["genkey"])).trim().to_string());
+    write_key(&seal, run_ok(&mut gw.cli(&["genkey"])).trim());
     for args in [&["peer", "list"][..], &["peer", "add", "beta"]] {
         let out = run(&mut gw.cli(args));
         assert_eq!(out.status.code(), Some(1), "{args:?}: {}", stdout(&out));
@@ -238,13 +245,17 @@ fn wrong_or_missing_seal_key_refused() {
     let out = run(&mut gw.cli(&["peer", "list"]));
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        stderr(&out).contains("holds secrets sealed") && stderr(&out).contains("no `daemon.seal_key_file`"),
+        stderr(&out).contains("holds secrets sealed")
+            && stderr(&out).contains("no `daemon.seal_key_file`"),
         "{}",
         stderr(&out)
     );
     let text = fs::read_to_string(&gw.config).expect("config");
-    fs::write(&gw.config, text.replace("[daemon]\n", &format!("[daemon]\n{seal_line}\n")))
-        .expect("write config");
+    fs::write(
+        &gw.config,
+        text.replace("[daemon]\n", &format!("[daemon]\n{seal_line}\n")),
+    )
+    .expect("write config");
     let listed = gw.cli_ok(&["peer", "list", "--json"]);
     assert!(listed.contains("\"alpha\""), "{listed}");
     assert_eq!(stored_psks(&gw), before);

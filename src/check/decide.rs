@@ -1240,22 +1240,30 @@ mod tests {
             clear,
             sealed_store,
         };
-        let facts = |c, key| SealFacts {
-            counts: Ok(c),
-            key,
-        };
+        let facts = |c, key| SealFacts { counts: Ok(c), key };
         let l = sealing(None, facts(counts(0, 3, false), None));
         assert!(l.status == Status::Warn && l.detail.contains("3 preshared keys in clear"));
         let l = sealing(None, facts(counts(3, 0, true), None));
         assert!(l.status == Status::Fail && l.detail.contains("sealed but no"));
         let key = Path::new("/s");
         let l = sealing(Some(key), facts(counts(2, 1, true), Some(Ok(()))));
-        assert!(l.status == Status::Fail && l.detail.contains("1 preshared keys are stored unsealed"));
-        let l = sealing(Some(key), facts(counts(2, 0, true), Some(Err("wrong key".into()))));
+        assert!(
+            l.status == Status::Fail && l.detail.contains("1 preshared keys are stored unsealed")
+        );
+        let l = sealing(
+            Some(key),
+            facts(counts(2, 0, true), Some(Err("wrong key".into()))),
+        );
         assert!(l.status == Status::Fail && l.detail.contains("wrong key"));
         let l = sealing(Some(key), facts(counts(2, 0, true), Some(Ok(()))));
         assert_eq!(l.status, Status::Pass, "{}", l.detail);
-        let l = sealing(Some(key), SealFacts { counts: Err("gone".into()), key: None });
+        let l = sealing(
+            Some(key),
+            SealFacts {
+                counts: Err("gone".into()),
+                key: None,
+            },
+        );
         assert_eq!(l.status, Status::Fail);
     }
 }

@@ -109,7 +109,10 @@ pub(super) fn run(config: &Path) -> Report {
         (u, facts)
     });
     lines.push(decide::privileges(user));
-    lines.push(decide::sealing(cfg.daemon.seal_key_file.as_deref(), sealing));
+    lines.push(decide::sealing(
+        cfg.daemon.seal_key_file.as_deref(),
+        sealing,
+    ));
     Report { lines }
 }
 

@@ -275,10 +275,7 @@ impl Store {
     /// # Errors
     /// As [`Store::open`], plus [`StoreError::WrongSealKey`] and
     /// [`StoreError::SealKeyMissing`]. Nothing is written on error.
-    pub fn open_sealed(
-        cfg: &StoreConfig,
-        seal: Option<Arc<SealKey>>,
-    ) -> Result<Store, StoreError> {
+    pub fn open_sealed(cfg: &StoreConfig, seal: Option<Arc<SealKey>>) -> Result<Store, StoreError> {
         let path = sqlite_path(cfg)?;
         if !path.exists() {
             return Err(StoreError::Missing { path });
@@ -363,7 +360,9 @@ impl Store {
     fn adopt_seal(&mut self, seal: Option<Arc<SealKey>>) -> Result<(), StoreError> {
         let check: Option<String> = self
             .conn
-            .query_row("SELECT value FROM seal_check WHERE id = 1", [], |r| r.get(0))
+            .query_row("SELECT value FROM seal_check WHERE id = 1", [], |r| {
+                r.get(0)
+            })
             .optional()?;
         let Some(key) = seal else {
             if check.is_some() {
@@ -391,7 +390,9 @@ impl Store {
                 .conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)?;
             let recorded: Option<String> = tx
-                .query_row("SELECT value FROM seal_check WHERE id = 1", [], |r| r.get(0))
+                .query_row("SELECT value FROM seal_check WHERE id = 1", [], |r| {
+                    r.get(0)
+                })
                 .optional()?;
             match recorded {
                 // Another process sealed it in the meantime: it must be our key.
@@ -440,7 +441,6 @@ impl Store {
         self.seal = Some(key);
         Ok(())
     }
-
 
     /// Creates a new, empty store (file mode 0600, WAL mode).
     ///
@@ -771,7 +771,11 @@ impl Store {
         let key = check_key_unused(&tx, &new_key)?;
         tx.execute(
             "UPDATE peers SET public_key = ?1, preshared_key = ?2 WHERE id = ?3",
-            params![key, psk_text(seal.as_deref(), row.id, new_psk.as_ref()), row.id],
+            params![
+                key,
+                psk_text(seal.as_deref(), row.id, new_psk.as_ref()),
+                row.id
+            ],
         )?;
         tx.execute(
             "INSERT OR IGNORE INTO revoked_keys (public_key, peer_name, revoked_at, reason)
@@ -989,7 +993,11 @@ fn open_psk(
 ) -> Result<PresharedKey, StoreError> {
     let out = match (seal::is_sealed(&text), seal) {
         (true, Some((key, path))) => key
-            .open(&psk_ad(id), &text, &format!("preshared key of peer id {id}"))
+            .open(
+                &psk_ad(id),
+                &text,
+                &format!("preshared key of peer id {id}"),
+            )
             .map_err(|source| StoreError::Seal {
                 path: path.to_path_buf(),
                 source,
@@ -1000,8 +1008,9 @@ fn open_psk(
                     .map_err(|_| corrupt(id, "preshared key", "<redacted>"))
             }),
         (true, None) => Err(corrupt(id, "preshared key", "<sealed, and no seal key>")),
-        (false, _) => PresharedKey::from_base64(&text)
-            .map_err(|_| corrupt(id, "preshared key", "<redacted>")),
+        (false, _) => {
+            PresharedKey::from_base64(&text).map_err(|_| corrupt(id, "preshared key", "<redacted>"))
+        }
     };
     zeroize::Zeroize::zeroize(&mut text);
     out
@@ -1441,6 +1450,105 @@ mod tests {
         assert_eq!(v, MIGRATIONS.len() as i64);
         assert_eq!(s.peers().unwrap()[0].name.as_str(), "old");
         assert_eq!(s.audit_head().unwrap(), None);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    fn seal_key(b: u8) -> Option<Arc<SealKey>> {
+        Some(Arc::new(SealKey::from_bytes([b; crate::keys::KEY_LEN])))
+    }
+
+    fn raw_psks(s: &Store) -> Vec<Option<String>> {
+        let mut stmt = s
+            .conn
+            .prepare("SELECT preshared_key FROM peers ORDER BY id")
+            .unwrap();
+        let rows = stmt.query_map([], |r| r.get(0)).unwrap();
+        rows.map(Result::unwrap).collect()
+    }
+
+    /// With a key, PSKs are stored sealed and read back; rotation reseals.
+    #[test]
+    fn sealed_roundtrip() {
+        let (cfg, dir) = temp_store("sealed");
+        let mut s = Store::create_sealed(&cfg, seal_key(1)).unwrap();
+        let a = s.add_peer(&iface("'10.8.0.1/24'"), new_peer("a")).unwrap();
+        let b = s.add_peer(&iface("'10.8.0.1/24'"), new_peer("b")).unwrap();
+        for raw in raw_psks(&s) {
+            assert!(seal::is_sealed(&raw.unwrap()));
+        }
+        drop(s);
+        let mut s = Store::open_sealed(&cfg, seal_key(1)).unwrap();
+        let peers = s.peers().unwrap();
+        assert_eq!(peers[0].preshared_key, a.preshared_key);
+        assert_eq!(peers[1].preshared_key, b.preshared_key);
+        let psk = PresharedKey::generate();
+        let fresh = crate::keys::PrivateKey::generate().public_key();
+        let (p, _) = s.rotate_peer(&b.name, fresh, Some(psk.clone()), 5).unwrap();
+        assert_eq!(p.preshared_key, Some(psk.clone()));
+        assert_eq!(s.peers().unwrap()[1].preshared_key, Some(psk));
+        assert_eq!(
+            s.secret_counts().unwrap(),
+            SecretCounts {
+                sealed: 2,
+                clear: 0,
+                sealed_store: true
+            }
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// Another key, or none, is refused at open and writes nothing.
+    #[test]
+    fn wrong_or_missing_key_refused() {
+        let (cfg, dir) = temp_store("wrongkey");
+        let mut s = Store::create_sealed(&cfg, seal_key(1)).unwrap();
+        s.add_peer(&iface("'10.8.0.1/24'"), new_peer("a")).unwrap();
+        let before = raw_psks(&s);
+        drop(s);
+        let e = Store::open_sealed(&cfg, seal_key(2)).err().unwrap();
+        assert!(matches!(e, StoreError::WrongSealKey { .. }), "{e}");
+        assert!(e.to_string().contains("daemon.seal_key_file"), "{e}");
+        let e = Store::open(&cfg).err().unwrap();
+        assert!(matches!(e, StoreError::SealKeyMissing { .. }), "{e}");
+        let s = Store::open_sealed(&cfg, seal_key(1)).unwrap();
+        assert_eq!(raw_psks(&s), before);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// A clear store is sealed on its first keyed open; a sealed value copied
+    /// onto another row does not open there (the row id is associated data).
+    #[test]
+    fn clear_store_migrates_and_rows_are_bound() {
+        let (cfg, dir) = temp_store("migrate");
+        let mut s = Store::create(&cfg).unwrap();
+        let a = s.add_peer(&iface("'10.8.0.1/24'"), new_peer("a")).unwrap();
+        s.add_peer(&iface("'10.8.0.1/24'"), new_peer("b")).unwrap();
+        let mut nopsk = new_peer("c");
+        nopsk.preshared_key = None;
+        s.add_peer(&iface("'10.8.0.1/24'"), nopsk).unwrap();
+        assert_eq!(
+            raw_psks(&s)[0].as_deref(),
+            a.preshared_key
+                .as_ref()
+                .map(PresharedKey::to_base64)
+                .as_deref()
+        );
+        assert_eq!(Store::inspect_secrets(&cfg).unwrap().clear, 2);
+        drop(s);
+        let s = Store::open_sealed(&cfg, seal_key(3)).unwrap();
+        let raw = raw_psks(&s);
+        assert!(raw[0].as_deref().is_some_and(seal::is_sealed));
+        assert!(raw[1].as_deref().is_some_and(seal::is_sealed));
+        assert_eq!(raw[2], None);
+        assert_eq!(s.peers().unwrap()[0].preshared_key, a.preshared_key);
+        s.conn
+            .execute(
+                "UPDATE peers SET preshared_key = ?1 WHERE name = 'b'",
+                [raw[0].clone()],
+            )
+            .unwrap();
+        let e = s.peers().err().unwrap();
+        assert!(matches!(e, StoreError::Seal { .. }), "{e}");
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -477,7 +477,15 @@ impl Gateway {
     pub fn start_expect_failure(&mut self, parts: &[&str]) {
         assert!(self.child.is_none(), "gateway already started");
         let out = Command::new("timeout")
-            .args(["15", "ip", "netns", "exec", &self.ns, sitegate_bin(), "--config"])
+            .args([
+                "15",
+                "ip",
+                "netns",
+                "exec",
+                &self.ns,
+                sitegate_bin(),
+                "--config",
+            ])
             .arg(&self.config)
             .arg("run")
             .stdin(Stdio::null())

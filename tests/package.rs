@@ -342,7 +342,7 @@ fn deb_installs_into_a_throwaway_root_and_leaves_the_host_alone() {
             .args(["-W", "-f", "${Status} ${Version}", "sitegate"]),
     );
     assert_eq!(status, format!("install ok installed {VERSION}-1"));
-    let version = run_ok(&mut Command::new(root.join("usr/bin/sitegate")).arg("--version"));
+    let version = run_ok(Command::new(root.join("usr/bin/sitegate")).arg("--version"));
     assert_eq!(version.trim(), format!("sitegate {VERSION}"));
 
     let user = account(root, "etc/passwd", "sitegate");

@@ -40,6 +40,37 @@ pub fn completions(shell: Shell) -> Result<()> {
     super::write_stdout(&String::from_utf8_lossy(&text))
 }
 
+/// What sitegate(1) says beyond the clap tree: where things live.
+const MAN_ROOT_EXTRA: &str = r#".SH ENVIRONMENT
+.TP
+\fBSITEGATE_CONFIG\fR
+The config file when \fB\-\-config\fR is not given.
+.SH FILES
+.TP
+\fI/etc/sitegate/sitegate.toml\fR
+The config that \fBsitegate init\fR writes, beside the server key, the API token and the seal key (each mode 0600).
+.TP
+\fI/var/lib/sitegate/sitegate.db\fR
+The peer store (SQLite).
+.TP
+\fI/var/log/sitegate/audit.jsonl\fR
+The hash\-chained audit log, checked by \fBsitegate audit verify\fR.
+.TP
+\fI/run/sitegate/NAME.sock\fR
+The daemon's control socket (mode 0600), through which admin commands reach it.
+.TP
+\fI/run/wireguard/NAME.sock\fR
+The WireGuard userspace API socket that \fBwg show\fR reads.
+.TP
+\fI/usr/lib/systemd/system/sitegate.service\fR
+The hardened unit: \fBsystemctl enable \-\-now sitegate\fR once \fBsitegate init\fR has written the config.
+.SH SEE ALSO
+\fBwg\fR(8), \fBwg\-quick\fR(8), \fBsystemd.exec\fR(5)
+"#;
+
+/// What every subcommand's page adds.
+const MAN_SUB_EXTRA: &str = ".SH SEE ALSO\n\\fBsitegate\\fR(1)\n";
+
 /// `sitegate generate man [--out-dir DIR]`: `sitegate(1)` on stdout; with a
 /// directory, that page and one per visible subcommand (`sitegate-peer-add.1`,
 /// ...), which `sitegate(1)` refers to, each written file's path printed.
@@ -49,15 +80,12 @@ pub fn man(out_dir: Option<&Path>) -> Result<()> {
     let mut cmd = public_command().disable_help_subcommand(true);
     cmd.build();
     let Some(dir) = out_dir else {
-        let mut page = Vec::new();
-        clap_mangen::Man::new(cmd)
-            .render(&mut page)
-            .context("cannot render the man page")?;
-        return super::write_stdout(&String::from_utf8_lossy(&page));
+        let page = render_page(cmd, MAN_ROOT_EXTRA).context("cannot render the man page")?;
+        return super::write_stdout(&page);
     };
     fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let mut written = Vec::new();
-    write_pages(cmd, dir, &mut written)
+    write_pages(cmd, MAN_ROOT_EXTRA, dir, &mut written)
         .with_context(|| format!("cannot write man pages into {}", dir.display()))?;
     let list: String = written
         .iter()
@@ -66,12 +94,30 @@ pub fn man(out_dir: Option<&Path>) -> Result<()> {
     super::write_stdout(&list)
 }
 
+/// clap_mangen's page for `cmd` with `extra` (roff sections) before its
+/// VERSION section, or at the end.
+fn render_page(cmd: clap::Command, extra: &str) -> io::Result<String> {
+    let mut page = Vec::new();
+    clap_mangen::Man::new(cmd).render(&mut page)?;
+    let mut page = String::from_utf8(page).map_err(io::Error::other)?;
+    let at = page.find("\n.SH VERSION").map_or(page.len(), |i| i + 1);
+    page.insert_str(at, extra);
+    Ok(page)
+}
+
 /// One page for `cmd` and one for each visible subcommand, depth first.
-fn write_pages(cmd: clap::Command, dir: &Path, written: &mut Vec<PathBuf>) -> io::Result<()> {
+fn write_pages(
+    cmd: clap::Command,
+    extra: &str,
+    dir: &Path,
+    written: &mut Vec<PathBuf>,
+) -> io::Result<()> {
     for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
-        write_pages(sub.clone(), dir, written)?;
+        write_pages(sub.clone(), MAN_SUB_EXTRA, dir, written)?;
     }
-    written.push(clap_mangen::Man::new(cmd).generate_to(dir)?);
+    let path = dir.join(clap_mangen::Man::new(cmd.clone()).get_filename());
+    fs::write(&path, render_page(cmd, extra)?)?;
+    written.push(path);
     Ok(())
 }
 
@@ -125,5 +171,23 @@ mod tests {
                 assert!(text.contains(sub), "{shell} lacks {sub}");
             }
         }
+    }
+
+    /// sitegate(1) gains ENVIRONMENT, FILES and SEE ALSO before its VERSION;
+    /// a subcommand's page points back to sitegate(1).
+    #[test]
+    fn man_pages_gain_their_sections() {
+        let mut cmd = public_command().disable_help_subcommand(true);
+        cmd.build();
+        let root = render_page(cmd.clone(), MAN_ROOT_EXTRA).unwrap();
+        let at = |s: &str| root.find(s).unwrap_or_else(|| panic!("no {s}:\n{root}"));
+        assert!(at(".SH SUBCOMMANDS") < at(".SH FILES"));
+        assert!(at(".SH FILES") < at(".SH SEE ALSO"));
+        assert!(at(".SH SEE ALSO") < at(".SH VERSION"));
+        assert!(root.contains("/var/log/sitegate/audit.jsonl"));
+        let peer = cmd.find_subcommand("peer").unwrap().clone();
+        let page = render_page(peer, MAN_SUB_EXTRA).unwrap();
+        assert!(page.contains("\n.TH sitegate-peer 1 "), "{page}");
+        assert!(page.contains(".SH SEE ALSO\n\\fBsitegate\\fR(1)"), "{page}");
     }
 }

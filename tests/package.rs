@@ -94,7 +94,10 @@ fn build_deb() -> PathBuf {
         .expect("open cargo's build lock");
     // Either this test takes it, or a cargo around us already holds it.
     match lock.try_lock() {
-        Ok(()) | Err(fs::TryLockError::WouldBlock) => {}
+        Ok(()) => eprintln!("package: cargo's build lock held by this test while packaging"),
+        Err(fs::TryLockError::WouldBlock) => {
+            eprintln!("package: cargo's build lock held by cargo while packaging")
+        }
         Err(fs::TryLockError::Error(e)) => panic!("cannot lock cargo's build lock: {e}"),
     }
     let out = run(Command::new("timeout")

@@ -3,6 +3,7 @@
 //! file, flag or value at fault, printed by `main` as `error: ...`.
 
 pub(crate) mod admin;
+mod generate;
 mod listing;
 mod verify;
 
@@ -18,6 +19,7 @@ use clap::{Args, Parser, Subcommand};
 use ipnet::Ipv4Net;
 
 pub use admin::{peer_revoke, peer_rotate};
+pub use generate::{completions, man};
 pub(crate) use listing::peer_values;
 pub use listing::{peer_list, peer_show, status};
 pub use verify::audit_verify;
@@ -72,6 +74,25 @@ pub enum Command {
     Genkey,
     /// Read a private key on stdin, print its public key, like `wg pubkey`.
     Pubkey,
+    /// Files for packaging, generated from this binary's command tree.
+    #[command(subcommand, hide = true)]
+    Generate(GenerateCommand),
+}
+
+/// `sitegate generate`, hidden: what `scripts/build-deb.sh` ships beside the binary.
+#[derive(Debug, Subcommand)]
+pub enum GenerateCommand {
+    /// A shell completion script on stdout.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// The man page sitegate(1) on stdout; with --out-dir, it and one page per
+    /// subcommand written there.
+    Man {
+        #[arg(long, value_name = "DIR")]
+        out_dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use sitegate::cli::{self, AuditCommand, Cli, Command, PeerCommand};
+use sitegate::cli::{self, AuditCommand, Cli, Command, GenerateCommand, PeerCommand};
 
 fn main() -> ExitCode {
     let args = Cli::parse();
@@ -24,6 +24,8 @@ fn main() -> ExitCode {
         Command::Audit(AuditCommand::Verify { file }) => cli::audit_verify(config, file.as_deref()),
         Command::Genkey => cli::genkey(),
         Command::Pubkey => cli::pubkey(),
+        Command::Generate(GenerateCommand::Completions { shell }) => cli::completions(*shell),
+        Command::Generate(GenerateCommand::Man { out_dir }) => cli::man(out_dir.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

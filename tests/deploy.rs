@@ -1,16 +1,19 @@
 //! The files in `deploy/` against the real tools: the OpenSSH snippet loads into
 //! a full sshd_config (`sshd -t`) and confines exactly the users it matches
-//! (`sshd -T -C user=...`), and the logrotate config parses cleanly and
-//! rotates the audit log by copy and truncate. A deliberately broken copy of
-//! each is refused, so these checks can fail.
+//! (`sshd -T -C user=...`), the logrotate config parses cleanly and rotates the
+//! audit log by copy and truncate, and the systemd unit passes
+//! `systemd-analyze verify` with a syscall filter and capability bounding set
+//! that let the daemon's own privilege drop through. A deliberately broken copy
+//! of each is refused, so these checks can fail.
 //!
 //! Needs root (sshd reads its host key and insists on `/run/sshd`), `sshd`,
-//! `ssh-keygen` and `logrotate`; without them a test prints a skip note, except
-//! under `CI=true`, where it fails. No network namespace is needed.
+//! `ssh-keygen`, `logrotate` and `systemd-analyze`; without them a test prints a
+//! skip note, except under `CI=true`, where it fails. No network namespace is
+//! needed.
 
 mod common;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -22,6 +25,11 @@ use common::*;
 const SSHD_SNIPPET: &str = include_str!("../deploy/sshd-sftp.conf");
 /// The logrotate config as shipped.
 const LOGROTATE: &str = include_str!("../deploy/logrotate.sitegate");
+/// The systemd unit as shipped.
+const UNIT: &str = include_str!("../deploy/sitegate.service");
+/// logrotate works as the daemon's user; the tests run it as root, since the
+/// host need not have that user.
+const LOGROTATE_SU: &str = "su sitegate sitegate";
 /// The chroot base the snippet names; tests point it at their own directory.
 const SNIPPET_CHROOT: &str = "/srv/sftp/%u";
 /// The audit log path the logrotate config names.
@@ -233,6 +241,11 @@ fn logrotate_config_validates_and_rotates_a_copy() {
         LOGROTATE.contains(AUDIT_PATH),
         "deploy/logrotate.sitegate no longer names {AUDIT_PATH}; update this test"
     );
+    assert!(
+        LOGROTATE.contains(&format!("\n    {LOGROTATE_SU}\n")),
+        "deploy/logrotate.sitegate should rotate as the daemon's user (`{LOGROTATE_SU}`)"
+    );
+    let shipped = LOGROTATE.replace(LOGROTATE_SU, "su root root");
     let dir = TempDir::new(&format!("deploy-logrotate-{}", std::process::id()));
     let audit = dir.path.join("audit.jsonl");
     let line = "{\"ts\":1,\"seq\":1,\"event\":\"test\"}\n";
@@ -244,7 +257,7 @@ fn logrotate_config_validates_and_rotates_a_copy() {
         fs::set_permissions(&config, fs::Permissions::from_mode(0o644))
             .expect("chmod logrotate config");
     };
-    write_config(&LOGROTATE.replace(AUDIT_PATH, &audit.display().to_string()));
+    write_config(&shipped.replace(AUDIT_PATH, &audit.display().to_string()));
 
     let (ok, out) = logrotate(&dir.path, &["-d"], &config);
     assert!(ok, "logrotate -d failed:\n{out}");
@@ -271,7 +284,7 @@ fn logrotate_config_validates_and_rotates_a_copy() {
     );
 
     write_config(
-        &LOGROTATE
+        &shipped
             .replace(AUDIT_PATH, &audit.display().to_string())
             .replace("copytruncate", "copytrunacte"),
     );
@@ -280,5 +293,224 @@ fn logrotate_config_validates_and_rotates_a_copy() {
     assert!(
         errors.iter().any(|l| l.contains("copytrunacte")),
         "logrotate -d did not report the misspelt option:\n{out}"
+    );
+}
+
+/// What the daemon's startup needs before it drops to `[daemon] user`, and no
+/// more: TUN/routes/nftables, low ports, the uid/gid switch, handing files over.
+const BOUNDING_SET: [&str; 7] = [
+    "CAP_NET_ADMIN",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SETUID",
+    "CAP_SETGID",
+    "CAP_CHOWN",
+    "CAP_FOWNER",
+    "CAP_DAC_OVERRIDE",
+];
+
+/// The values of every `KEY=` line of the unit, in order.
+fn unit_values<'a>(unit: &'a str, key: &str) -> Vec<&'a str> {
+    unit.lines()
+        .filter_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+        .collect()
+}
+
+/// The system calls one `SystemCallFilter=` entry names: a call, or a
+/// `@group` expanded (recursively) by `systemd-analyze syscall-filter`.
+fn syscalls(entry: &str, cache: &mut HashMap<String, BTreeSet<String>>) -> BTreeSet<String> {
+    if !entry.starts_with('@') {
+        return BTreeSet::from([entry.to_string()]);
+    }
+    if let Some(known) = cache.get(entry) {
+        return known.clone();
+    }
+    let text = run_ok(Command::new("systemd-analyze").args(["syscall-filter", entry]));
+    let mut set = BTreeSet::new();
+    // The group's name, then its members indented; `#` lines are comments.
+    for member in text.lines().filter(|l| l.starts_with(' ')).map(str::trim) {
+        if !member.is_empty() && !member.starts_with('#') {
+            set.extend(syscalls(member, cache));
+        }
+    }
+    assert!(!set.is_empty(), "systemd-analyze knows no group {entry}");
+    cache.insert(entry.to_string(), set.clone());
+    set
+}
+
+/// The calls the unit's `SystemCallFilter=` lines allow, applied in order as
+/// systemd does: the first (not `~`) starts an allow list from `@default`,
+/// later plain entries add, `~` entries remove.
+fn allowed_syscalls(unit: &str) -> BTreeSet<String> {
+    let lines = unit_values(unit, "SystemCallFilter");
+    assert!(
+        lines.first().is_some_and(|l| !l.starts_with('~')),
+        "the unit's syscall filter should be an allow list: {lines:?}"
+    );
+    let mut cache = HashMap::new();
+    let mut allowed = syscalls("@default", &mut cache);
+    for line in lines {
+        let (deny, entries) = match line.strip_prefix('~') {
+            Some(rest) => (true, rest),
+            None => (false, line),
+        };
+        for entry in entries.split_whitespace() {
+            let calls = syscalls(entry, &mut cache);
+            if deny {
+                allowed.retain(|c| !calls.contains(c));
+            } else {
+                allowed.extend(calls);
+            }
+        }
+    }
+    allowed
+}
+
+/// `systemd-analyze verify --man=no` on `unit` (written under `dir`); returns
+/// (exit 0, everything it printed). A clean unit prints nothing.
+fn verify_unit(dir: &Path, unit: &str) -> (bool, String) {
+    let path = dir.join("sitegate.service");
+    fs::write(&path, unit).expect("write unit");
+    let out = run(Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(&path));
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// The unit starts `/usr/bin/sitegate ... run` as root (no `User=`, no ambient
+/// capabilities) with exactly the bounding set the privilege drop needs; its
+/// syscall filter, applied as systemd applies it, keeps set*id, setgroups,
+/// capset, chown and prctl but not the rest of `@privileged` nor `@resources`;
+/// it writes only the state, log and socket directories; it leaves directory
+/// ownership to tmpfiles.d (no StateDirectory=/LogsDirectory=, which would hand
+/// the store back to root); `systemd-analyze verify` prints nothing for it
+/// (pointed at the built binary), and its offline exposure stays at 4.0 or
+/// below. A copy with a misspelt key is reported.
+#[test]
+fn systemd_unit_verifies_and_lets_the_privilege_drop_through() {
+    if !tools_ready("systemd_unit", &["systemd-analyze"]) {
+        return;
+    }
+    assert_eq!(
+        unit_values(UNIT, "ExecStart"),
+        ["/usr/bin/sitegate --config /etc/sitegate/sitegate.toml run"]
+    );
+    for absent in ["User", "Group", "DynamicUser", "AmbientCapabilities"] {
+        assert!(
+            unit_values(UNIT, absent).is_empty(),
+            "{absent}= in the unit: the daemon starts as root and drops privileges itself"
+        );
+    }
+    for absent in ["StateDirectory", "LogsDirectory"] {
+        assert!(
+            unit_values(UNIT, absent).is_empty(),
+            "{absent}= without User= chowns the directory to root at every start"
+        );
+    }
+    assert_eq!(unit_values(UNIT, "NoNewPrivileges"), ["yes"]);
+    assert_eq!(unit_values(UNIT, "ProtectSystem"), ["strict"]);
+    let bounding: BTreeSet<&str> = unit_values(UNIT, "CapabilityBoundingSet")
+        .iter()
+        .flat_map(|l| l.split_whitespace())
+        .collect();
+    assert_eq!(bounding, BTreeSet::from(BOUNDING_SET));
+    let writable: BTreeSet<&str> = unit_values(UNIT, "ReadWritePaths")
+        .iter()
+        .flat_map(|l| l.split_whitespace())
+        .map(|p| p.trim_start_matches('-'))
+        .collect();
+    assert_eq!(
+        writable,
+        BTreeSet::from([
+            "/var/lib/sitegate",
+            "/var/log/sitegate",
+            "/run/sitegate",
+            "/run/wireguard"
+        ])
+    );
+
+    let allowed = allowed_syscalls(UNIT);
+    for needed in [
+        "setresuid",
+        "setresgid",
+        "setgroups",
+        "capset",
+        "capget",
+        "prctl",
+        "fchown",
+        "chown",
+        "fchownat",
+        "clone",
+        "execve",
+        "ioctl",
+        "socket",
+        "bind",
+        "sendmmsg",
+        "recvmmsg",
+        "epoll_wait",
+    ] {
+        assert!(
+            allowed.contains(needed),
+            "the unit's syscall filter denies {needed}"
+        );
+    }
+    let mut cache = HashMap::new();
+    let mut kept = syscalls("@setuid", &mut cache);
+    kept.extend(syscalls("@chown", &mut cache));
+    kept.insert("capset".to_string());
+    for call in syscalls("@privileged", &mut cache).difference(&kept) {
+        assert!(
+            !allowed.contains(call),
+            "the unit's syscall filter allows {call}"
+        );
+    }
+    for call in syscalls("@resources", &mut cache)
+        .iter()
+        .chain(&syscalls("@mount", &mut cache))
+    {
+        assert!(
+            !allowed.contains(call),
+            "the unit's syscall filter allows {call}"
+        );
+    }
+
+    let dir = TempDir::new(&format!("deploy-unit-{}", std::process::id()));
+    // verify insists that ExecStart's binary exists: point it at the built one.
+    let unit = UNIT.replace(
+        "ExecStart=/usr/bin/sitegate ",
+        &format!("ExecStart={} ", sitegate_bin()),
+    );
+    let (ok, out) = verify_unit(&dir.path, &unit);
+    assert!(
+        ok && out.trim().is_empty(),
+        "systemd-analyze verify:\n{out}"
+    );
+    let out = run(Command::new("systemd-analyze")
+        .args(["security", "--offline=true", "--threshold=40"])
+        .arg(dir.path.join("sitegate.service")));
+    assert!(
+        out.status.success(),
+        "exposure above 4.0:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    let (_, out) = verify_unit(
+        &dir.path,
+        &unit.replace("NoNewPrivileges=", "NoNewPrivilege="),
+    );
+    assert!(
+        out.contains("NoNewPrivilege"),
+        "a misspelt key went unreported:\n{out}"
+    );
+    let (_, out) = verify_unit(&dir.path, &unit.replace("@setuid", "@setuids"));
+    assert!(
+        out.contains("@setuids"),
+        "an unknown syscall group went unreported:\n{out}"
     );
 }

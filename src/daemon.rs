@@ -542,7 +542,8 @@ fn handle_request(
     }
 }
 
-/// Logs an admin action relayed by a CLI command (already audited by it).
+/// Logs an admin action relayed by a CLI command (already audited by it);
+/// its `actor` was set from the connection's peer credentials.
 fn log_admin_event(e: &AdminEvent) {
     let field = |k: &str| e.fields.get(k).map(String::as_str);
     tracing::info!(
@@ -552,6 +553,7 @@ fn log_admin_event(e: &AdminEvent) {
         public_key = field("public_key"),
         old_public_key = field("old_public_key"),
         reason = field("reason"),
+        sudo_user = field("sudo_user"),
         origin = "control",
     );
 }

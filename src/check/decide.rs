@@ -684,8 +684,8 @@ pub enum UserFacts {
 }
 
 /// The privilege drop: no `[daemon] user` is a WARN (the daemon runs as root);
-/// a user that does not exist is a FAIL (SPEC, "Fail closed"). A valid user is
-/// still a WARN while the drop is not built (the FAIL is `unenforced-keys`').
+/// a user that does not exist is a FAIL (SPEC, "Fail closed": `run` refuses
+/// it too); an existing user PASSes (the daemon drops to it at start).
 pub fn privileges(user: Option<(&str, UserFacts)>) -> Line {
     const CHECK: &str = "privileges";
     match user {
@@ -697,9 +697,12 @@ pub fn privileges(user: Option<(&str, UserFacts)>) -> Line {
             CHECK,
             format!("daemon.user = \"{u}\": cannot look the user up: {e}"),
         ),
-        Some((u, UserFacts::Exists)) => Line::warn(
+        Some((u, UserFacts::Exists)) => Line::pass(
             CHECK,
-            format!("daemon.user = \"{u}\" is not acted on yet: the daemon runs as root"),
+            format!(
+                "daemon.user = \"{u}\": the daemon drops to it after start, keeping only {}",
+                crate::privilege::kept_names()
+            ),
         ),
     }
 }
@@ -1191,14 +1194,15 @@ mod tests {
         assert_eq!(statuses(&unenforced_keys(&c.path, &[])), [Status::Pass]);
     }
 
-    /// Optional protections left off warn; a user that does not exist fails.
+    /// Optional protections left off warn; a user that does not exist fails;
+    /// an existing user passes.
     #[test]
     fn optional_protections() {
         let l = privileges(None);
         assert!(l.status == Status::Warn && l.detail.contains("runs as root"));
         assert_eq!(
             privileges(Some(("sitegate", UserFacts::Exists))).status,
-            Status::Warn
+            Status::Pass
         );
         let l = privileges(Some(("nobody-here", UserFacts::NoSuchUser)));
         assert!(l.status == Status::Fail && l.detail.contains("no such user"));

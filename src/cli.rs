@@ -425,14 +425,8 @@ fn hand_state_dirs(paths: &InitPaths, user: &crate::privilege::Target) -> Result
             let meta = fs::metadata(parent)
                 .with_context(|| format!("cannot read {}", parent.display()))?;
             let mode = meta.mode() & 0o7777;
-            let passes = crate::privilege::permits(
-                mode,
-                meta.uid(),
-                meta.gid(),
-                user.uid,
-                user.gid,
-                0o1,
-            );
+            let passes =
+                crate::privilege::permits(mode, meta.uid(), meta.gid(), user.uid, user.gid, 0o1);
             if !passes {
                 fs::set_permissions(parent, fs::Permissions::from_mode(mode | 0o011))
                     .with_context(|| format!("cannot chmod {}", parent.display()))?;

@@ -160,12 +160,18 @@ fn state_dirs(cfg: &Config) -> Vec<(PathBuf, &'static str)> {
     let mut dirs = Vec::new();
     if let StoreConfig::Sqlite { path } = &cfg.store {
         if let Some(d) = path.parent() {
-            dirs.push((d.to_path_buf(), "SQLite creates the store's -wal and -shm files there"));
+            dirs.push((
+                d.to_path_buf(),
+                "SQLite creates the store's -wal and -shm files there",
+            ));
         }
     }
     if let Some(path) = &cfg.log.audit_file {
         if let Some(d) = path.parent() {
-            dirs.push((d.to_path_buf(), "the audit log is appended and rotated there"));
+            dirs.push((
+                d.to_path_buf(),
+                "the audit log is appended and rotated there",
+            ));
         }
     }
     dirs
@@ -186,7 +192,10 @@ fn state_files(cfg: &Config) -> Vec<PathBuf> {
         files.push(crate::audit::writer::lock_path(path));
         files.extend(crate::audit::writer::chain_files(path));
     }
-    files.into_iter().filter(|p| p.symlink_metadata().is_ok()).collect()
+    files
+        .into_iter()
+        .filter(|p| p.symlink_metadata().is_ok())
+        .collect()
 }
 
 /// Checks, as root, that `target` can reach and write the state directories.
@@ -205,7 +214,14 @@ pub fn check_state_dirs(cfg: &Config, target: &Target) -> Result<(), PrivilegeEr
                 why
             },
         })?;
-        if !permits(meta.mode(), meta.uid(), meta.gid(), target.uid, target.gid, 0o3) {
+        if !permits(
+            meta.mode(),
+            meta.uid(),
+            meta.gid(),
+            target.uid,
+            target.gid,
+            0o3,
+        ) {
             return Err(PrivilegeError::DirNotWritable {
                 user: target.name.clone(),
                 dir: dir.display().to_string(),
@@ -298,7 +314,8 @@ fn kept_set() -> CapsHashSet {
 fn shrink_bounding(keep: &CapsHashSet) -> Result<(), PrivilegeError> {
     for c in caps::all() {
         if !keep.contains(&c) && caps::has_cap(None, CapSet::Bounding, c).unwrap_or(false) {
-            caps::drop(None, CapSet::Bounding, c).map_err(|e| step("bounding set")(e.to_string()))?;
+            caps::drop(None, CapSet::Bounding, c)
+                .map_err(|e| step("bounding set")(e.to_string()))?;
         }
     }
     Ok(())
@@ -463,9 +480,7 @@ impl Cleanup {
     /// Asks the helper to remove the socket files now and waits (briefly) for
     /// it, so that they are gone before the daemon exits.
     pub fn remove_now(&mut self) {
-        let _ = self
-            .stream
-            .set_read_timeout(Some(Duration::from_secs(2)));
+        let _ = self.stream.set_read_timeout(Some(Duration::from_secs(2)));
         let mut ack = [0u8; 1];
         if self.stream.write_all(&[REMOVE]).is_ok() {
             let _ = self.stream.read_exact(&mut ack);
@@ -476,7 +491,12 @@ impl Cleanup {
 /// The helper's whole life; returns its exit code.
 fn helper_main(mut stream: UnixStream, created: &[Created]) -> i32 {
     use nix::sys::signal::{signal, SigHandler, Signal};
-    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGPIPE] {
+    for s in [
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+        Signal::SIGPIPE,
+    ] {
         // SAFETY: SIG_IGN installs no handler code; single-threaded child.
         let _ = unsafe { signal(s, SigHandler::SigIgn) };
     }
@@ -582,7 +602,12 @@ mod tests {
     /// A user that does not exist is refused naming `daemon.user`.
     #[test]
     fn unknown_user_named() {
-        let e = Target::resolve("sg-no-such-user-x").unwrap_err().to_string();
-        assert!(e.contains("daemon.user") && e.contains("no such user"), "{e}");
+        let e = Target::resolve("sg-no-such-user-x")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("daemon.user") && e.contains("no such user"),
+            "{e}"
+        );
     }
 }

@@ -99,7 +99,8 @@ fn processes_of(config: &Path) -> Vec<i32> {
 fn control_request(ifname: &str, line: &str) -> String {
     let path = format!("/run/sitegate/{ifname}.sock");
     let mut s = std::os::unix::net::UnixStream::connect(&path).expect("connect control socket");
-    s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
     s.write_all(format!("{line}\n").as_bytes()).expect("send");
     let mut reply = String::new();
     BufReader::new(s).read_line(&mut reply).expect("reply");
@@ -205,9 +206,11 @@ fn dropped_daemon_keeps_net_admin_only_and_still_works() {
 
     // SAFETY: kill(2) on the daemon this test started, still running.
     unsafe { libc::kill(pid, libc::SIGHUP) };
-    gw.wait_event("config_reloaded trigger=sighup", Duration::from_secs(3), |e| {
-        field_str(e, "event") == "config_reloaded" && field_str(e, "trigger") == "sighup"
-    });
+    gw.wait_event(
+        "config_reloaded trigger=sighup",
+        Duration::from_secs(3),
+        |e| field_str(e, "event") == "config_reloaded" && field_str(e, "trigger") == "sighup",
+    );
 
     let state = gw.dir.path.join("state");
     let audit = state.join("audit.jsonl");
@@ -229,7 +232,11 @@ fn dropped_daemon_keeps_net_admin_only_and_still_works() {
     let status = gw
         .signal_and_wait(libc::SIGTERM, Duration::from_secs(10))
         .unwrap_or_else(|| panic!("no exit within 10 s of SIGTERM; log:\n{}", gw.log_tail(40)));
-    assert!(status.success(), "SIGTERM: {status}; log:\n{}", gw.log_tail(40));
+    assert!(
+        status.success(),
+        "SIGTERM: {status}; log:\n{}",
+        gw.log_tail(40)
+    );
     assert!(
         gw.log_text().contains("\"firewall_removed\""),
         "no firewall_removed event; log:\n{}",
@@ -247,7 +254,8 @@ fn dropped_daemon_keeps_net_admin_only_and_still_works() {
         assert!(!Path::new(&sock).exists(), "{sock} left after SIGTERM");
     }
     assert!(
-        poll_until(Duration::from_secs(3), || processes_of(&gw.config).is_empty()),
+        poll_until(Duration::from_secs(3), || processes_of(&gw.config)
+            .is_empty()),
         "the cleanup helper outlived the daemon: {:?}",
         processes_of(&gw.config)
     );
@@ -281,7 +289,10 @@ fn unknown_user_refused_by_run_and_check() {
         stderr.contains("daemon.user") && stderr.contains("sg-no-such-user"),
         "{stderr}"
     );
-    assert!(!link_exists(&gw.ns, &gw.ifname), "TUN created before the refusal");
+    assert!(
+        !link_exists(&gw.ns, &gw.ifname),
+        "TUN created before the refusal"
+    );
     assert!(
         !Path::new(&format!("/run/sitegate/{}.sock", gw.ifname)).exists(),
         "control socket left"
@@ -308,6 +319,9 @@ fn status_parser() {
     assert_eq!(c.uid, [65534; 4]);
     assert_eq!(c.gid, [1, 2, 3, 4]);
     assert_eq!(c.groups, [65534]);
-    assert_eq!((c.cap_prm, c.cap_eff, c.cap_inh, c.cap_amb), (0x1000, 0x1000, 0, 0));
+    assert_eq!(
+        (c.cap_prm, c.cap_eff, c.cap_inh, c.cap_amb),
+        (0x1000, 0x1000, 0, 0)
+    );
     assert_eq!(c.no_new_privs, 1);
 }

@@ -679,6 +679,8 @@ pub fn unenforced_keys(config: &Path, keys: &[Unenforced]) -> Vec<Line> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UserFacts {
     Exists,
+    /// It exists and is uid 0: the daemon keeps root's uid, sheds only capabilities.
+    Root,
     NoSuchUser,
     LookupFailed(String),
 }
@@ -696,6 +698,12 @@ pub fn privileges(user: Option<(&str, UserFacts)>) -> Line {
         Some((u, UserFacts::LookupFailed(e))) => Line::fail(
             CHECK,
             format!("daemon.user = \"{u}\": cannot look the user up: {e}"),
+        ),
+        Some((u, UserFacts::Root)) => Line::warn(
+            CHECK,
+            format!(
+                "daemon.user = \"{u}\" is uid 0: the daemon sheds capabilities but runs as root"
+            ),
         ),
         Some((u, UserFacts::Exists)) => Line::pass(
             CHECK,
@@ -1203,6 +1211,10 @@ mod tests {
         assert_eq!(
             privileges(Some(("sitegate", UserFacts::Exists))).status,
             Status::Pass
+        );
+        assert_eq!(
+            privileges(Some(("root", UserFacts::Root))).status,
+            Status::Warn
         );
         let l = privileges(Some(("nobody-here", UserFacts::NoSuchUser)));
         assert!(l.status == Status::Fail && l.detail.contains("no such user"));

@@ -27,7 +27,15 @@ const NFPROTO_INET: u8 = 1;
 const DELETE_SEQ: u32 = 2;
 
 /// One netlink message: header, nfgenmsg, attributes (already padded).
-fn message(out: &mut Vec<u8>, kind: u16, flags: u16, seq: u32, family: u8, res_id: u16, attrs: &[u8]) {
+fn message(
+    out: &mut Vec<u8>,
+    kind: u16,
+    flags: u16,
+    seq: u32,
+    family: u8,
+    res_id: u16,
+    attrs: &[u8],
+) {
     let len = (NLMSG_HDRLEN + NFGENMSG_LEN + attrs.len()) as u32;
     out.extend_from_slice(&len.to_ne_bytes());
     out.extend_from_slice(&kind.to_ne_bytes());
@@ -54,7 +62,15 @@ pub fn deltable_batch(table: &str) -> Vec<u8> {
     }
     let mut out = Vec::new();
     let subsys = NFNL_SUBSYS_NFTABLES;
-    message(&mut out, NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, 1, 0, subsys, &[]);
+    message(
+        &mut out,
+        NFNL_MSG_BATCH_BEGIN,
+        NLM_F_REQUEST,
+        1,
+        0,
+        subsys,
+        &[],
+    );
     message(
         &mut out,
         (subsys << 8) | NFT_MSG_DELTABLE,
@@ -64,7 +80,15 @@ pub fn deltable_batch(table: &str) -> Vec<u8> {
         0,
         &attr,
     );
-    message(&mut out, NFNL_MSG_BATCH_END, NLM_F_REQUEST, 3, 0, subsys, &[]);
+    message(
+        &mut out,
+        NFNL_MSG_BATCH_END,
+        NLM_F_REQUEST,
+        3,
+        0,
+        subsys,
+        &[],
+    );
     out
 }
 
@@ -148,7 +172,7 @@ mod tests {
     #[test]
     fn ack_parsing() {
         let mut reply = Vec::new();
-        let mut ack = |errno: i32, seq: u32| {
+        let ack = |errno: i32, seq: u32| {
             let mut m = Vec::new();
             m.extend_from_slice(&36u32.to_ne_bytes());
             m.extend_from_slice(&NLMSG_ERROR.to_ne_bytes());

@@ -264,7 +264,9 @@ fn dropped_daemon_keeps_net_admin_only_and_still_works() {
 }
 
 /// A `[daemon] user` that does not exist: `run` exits 1 naming `daemon.user`
-/// before creating anything, and `check` fails naming it.
+/// before creating anything, and `check` fails naming it. An existing user
+/// whose state directory it cannot write: `run` exits 1 naming the directory
+/// and the fix.
 #[test]
 fn unknown_user_refused_by_run_and_check() {
     if !rig_ready("privilege_unknown_user") {
@@ -305,6 +307,28 @@ fn unknown_user_refused_by_run_and_check() {
             .lines()
             .any(|l| l.contains("privileges") && l.contains("daemon.user")),
         "{report}"
+    );
+
+    // `init` without --user left the store in the root-only config directory.
+    gw.edit_config("user = \"sg-no-such-user\"", &format!("user = \"{USER}\""));
+    let out = run(Command::new("ip")
+        .args(["netns", "exec", &gw.ns])
+        .arg(sitegate_bin())
+        .arg("--config")
+        .arg(&gw.config)
+        .arg("run"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "run: {stderr}");
+    let dir = gw.dir.path.display().to_string();
+    assert!(
+        stderr.contains("daemon.user")
+            && stderr.contains(&format!("chown {USER} {dir}"))
+            && stderr.contains("writable"),
+        "{stderr}"
+    );
+    assert!(
+        !link_exists(&gw.ns, &gw.ifname),
+        "TUN created before the refusal"
     );
 }
 

@@ -116,6 +116,11 @@ pub struct InitArgs {
     /// Overwrite an existing config, key and store (all issued peers are lost).
     #[arg(long)]
     pub force: bool,
+    /// The user the daemon drops to after start (`[daemon] user`); it must
+    /// exist. The store and audit log go to directories it owns. Default:
+    /// `sitegate` when that user exists.
+    #[arg(long, value_name = "NAME")]
+    pub user: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -285,8 +290,11 @@ struct InitPaths {
 }
 
 impl InitPaths {
-    /// FHS paths for the default config path; otherwise everything beside the config.
-    fn new(config: &Path) -> Result<Self> {
+    /// FHS paths for the default config path; otherwise everything beside the
+    /// config, with the store and audit log in `state/` when the daemon drops
+    /// to a user (that directory is the user's; the config's, with the
+    /// root-owned keys, is not).
+    fn new(config: &Path, user: bool) -> Result<Self> {
         if config == Path::new(DEFAULT_CONFIG_PATH) {
             return Ok(Self {
                 config: config.to_path_buf(),
@@ -300,11 +308,12 @@ impl InitPaths {
         let config = std::path::absolute(config)
             .with_context(|| format!("cannot resolve --config {}", config.display()))?;
         let dir = config.parent().unwrap_or(Path::new("/")).to_path_buf();
+        let state = if user { dir.join("state") } else { dir.clone() };
         Ok(Self {
             config,
             key: dir.join("server.key"),
-            db: dir.join("sitegate.db"),
-            audit: dir.join("audit.jsonl"),
+            db: state.join("sitegate.db"),
+            audit: state.join("audit.jsonl"),
             token: dir.join("api.token"),
             seal: dir.join("seal.key"),
         })
@@ -322,10 +331,10 @@ pub fn init(config: &Path, a: &InitArgs) -> Result<()> {
         bail!("--listen-port 0 is not a port from 1 to 65535");
     }
     let gateway = gateway_from_subnet(&a.subnet)?;
-    let paths = InitPaths::new(config)?;
+    let user = init_user(a.user.as_deref())?;
+    let paths = InitPaths::new(config, user.is_some())?;
     let egress = a.egress.clone().or_else(default_route_interface);
-    let user_exists = matches!(nix::unistd::User::from_name("sitegate"), Ok(Some(_)));
-    let text = render_init_config(a, gateway, &paths, egress.as_deref(), user_exists);
+    let text = render_init_config(a, gateway, &paths, egress.as_deref(), user.as_ref());
     // What we write must load; a failure here is a bug, not a user error.
     Config::parse(&paths.config, &text)
         .context("internal error: the generated config does not validate")?;
@@ -389,12 +398,25 @@ pub fn init(config: &Path, a: &InitArgs) -> Result<()> {
             }
         }
     }
+    if let Some(u) = &user {
+        hand_state_dirs(&paths, u)?;
+    }
     // Unsealed until first opened with the seal key (by the first admin command
     // or the daemon, before any peer exists), so that a config edited to drop
     // `[daemon]` before first use still opens it.
     Store::create(&StoreConfig::Sqlite {
         path: paths.db.clone(),
     })?;
+    if let Some(u) = &user {
+        for suffix in ["", "-wal", "-shm"] {
+            let mut p = paths.db.clone().into_os_string();
+            p.push(suffix);
+            let p = PathBuf::from(p);
+            if p.exists() {
+                crate::privilege::chown_state_file(&p, u)?;
+            }
+        }
+    }
     write_new_file(&paths.config, &text, 0o640, a.force)?;
     write_stdout(&format!(
         "wrote {}\nserver key {} (public key {})\npeer store {}\n",
@@ -403,6 +425,55 @@ pub fn init(config: &Path, a: &InitArgs) -> Result<()> {
         server_key.public_key(),
         paths.db.display()
     ))
+}
+
+/// The daemon's user: `--user NAME`, which must exist, or `sitegate` when
+/// that user exists; none otherwise (the config gets a commented line).
+fn init_user(name: Option<&str>) -> Result<Option<crate::privilege::Target>> {
+    match name {
+        Some(n) => match crate::privilege::Target::resolve(n) {
+            Ok(t) => Ok(Some(t)),
+            Err(crate::privilege::PrivilegeError::NoSuchUser(_)) => bail!(
+                "--user {n}: no such user; create it first (`useradd --system --no-create-home {n}`)"
+            ),
+            Err(e) => Err(anyhow!("--user {n}: {e}")),
+        },
+        None => Ok(crate::privilege::Target::resolve("sitegate").ok()),
+    }
+}
+
+/// Gives the store's and the audit log's directories to the daemon's user
+/// (mode 0700), and lets it through the config's directory (search only,
+/// `o+x`) when those lie beneath it: the daemon writes there after its drop.
+fn hand_state_dirs(paths: &InitPaths, user: &crate::privilege::Target) -> Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let (uid, gid) = (
+        nix::unistd::Uid::from_raw(user.uid),
+        nix::unistd::Gid::from_raw(user.gid),
+    );
+    let mut dirs: Vec<&Path> = [&paths.db, &paths.audit]
+        .iter()
+        .filter_map(|p| p.parent())
+        .collect();
+    dirs.dedup();
+    for dir in dirs {
+        nix::unistd::chown(dir, Some(uid), Some(gid))
+            .with_context(|| format!("cannot give {} to user {}", dir.display(), user.name))?;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("cannot chmod {}", dir.display()))?;
+        if let Some(parent) = dir.parent().filter(|p| paths.config.starts_with(p)) {
+            let meta = fs::metadata(parent)
+                .with_context(|| format!("cannot read {}", parent.display()))?;
+            let mode = meta.mode() & 0o7777;
+            let passes =
+                crate::privilege::permits(mode, meta.uid(), meta.gid(), user.uid, user.gid, 0o1);
+            if !passes {
+                fs::set_permissions(parent, fs::Permissions::from_mode(mode | 0o011))
+                    .with_context(|| format!("cannot chmod {}", parent.display()))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `--subnet`: a network (gateway = first host) or a host address with prefix.
@@ -457,7 +528,7 @@ fn render_init_config(
     gw: Ipv4Net,
     p: &InitPaths,
     egress: Option<&str>,
-    user_exists: bool,
+    user: Option<&crate::privilege::Target>,
 ) -> String {
     let g = gw.addr();
     let egress_lines = match egress {
@@ -469,8 +540,11 @@ fn render_init_config(
                  allow_internet = false            # then make this true (full tunnel to the internet, NAT'ed)"
             .to_string(),
     };
-    let user_line = if user_exists {
-        "user = \"sitegate\"".to_string()
+    let user_line = if let Some(u) = user {
+        format!(
+            "user = {}                 # after setup the daemon drops to this user, keeping only CAP_NET_ADMIN",
+            q(&u.name)
+        )
     } else {
         "# user = \"sitegate\"            # no such user yet: `useradd --system sitegate`, then uncomment".to_string()
     };
@@ -777,15 +851,21 @@ mod tests {
             listen_port: 51820,
             egress: None,
             force: false,
+            user: None,
         };
-        let p = InitPaths::new(Path::new(DEFAULT_CONFIG_PATH)).unwrap();
+        let p = InitPaths::new(Path::new(DEFAULT_CONFIG_PATH), false).unwrap();
+        let nobody = crate::privilege::Target {
+            name: "nobody".into(),
+            uid: 65534,
+            gid: 65534,
+        };
         for (egress, user) in [(None, false), (Some("eth0"), true)] {
             let text = render_init_config(
                 &a,
                 gateway_from_subnet(&a.subnet).unwrap(),
                 &p,
                 egress,
-                user,
+                user.then_some(&nobody),
             );
             let c = Config::parse(&p.config, &text).unwrap();
             assert!(
@@ -798,6 +878,11 @@ mod tests {
             assert_eq!(c.egress.interface.as_deref(), egress);
             assert_eq!(c.daemon.user.is_some(), user);
         }
+        // Beside a custom config, a user's state goes to `state/`.
+        let custom = InitPaths::new(Path::new("/srv/sg/sitegate.toml"), true).unwrap();
+        assert_eq!(custom.db, Path::new("/srv/sg/state/sitegate.db"));
+        assert_eq!(custom.audit, Path::new("/srv/sg/state/audit.jsonl"));
+        assert_eq!(custom.key, Path::new("/srv/sg/server.key"));
     }
 
     /// The clap tree is consistent (no conflicting names or defaults).

@@ -18,6 +18,7 @@ use crate::dataplane::timers::{self, Timers};
 use crate::dataplane::{rx, tx, udp::Udp, Device, Hooks, Shared};
 use crate::events::{CloseReason, Throttle};
 use crate::keys::PrivateKey;
+use crate::privilege::{self, Plan, Target};
 use crate::registry::Store;
 
 fn unix_now() -> i64 {
@@ -154,13 +155,23 @@ fn close_removed(removed: Vec<Removed>) {
 
 /// The daemon's socket files, removed when dropped: at the end of `run`, and
 /// also when a later start step fails (a refused `[api]` section, say), so
-/// that no stale socket is left for `wg show` and the CLI to find.
-struct SocketFiles(Vec<std::path::PathBuf>);
+/// that no stale socket is left for `wg show` and the CLI to find. After a
+/// privilege drop the daemon cannot unlink in the root-owned socket
+/// directories: the cleanup helper forked before the drop does it.
+struct SocketFiles {
+    paths: Vec<std::path::PathBuf>,
+    helper: Option<privilege::Cleanup>,
+}
 
 impl Drop for SocketFiles {
     fn drop(&mut self) {
-        for path in &self.0 {
-            let _ = std::fs::remove_file(path);
+        match &mut self.helper {
+            Some(helper) => helper.remove_now(),
+            None => {
+                for path in &self.paths {
+                    let _ = std::fs::remove_file(path);
+                }
+            }
         }
     }
 }
@@ -182,12 +193,29 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         Ok(v) => Hooks::parse(&v).map_err(anyhow::Error::msg)?,
         Err(_) => Hooks::default(),
     };
-    let key = PrivateKey::from_file(&iface.private_key_file)?;
-    // Read once, before privileges go; an unreadable key stops the start.
-    let seal = crate::registry::store::seal_key(&cfg)?;
-    // Opened once here so that a missing, too-new or wrongly sealed store stops
-    // the start (and clear secrets left from before sealing get sealed).
-    drop(Store::open_sealed(&cfg.store, seal.clone())?);
+    // `[daemon] user`, looked up before anything is created so that an
+    // unknown user stops the start; its state files are handed over before
+    // the first store open (SQLite, as root, gives new -wal/-shm files the
+    // database file's owner).
+    let drop_plan = match &cfg.daemon.user {
+        Some(user) => {
+            let target = Target::resolve(user)?;
+            let plan = target.plan(nix::unistd::geteuid().as_raw())?;
+            if plan == Plan::Switch {
+                privilege::prepare_state(&cfg, &target)?;
+            }
+            Some((target, plan))
+        }
+        None => None,
+    };
+    // Opened once here so that a missing, too-new or wrongly sealed store, or
+    // an unreadable seal key, stops the start before anything is created (and
+    // clear secrets left from before sealing get sealed). The key is dropped
+    // (zeroized) again so the cleanup helper forked below holds no copy.
+    drop(Store::open_sealed(
+        &cfg.store,
+        crate::registry::store::seal_key(&cfg)?,
+    )?);
 
     let mut builder = tun_rs::DeviceBuilder::new()
         .name(&iface.name)
@@ -231,22 +259,22 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     let uapi_path = control::uapi_socket_path(&iface.name);
     let uapi = control::bind_private_socket(&uapi_path, 0o755)
         .with_context(|| format!("cannot serve {}", uapi_path.display()))?;
-    let mut socket_files = SocketFiles(vec![uapi_path]);
+    let mut socket_files = SocketFiles {
+        paths: vec![uapi_path],
+        helper: None,
+    };
     let control_path = protocol::control_socket_path(&iface.name);
     let control = control::bind_private_socket(&control_path, 0o700)
         .with_context(|| format!("cannot serve {}", control_path.display()))?;
-    socket_files.0.push(control_path);
-    let audit_sink = match &cfg.log.audit_file {
-        Some(path) => {
-            // The writer thread keeps its own connection: SQLite serializes it
-            // against admin commands and the registry reads.
-            let heads = Store::open_sealed(&cfg.store, seal.clone())?;
-            let writer =
-                audit::writer::AuditWriter::new(path).with_rotate_bytes(cfg.log.audit_rotate_bytes);
-            Some(audit::sink::start(writer, heads).context("cannot start the audit writer")?)
-        }
-        None => None,
-    };
+    socket_files.paths.push(control_path);
+    if let Some((_, Plan::Switch)) = &drop_plan {
+        // Forked before the secrets are read, so its memory holds none.
+        socket_files.helper = Some(privilege::Cleanup::spawn(&socket_files.paths)?);
+    }
+    let key = PrivateKey::from_file(&iface.private_key_file)?;
+    // Read once, before privileges go: the reloads, the audit head store and
+    // the API use this copy.
+    let seal = crate::registry::store::seal_key(&cfg)?;
 
     // tun-rs falls back to plain packets where the kernel refuses offload.
     let offload = tun.tcp_gso();
@@ -265,6 +293,45 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         pause: std::time::Duration::from_millis(hooks.reload_pause_ms),
         failures: Throttle::default(),
     };
+    let (to_loop, requests) = tokio::sync::mpsc::channel::<server::Pending>(64);
+    // The admin API: bound now (the tunnel address exists) so that a bad
+    // [api] section stops the start; served on this runtime until the end.
+    let api_listener = crate::api::Listener::bind(
+        Arc::new(cfg.clone()),
+        Arc::clone(&shared),
+        to_loop.clone(),
+        key.public_key(),
+        seal.clone(),
+    )
+    .await?;
+
+    // Everything that needs root exists now: drop to `[daemon] user` while
+    // this is the only thread, so every thread started below inherits it.
+    let dropped = match &drop_plan {
+        Some((target, plan)) => Some(privilege::drop_to(target, *plan)?),
+        None => None,
+    };
+    let audit_sink = match &cfg.log.audit_file {
+        Some(path) => {
+            // The writer thread keeps its own connection: SQLite serializes it
+            // against admin commands and the registry reads.
+            let heads = Store::open_sealed(&cfg.store, seal.clone())?;
+            let writer =
+                audit::writer::AuditWriter::new(path).with_rotate_bytes(cfg.log.audit_rotate_bytes);
+            Some(audit::sink::start(writer, heads).context("cannot start the audit writer")?)
+        }
+        None => None,
+    };
+    if let Some(d) = dropped {
+        // Logged once the audit sink runs, so the audit log records it too.
+        tracing::info!(
+            event = "privileges_dropped",
+            user = %d.user,
+            uid = d.uid,
+            gid = d.gid,
+            capabilities = %d.caps,
+        );
+    }
     let active = registry.reload(&shared)?;
 
     let (fatal_tx, fatal_rx) = tokio::sync::mpsc::unbounded_channel::<Fatal>();
@@ -300,18 +367,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         started_at: unix_now(),
         private_key: Arc::new(key.clone()),
     };
-    let (to_loop, requests) = tokio::sync::mpsc::channel::<server::Pending>(64);
-    // The admin API: bound now (the tunnel address exists) so that a bad
-    // [api] section stops the start; served on this runtime until the end.
-    let api_task = match crate::api::Listener::bind(
-        Arc::new(cfg.clone()),
-        Arc::clone(&shared),
-        to_loop.clone(),
-        key.public_key(),
-        seal.clone(),
-    )
-    .await?
-    {
+    let api_task = match api_listener {
         Some(listener) => {
             if let Some(api) = &cfg.api {
                 tracing::info!(event = "api_listening", listen = %api.listen, tls = api.tls.is_some());
@@ -498,7 +554,8 @@ fn handle_request(
     }
 }
 
-/// Logs an admin action relayed by a CLI command (already audited by it).
+/// Logs an admin action relayed by a CLI command (already audited by it);
+/// its `actor` was set from the connection's peer credentials.
 fn log_admin_event(e: &AdminEvent) {
     let field = |k: &str| e.fields.get(k).map(String::as_str);
     tracing::info!(
@@ -508,6 +565,7 @@ fn log_admin_event(e: &AdminEvent) {
         public_key = field("public_key"),
         old_public_key = field("old_public_key"),
         reason = field("reason"),
+        sudo_user = field("sudo_user"),
         origin = "control",
     );
 }

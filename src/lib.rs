@@ -24,6 +24,8 @@
 //! - [`audit`]: the hash-chained audit log: chain and verify (pure), writer, sink.
 //! - [`control`]: UAPI socket so stock `wg show` works.
 //! - [`daemon`]: wires it together; signals and clean shutdown.
+//! - [`privilege`]: the drop to `[daemon] user` (only `CAP_NET_ADMIN` kept)
+//!   and the cleanup helper that removes the socket files at stop.
 //! - [`check`]: `sitegate check`, the security self-check: verdicts over
 //!   gathered facts are pure (`check::decide`, `check::procnet`); the gathering
 //!   (files, `/proc/net`, `nft`, store, control socket) is a thin shell.
@@ -43,6 +45,7 @@ pub mod firewall;
 pub mod keys;
 pub mod metrics;
 pub mod policy;
+pub mod privilege;
 pub mod registry;
 pub mod routing;
 pub mod seal;

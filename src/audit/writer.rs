@@ -195,15 +195,54 @@ pub fn chain_files(path: &Path) -> Vec<PathBuf> {
     files
 }
 
+/// Opens (creating 0600 if missing) an audit file. A file that root creates
+/// (an admin command's append, or its rotation) takes its directory's owner,
+/// as SQLite does for `-wal` files: when the daemon runs as `[daemon] user`,
+/// that directory is the user's, and the daemon must go on appending.
 fn open_private(path: &Path, append: bool) -> std::io::Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .write(!append)
-        .append(append)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(path)
+    let open = |create_new: bool| {
+        OpenOptions::new()
+            .read(true)
+            .write(!append)
+            .append(append)
+            .create(!create_new)
+            .create_new(create_new)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)
+    };
+    match open(true) {
+        Ok(file) => {
+            give_to_directory_owner(path, &file)?;
+            Ok(file)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => open(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// See [`open_private`]; nothing to do unless running as root in a directory
+/// owned by someone else.
+fn give_to_directory_owner(path: &Path, file: &File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::MetadataExt;
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(());
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let meta = std::fs::metadata(dir)?;
+    if meta.uid() == 0 {
+        return Ok(());
+    }
+    nix::unistd::fchown(
+        file.as_raw_fd(),
+        Some(nix::unistd::Uid::from_raw(meta.uid())),
+        Some(nix::unistd::Gid::from_raw(meta.gid())),
+    )
+    .map_err(std::io::Error::from)
 }
 
 fn rotate(path: &Path) -> std::io::Result<()> {

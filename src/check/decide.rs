@@ -679,13 +679,15 @@ pub fn unenforced_keys(config: &Path, keys: &[Unenforced]) -> Vec<Line> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UserFacts {
     Exists,
+    /// It exists and is uid 0: the daemon keeps root's uid, sheds only capabilities.
+    Root,
     NoSuchUser,
     LookupFailed(String),
 }
 
 /// The privilege drop: no `[daemon] user` is a WARN (the daemon runs as root);
-/// a user that does not exist is a FAIL (SPEC, "Fail closed"). A valid user is
-/// still a WARN while the drop is not built (the FAIL is `unenforced-keys`').
+/// a user that does not exist is a FAIL (SPEC, "Fail closed": `run` refuses
+/// it too); an existing user PASSes (the daemon drops to it at start).
 pub fn privileges(user: Option<(&str, UserFacts)>) -> Line {
     const CHECK: &str = "privileges";
     match user {
@@ -697,9 +699,18 @@ pub fn privileges(user: Option<(&str, UserFacts)>) -> Line {
             CHECK,
             format!("daemon.user = \"{u}\": cannot look the user up: {e}"),
         ),
-        Some((u, UserFacts::Exists)) => Line::warn(
+        Some((u, UserFacts::Root)) => Line::warn(
             CHECK,
-            format!("daemon.user = \"{u}\" is not acted on yet: the daemon runs as root"),
+            format!(
+                "daemon.user = \"{u}\" is uid 0: the daemon sheds capabilities but runs as root"
+            ),
+        ),
+        Some((u, UserFacts::Exists)) => Line::pass(
+            CHECK,
+            format!(
+                "daemon.user = \"{u}\": the daemon drops to it after start, keeping only {}",
+                crate::privilege::kept_names()
+            ),
         ),
     }
 }
@@ -1224,13 +1235,18 @@ mod tests {
         assert_eq!(statuses(&unenforced_keys(&c.path, &[])), [Status::Pass]);
     }
 
-    /// Optional protections left off warn; a user that does not exist fails.
+    /// Optional protections left off warn; a user that does not exist fails;
+    /// an existing user passes.
     #[test]
     fn optional_protections() {
         let l = privileges(None);
         assert!(l.status == Status::Warn && l.detail.contains("runs as root"));
         assert_eq!(
             privileges(Some(("sitegate", UserFacts::Exists))).status,
+            Status::Pass
+        );
+        assert_eq!(
+            privileges(Some(("root", UserFacts::Root))).status,
             Status::Warn
         );
         let l = privileges(Some(("nobody-here", UserFacts::NoSuchUser)));

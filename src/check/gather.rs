@@ -102,6 +102,7 @@ pub(super) fn run(config: &Path) -> Report {
     lines.extend(decide::unenforced_keys(&cfg.path, &cfg.unenforced_keys()));
     let user = cfg.daemon.user.as_deref().map(|u| {
         let facts = match nix::unistd::User::from_name(u) {
+            Ok(Some(u)) if u.uid.is_root() => UserFacts::Root,
             Ok(Some(_)) => UserFacts::Exists,
             Ok(None) => UserFacts::NoSuchUser,
             Err(e) => UserFacts::LookupFailed(e.to_string()),

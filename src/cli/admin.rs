@@ -42,16 +42,22 @@ pub(crate) struct AdminAction {
 
 impl AdminAction {
     /// `peer`, `public_key` and `actor` first, as every admin record carries
-    /// them. `actor` is whoever runs the command ([`actor`]), or `api:<peer>`.
-    pub fn by(event: &'static str, peer: &Peer, actor: String) -> Self {
+    /// them (then `sudo_user` when there is one). `actor` is whoever runs the
+    /// command ([`actor`]), or `api:<peer>`.
+    pub fn by(event: &'static str, peer: &Peer, actor: impl Into<Actor>) -> Self {
+        let actor = actor.into();
+        let mut fields = vec![
+            ("peer", peer.name.as_str().into()),
+            ("public_key", peer.public_key.to_base64().into()),
+            ("actor", actor.name.clone().into()),
+        ];
+        if let Some(s) = actor.sudo_user {
+            fields.push(("sudo_user", s.into()));
+        }
         Self {
             event,
-            fields: vec![
-                ("peer", peer.name.as_str().into()),
-                ("public_key", peer.public_key.to_base64().into()),
-                ("actor", actor.clone().into()),
-            ],
-            actor,
+            fields,
+            actor: actor.name,
         }
     }
 
@@ -90,17 +96,35 @@ impl AdminAction {
     }
 }
 
+/// Who acts: the name recorded as `actor`, and the sudo caller, if any.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Actor {
+    pub name: String,
+    /// `SUDO_USER`: an environment variable anyone can set, so only ever an
+    /// extra field (`sudo_user`), never the actor itself.
+    pub sudo_user: Option<String>,
+}
+
+impl From<String> for Actor {
+    fn from(name: String) -> Actor {
+        Actor {
+            name,
+            sudo_user: None,
+        }
+    }
+}
+
 /// Who runs this command: the user of the real uid (`uid:N` when it has no
 /// name), plus the sudo caller, since root alone says nothing about who acted.
-pub(super) fn actor() -> String {
-    let uid = nix::unistd::getuid();
-    let name = match nix::unistd::User::from_uid(uid) {
-        Ok(Some(u)) => u.name,
-        _ => format!("uid:{uid}"),
-    };
-    match std::env::var("SUDO_USER") {
-        Ok(s) if !s.trim().is_empty() => format!("{name} (sudo: {})", s.trim()),
-        _ => name,
+/// The daemon records the same name from the control socket's `SO_PEERCRED`.
+pub(super) fn actor() -> Actor {
+    let sudo_user = std::env::var("SUDO_USER")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty());
+    Actor {
+        name: crate::control::server::uid_actor(nix::unistd::getuid().as_raw()),
+        sudo_user,
     }
 }
 
@@ -167,7 +191,7 @@ pub(crate) fn issue(
     store: &mut Store,
     server: &PublicKey,
     req: IssueRequest,
-    actor: String,
+    actor: impl Into<Actor>,
 ) -> Result<Issued> {
     let (private_key, public_key) = key_pair(req.public_key, server)?;
     let peer = store.add_peer(
@@ -213,7 +237,7 @@ pub(crate) fn rotate(
     name: &PeerName,
     public_key: Option<PublicKey>,
     psk: bool,
-    actor: String,
+    actor: impl Into<Actor>,
 ) -> Result<Issued> {
     let (private_key, public_key) = key_pair(public_key, server)?;
     let psk = psk.then(PresharedKey::generate);
@@ -240,7 +264,7 @@ pub(crate) fn revoke(
     store: &mut Store,
     name: &PeerName,
     reason: Option<&str>,
-    actor: String,
+    actor: impl Into<Actor>,
 ) -> Result<(Peer, Vec<IpAddr>, AdminAction, Option<String>)> {
     let peer = store.revoke_peer(name, reason, unix_now())?;
     // Committed: a failed read now must not stop the audit record.

@@ -2,9 +2,9 @@
 //! validated into [`Config`], whose fields cannot hold a bad value.
 //!
 //! Sections `[interface]`, `[egress]`, `[[service]]`, `[store]`, `[log]` and
-//! `[firewall]` act; `[api]` and `[daemon]` are parsed and validated so a bad
-//! file fails at start, and act in later issues (`sitegate check` fails on
-//! them meanwhile).
+//! `[firewall]`, `[api]` and `[daemon] user` act; keys whose feature is not
+//! built yet are listed by [`Config::unenforced_keys`] (`sitegate check` fails
+//! on them).
 
 pub mod raw;
 pub mod validate;
@@ -155,18 +155,9 @@ impl Config {
     /// The keys present in this config that the code does not enforce yet
     /// (SPEC, "Fail closed": nothing the config asks for is silently ignored).
     /// This is the one list of them: `sitegate check` fails on each, and `run`
-    /// will refuse to start on them (issue 10). Issues 9 (the API listener), 10
-    /// (privilege drop and sealing) and 12 (PostgreSQL) shrink it as they land.
-    /// The API *address* is enforced meanwhile only as an ordinary `[[service]]`
-    /// by the packet policy.
+    /// refuses to start on them. Issue 12 (PostgreSQL) empties it.
     pub fn unenforced_keys(&self) -> Vec<Unenforced> {
         let mut keys = Vec::new();
-        if self.daemon.user.is_some() {
-            keys.push(Unenforced {
-                key: "daemon.user",
-                missing: "the privilege drop is not built yet (issue 10): the daemon stays root",
-            });
-        }
         if let StoreConfig::Postgres { pool, .. } = &self.store {
             const PG: &str = "PostgreSQL stores are not built yet (issue 12)";
             keys.push(Unenforced {

@@ -99,8 +99,18 @@ impl Installed {
 }
 
 impl Drop for Installed {
+    /// As root through `nft`; after the privilege drop through netlink with
+    /// the kept `CAP_NET_ADMIN` (an `nft` child would have no capability).
     fn drop(&mut self) {
-        match load(&render::removal(), "removal of table inet sitegate") {
+        let removed = if nix::unistd::geteuid().is_root() {
+            load(&render::removal(), "removal of table inet sitegate")
+        } else {
+            super::netlink::delete_table(render::TABLE).map_err(|e| FirewallError::Refused {
+                what: "removal of table inet sitegate (netlink)",
+                stderr: e.to_string(),
+            })
+        };
+        match removed {
             Ok(()) => tracing::info!(event = "firewall_removed", table = "inet sitegate"),
             Err(e) => tracing::error!(event = "firewall_error", error = %e),
         }

@@ -18,13 +18,28 @@
 //! present once with its key and its own address, each revoked one absent
 //! from the daemon and `revoked` in the registry, nothing else.
 //!
+//! Rounds start [`ROUND_PERIOD`] apart, so the churn spans about two minutes.
 //! Meanwhile the stream site keeps two TCP connections through the tunnel to a
 //! service on the gateway's tunnel address, one each way, each paced at
-//! [`STREAM_RATE`]; every byte is checked against [`Stream`]. At the end: the
-//! daemon's VmRSS is within [`RSS_TOLERANCE_PCT`] of its value after the first
-//! (warm-up) round, its open descriptors did not grow, no byte was lost or
-//! wrong, neither connection stalled longer than [`MAX_STALL`], and the stream
-//! peer's session never ended (no `session_closed`, no `handshake_failed`).
+//! [`STREAM_RATE`]; every byte is checked against [`Stream`]. The stream goes
+//! on until wireguard-go has rekeyed its session (120 s after the first
+//! handshake), so the rekey falls among the rounds. At the end: the daemon's
+//! VmRSS has grown by at most [`RSS_TOLERANCE_PCT`] over its value after the
+//! [`WARMUP_ROUNDS`] warm-up rounds, its open descriptors and threads did not
+//! grow, no byte was lost or wrong, neither connection stalled longer than
+//! [`MAX_STALL`] or broke, the stream peer's session never ended (no
+//! `session_closed`, no `handshake_failed`, one handshake and its rekey), every
+//! churn peer's session was logged open and closed once (`handshake`,
+//! `session_closed reason=revoked`), and the audit chain verifies.
+//!
+//! Why a baseline after two rounds: the revocation list is kept in memory by
+//! design (about 150 bytes per revoked key), and each reload reads the whole
+//! registry, revoked rows included, so the allocator's high-water mark follows
+//! the registry's size; the first rounds also size the allocator arenas, the
+//! peer table's maps and the stream's buffers. Measured here: RSS ~11.5 MiB
+//! before the churn, ~14.8 MiB after round 0, ~15.5 MiB after round 1, then
+//! flat within ±1 MiB per round; glibc's in-use bytes grow ~175 bytes per
+//! revoked peer (the revocation list), nothing per operation.
 //!
 //! Bounded: [`ROUNDS`] rounds of [`PEERS`] peers, and a hard deadline
 //! ([`SOAK_DEADLINE`]) after which the test fails instead of going on. Needs
@@ -775,7 +790,13 @@ fn churn_200_peers_while_streaming() {
     }
     let churn_secs = soak_start.elapsed().as_secs_f64();
     let (rss_start, fds_start, thr_start) = baseline.expect("more rounds than warm-up rounds");
-    let (rss_end, fds_end, thr_end) = (vm_rss_kib(pid), open_fds(pid), threads(pid));
+    let (rss_end, thr_end) = (vm_rss_kib(pid), threads(pid));
+    // A control connection the daemon has answered may take a moment to close.
+    let mut fds_end = open_fds(pid);
+    poll_until(Duration::from_secs(2), || {
+        fds_end = open_fds(pid);
+        fds_end <= fds_start
+    });
 
     // The stream's session lives through its rekey before the stream ends.
     let session_start = event_time(&gw.wait_event(
@@ -928,8 +949,9 @@ fn churn_200_peers_while_streaming() {
          more than {RSS_TOLERANCE_PCT} % more"
     );
     assert!(
-        fds_end <= fds_start,
-        "the daemon holds {fds_end} descriptors at the end, {fds_start} after the warm-up"
+        fds_end <= fds_start && thr_end <= thr_start,
+        "the daemon holds {fds_end} descriptors and {thr_end} threads at the end, \
+         {fds_start} and {thr_start} after the warm-up"
     );
     let (code, text) = audit_verify(&gw, None);
     assert_eq!(code, 0, "audit verify after the soak: {text}");

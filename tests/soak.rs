@@ -141,6 +141,26 @@ fn open_fds(pid: i32) -> usize {
         .count()
 }
 
+/// What the open descriptors of `pid` point to, for failure messages.
+fn fd_targets(pid: i32) -> Vec<String> {
+    let mut out: Vec<String> = fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .map(|e| {
+                    let target = fs::read_link(e.path()).unwrap_or_default();
+                    format!(
+                        "{} -> {}",
+                        e.file_name().to_string_lossy(),
+                        target.display()
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out
+}
+
 // ---------------------------------------------------------------------------
 // Churn peers: keys made here, issued and revoked through the CLI
 
@@ -951,7 +971,8 @@ fn churn_200_peers_while_streaming() {
     assert!(
         fds_end <= fds_start && thr_end <= thr_start,
         "the daemon holds {fds_end} descriptors and {thr_end} threads at the end, \
-         {fds_start} and {thr_start} after the warm-up"
+         {fds_start} and {thr_start} after the warm-up; descriptors: {:?}",
+        fd_targets(pid)
     );
     let (code, text) = audit_verify(&gw, None);
     assert_eq!(code, 0, "audit verify after the soak: {text}");

@@ -232,13 +232,12 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     let control = control::bind_private_socket(&control_path, 0o700)
         .with_context(|| format!("cannot serve {}", control_path.display()))?;
     socket_files.0.push(control_path);
-    let audit_sink = match &cfg.log.audit_file {
-        Some(path) => {
+    // An unreadable seal key stops the start: never fall back to an unkeyed chain.
+    let audit_sink = match audit::writer_for(&cfg)? {
+        Some(writer) => {
             // The writer thread keeps its own connection: SQLite serializes it
             // against admin commands and the registry reads.
             let heads = Store::open(&cfg.store)?;
-            let writer =
-                audit::writer::AuditWriter::new(path).with_rotate_bytes(cfg.log.audit_rotate_bytes);
             Some(audit::sink::start(writer, heads).context("cannot start the audit writer")?)
         }
         None => None,

@@ -1,7 +1,38 @@
 //! The tamper-evident audit log: security events and admin actions, one sealed
-//! JSON line each, hash-chained ([`chain`]), verifiable ([`verify`]).
+//! JSON line each, hash-chained ([`chain`]), keyed under the seal key when one is
+//! configured, verifiable ([`verify`]).
 
 pub mod chain;
 pub mod sink;
 pub mod verify;
 pub mod writer;
+
+use crate::config::Config;
+
+/// The chain key of `cfg` (`[daemon] seal_key_file`), if it sets one.
+///
+/// # Errors
+/// The seal key file cannot be read or is not a key.
+pub fn chain_key(cfg: &Config) -> Result<Option<chain::AuditKey>, crate::seal::SealError> {
+    cfg.daemon
+        .seal_key_file
+        .as_deref()
+        .map(|p| crate::seal::SealKey::from_file(p).map(|k| chain::AuditKey::from_seal(&k)))
+        .transpose()
+}
+
+/// The writer for `cfg`'s `[log] audit_file`, keyed when a seal key is set;
+/// `None` without an audit file.
+///
+/// # Errors
+/// The seal key cannot be read: the daemon must not fall back to an unkeyed chain.
+pub fn writer_for(cfg: &Config) -> Result<Option<writer::AuditWriter>, writer::AuditError> {
+    let Some(path) = &cfg.log.audit_file else {
+        return Ok(None);
+    };
+    Ok(Some(
+        writer::AuditWriter::new(path)
+            .with_rotate_bytes(cfg.log.audit_rotate_bytes)
+            .with_key(chain_key(cfg)?),
+    ))
+}

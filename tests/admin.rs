@@ -359,7 +359,11 @@ fn actor_names_sudo_caller() {
 
 /// A log with five records and the pristine text, for tampering.
 fn tamper_env(tag: &str) -> (Env, Vec<String>) {
-    let env = Env::new(tag);
+    tamper_env_with(tag, |_| {})
+}
+
+fn tamper_env_with(tag: &str, edit: impl FnOnce(&mut String)) -> (Env, Vec<String>) {
+    let env = Env::with_config(tag, edit);
     for n in ["a1", "a2", "a3", "a4"] {
         ok(&env.sg(&["peer", "add", n]));
     }
@@ -450,24 +454,50 @@ fn audit_verify_detects_cut_tail() {
 }
 
 /// A log rewritten from some line on (a valid chain of its own, re-sealed) is
-/// caught where it disagrees with the head recorded in the store.
+/// caught. Keyed (as `init` configures), on its first line: another gateway's
+/// HMACs are not under this seal key. Unkeyed (no seal key), where it disagrees
+/// with the head recorded in the store.
 #[test]
 fn audit_verify_detects_rewritten_log() {
-    let (env, pristine) = tamper_env("rewrite");
-    // Re-seal the same records into a fresh chain in a second gateway dir.
-    let other = Env::new("rewrite-other");
-    for n in ["b1", "b2", "b3", "b4", "b5"] {
-        ok(&other.sg(&["peer", "add", n]));
+    for keyed in [true, false] {
+        let edit = |t: &mut String| {
+            if !keyed {
+                *t = unkeyed(t);
+            }
+        };
+        let tag = if keyed { "rewrite" } else { "rewrite-plain" };
+        let (env, pristine) = tamper_env_with(tag, edit);
+        // Re-seal other records into a fresh chain in a second gateway dir.
+        let other = Env::with_config(&format!("{tag}-other"), edit);
+        for n in ["b1", "b2", "b3", "b4", "b5"] {
+            ok(&other.sg(&["peer", "add", n]));
+        }
+        fs::copy(&other.audit, &env.audit).unwrap();
+        let (code, out) = env.verify(None);
+        assert_eq!(code, 1, "{out}");
+        if keyed {
+            assert!(
+                out.contains("audit.jsonl: line 1:") && out.contains("HMAC does not match"),
+                "{out}"
+            );
+        } else {
+            assert!(
+                out.contains("audit.jsonl: line 5:") && out.contains("rewritten"),
+                "{out}"
+            );
+        }
+        write_lines(&env.audit, &pristine);
+        assert_eq!(env.verify(None).0, 0);
     }
-    fs::copy(&other.audit, &env.audit).unwrap();
-    let (code, out) = env.verify(None);
-    assert_eq!(code, 1, "{out}");
-    assert!(
-        out.contains("audit.jsonl: line 5:") && out.contains("rewritten"),
-        "{out}"
-    );
-    write_lines(&env.audit, &pristine);
-    assert_eq!(env.verify(None).0, 0);
+}
+
+/// The config text without `[daemon] seal_key_file`: an unkeyed audit chain.
+fn unkeyed(config: &str) -> String {
+    config
+        .lines()
+        .filter(|l| !l.starts_with("seal_key_file"))
+        .map(|l| format!("{l}\n"))
+        .collect()
 }
 
 /// With a small `audit_rotate_bytes` the log spans several files that verify as

@@ -155,7 +155,10 @@ fn append(path: &Path, bytes: &[u8]) {
 fn last_head(path: &Path) -> Head {
     let bytes = fs::read(path).unwrap();
     let end = bytes.iter().rposition(|b| *b == b'\n').unwrap();
-    let start = bytes[..end].iter().rposition(|b| *b == b'\n').map_or(0, |p| p + 1);
+    let start = bytes[..end]
+        .iter()
+        .rposition(|b| *b == b'\n')
+        .map_or(0, |p| p + 1);
     let last: Value = serde_json::from_slice(&bytes[start..end]).unwrap();
     Head {
         seq: last["seq"].as_u64().unwrap(),
@@ -213,7 +216,10 @@ fn line_appended_without_the_key_fails_verify() {
     fs::write(&env.audit, &pristine).unwrap();
     let (code, out, err) = env.verify(None);
     assert_eq!(code, 0, "{out}{err}");
-    assert!(out.contains("3 lines") && out.contains("keyed (hmac-sha256)"), "{out}");
+    assert!(
+        out.contains("3 lines") && out.contains("keyed (hmac-sha256)"),
+        "{out}"
+    );
 
     // The same chain with a config that names no seal key.
     let config = fs::read_to_string(&env.config).unwrap();
@@ -307,7 +313,11 @@ fn killed_mid_append_leaves_a_chain_that_verifies() {
         assert!(
             grew && exited.is_none(),
             "round {round}: the appender {}",
-            if grew { "exited by itself" } else { "did not reach its target" }
+            if grew {
+                "exited by itself"
+            } else {
+                "did not reach its target"
+            }
         );
         let lines = newlines(&env.audit);
         let store = env.store_head().map_or(0, |h| h.seq);

@@ -175,7 +175,13 @@ mod tests {
     fn sealed_line_hash_covers_body() {
         let mut f = Map::new();
         f.insert("peer".into(), "alpha".into());
-        let s = seal(&Head::genesis(), "2026-01-01T00:00:00Z", "peer_added", &f, None);
+        let s = seal(
+            &Head::genesis(),
+            "2026-01-01T00:00:00Z",
+            "peer_added",
+            &f,
+            None,
+        );
         let v: Value = serde_json::from_str(&s.line).unwrap();
         assert_eq!(v["seq"], 1);
         assert_eq!(v["prev"], GENESIS);

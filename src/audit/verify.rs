@@ -230,13 +230,19 @@ pub fn check_line(raw: &[u8], key: Option<&AuditKey>) -> Result<LineHead, Fault>
         Some(Value::String(m)) if m == MAC_HMAC_SHA256 => true,
         Some(other) => {
             return Err(Fault::UnknownMac {
-                mac: other.as_str().map_or_else(|| other.to_string(), str::to_string),
+                mac: other
+                    .as_str()
+                    .map_or_else(|| other.to_string(), str::to_string),
             })
         }
     };
     // The hash member is the last one as written: strip it byte-exactly.
     let suffix = format!(",\"hash\":\"{hash}\"}}");
-    let bad = if keyed { Fault::BadHmac } else { Fault::BadHash };
+    let bad = if keyed {
+        Fault::BadHmac
+    } else {
+        Fault::BadHash
+    };
     let body = format!("{}}}", raw.strip_suffix(&suffix).ok_or(bad.clone())?);
     let ok = match (keyed, key) {
         (false, _) => sha256_hex(body.as_bytes()) == hash,
@@ -287,7 +293,12 @@ mod tests {
     }
 
     fn run_keyed(lines: &[String], k: Option<&AuditKey>) -> Result<Verified, ChainError> {
-        verify(lines.iter().map(String::as_str), Some(&Head::genesis()), k, 1)
+        verify(
+            lines.iter().map(String::as_str),
+            Some(&Head::genesis()),
+            k,
+            1,
+        )
     }
 
     fn err(line: usize, fault: Fault) -> Result<Verified, ChainError> {
@@ -344,12 +355,17 @@ mod tests {
                 found: 6
             }
         );
-        assert!(e.to_string().starts_with("line 3: seq 6 where 3 was expected: a gap"));
+        assert!(e
+            .to_string()
+            .starts_with("line 3: seq 6 where 3 was expected: a gap"));
         let mut head = Head::genesis();
         let mut lines = extend(&mut head, 2, None);
         head.seq = 1;
         lines.extend(extend(&mut head, 1, None));
-        assert!(run(&lines).unwrap_err().to_string().contains("repeated or reordered"));
+        assert!(run(&lines)
+            .unwrap_err()
+            .to_string()
+            .contains("repeated or reordered"));
     }
 
     /// Inserting a copy of a line, or a line with a made-up hash, is caught there.
@@ -378,7 +394,13 @@ mod tests {
         let second = verify(lines[3..].iter().map(String::as_str), None, None, 1).unwrap();
         assert!(!second.starts_at_genesis());
         assert_eq!(second.start, first.end);
-        verify(lines[3..].iter().map(String::as_str), Some(&first.end), None, 1).unwrap();
+        verify(
+            lines[3..].iter().map(String::as_str),
+            Some(&first.end),
+            None,
+            1,
+        )
+        .unwrap();
     }
 
     /// A keyed chain verifies with its key only: no key says the key is needed,
@@ -442,12 +464,7 @@ mod tests {
         lines.push(third.replace("hmac-sha256", "none"));
         assert_eq!(
             run_keyed(&lines, Some(&k)),
-            err(
-                3,
-                Fault::UnknownMac {
-                    mac: "none".into()
-                }
-            )
+            err(3, Fault::UnknownMac { mac: "none".into() })
         );
     }
 

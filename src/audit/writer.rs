@@ -434,7 +434,13 @@ mod tests {
         }
         assert!(rotated_path(&path, 1).exists(), "rotation happened");
         let lines = read_chain(&path);
-        let v = verify(lines.iter().map(String::as_str), Some(&Head::genesis()), None, 1).unwrap();
+        let v = verify(
+            lines.iter().map(String::as_str),
+            Some(&Head::genesis()),
+            None,
+            1,
+        )
+        .unwrap();
         assert_eq!(v.end, head);
         assert_eq!(store.0.borrow().clone(), Some(head));
         let mode = std::os::unix::fs::PermissionsExt::mode(
@@ -488,7 +494,13 @@ mod tests {
         let lines = read_chain(&path);
         assert_eq!(lines.len(), 52);
         assert!(lines[1].contains(r#""i":0"#) && lines[50].contains(r#""i":49"#));
-        let v = verify(lines.iter().map(String::as_str), Some(&Head::genesis()), None, 1).unwrap();
+        let v = verify(
+            lines.iter().map(String::as_str),
+            Some(&Head::genesis()),
+            None,
+            1,
+        )
+        .unwrap();
         assert_eq!(v.lines, 52);
         assert_eq!(head.seq, 51);
         let _ = std::fs::remove_dir_all(&d);
@@ -514,7 +526,13 @@ mod tests {
             }
         });
         let lines = read_chain(&path);
-        let v = verify(lines.iter().map(String::as_str), Some(&Head::genesis()), None, 1).unwrap();
+        let v = verify(
+            lines.iter().map(String::as_str),
+            Some(&Head::genesis()),
+            None,
+            1,
+        )
+        .unwrap();
         assert_eq!(v.lines, 100);
         let _ = std::fs::remove_dir_all(&d);
     }
@@ -539,7 +557,13 @@ mod tests {
 
     fn verify_file(path: &Path, k: Option<&AuditKey>) -> Verified {
         let lines = read_chain(path);
-        verify(lines.iter().map(String::as_str), Some(&Head::genesis()), k, 1).unwrap()
+        verify(
+            lines.iter().map(String::as_str),
+            Some(&Head::genesis()),
+            k,
+            1,
+        )
+        .unwrap()
     }
 
     fn push(path: &Path, bytes: &[u8]) {
@@ -578,7 +602,11 @@ mod tests {
         let v = verify_file(&path, Some(&key(4)));
         assert_eq!((v.lines, v.end.clone()), (5, head));
         let lines = read_chain(&path);
-        assert!(lines[3].contains("\"event\":\"audit_tail_repaired\""), "{}", lines[3]);
+        assert!(
+            lines[3].contains("\"event\":\"audit_tail_repaired\""),
+            "{}",
+            lines[3]
+        );
         let discarded = format!("\"discarded_bytes\":{}", fragment.len());
         assert!(lines[3].contains(&discarded), "{}", lines[3]);
         // A file that is nothing but a torn first line starts over at genesis.
@@ -603,7 +631,11 @@ mod tests {
         let forged_plain = seal(&head, "t", "forged", &Map::new(), None);
         let cases: [(&str, String, &str); 4] = [
             ("wrong key", forged_hmac.line, "HMAC does not match"),
-            ("plain after keyed", forged_plain.line, "plain SHA-256 and ahead"),
+            (
+                "plain after keyed",
+                forged_plain.line,
+                "plain SHA-256 and ahead",
+            ),
             ("not JSON", "garbage".into(), "not a JSON audit record"),
             (
                 "edited",
@@ -627,8 +659,16 @@ mod tests {
                 msg.contains("audit_chain_broken") && msg.contains(needle),
                 "{what}: {msg}"
             );
-            assert_eq!(std::fs::read(&path).unwrap(), before, "{what}: file changed");
-            assert_eq!(s.0.borrow().clone(), Some(head.clone()), "{what}: store moved");
+            assert_eq!(
+                std::fs::read(&path).unwrap(),
+                before,
+                "{what}: file changed"
+            );
+            assert_eq!(
+                s.0.borrow().clone(),
+                Some(head.clone()),
+                "{what}: store moved"
+            );
         }
         // A writer without the key refuses a keyed chain rather than mix in plain lines.
         std::fs::write(&path, &good).unwrap();

@@ -108,7 +108,9 @@ pub(super) fn actor() -> String {
 pub(crate) fn audit(cfg: &Config, store: &Store, action: &AdminAction) -> Option<String> {
     crate::audit::writer_for(cfg)
         .and_then(|w| match w {
-            Some(w) => w.append(store, action.event, &action.audit_fields()).map(drop),
+            Some(w) => w
+                .append(store, action.event, &action.audit_fields())
+                .map(drop),
             None => Ok(()),
         })
         .err()

@@ -38,7 +38,10 @@ pub fn audit_verify(config: &Path, file: Option<&Path>) -> Result<()> {
 /// Why a verification pass stopped.
 enum Stop {
     /// A keyed line was met without the key: load it and run again.
-    KeyNeeded { file: PathBuf, line: usize },
+    KeyNeeded {
+        file: PathBuf,
+        line: usize,
+    },
     Failed(anyhow::Error),
 }
 

@@ -164,8 +164,7 @@ impl AuditWriter {
         event: &str,
         fields: &Map<String, Value>,
     ) -> Result<Head, AuditError> {
-        let ts = humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string();
-        self.append_at(heads, &ts, event, fields)
+        self.append_at(heads, &now_rfc3339(), event, fields)
     }
 
     /// [`Self::append`] with the timestamp given (the record's own event time).
@@ -184,14 +183,15 @@ impl AuditWriter {
 
     /// Appends several records as one group commit: one lock, one look at the
     /// head, the lines chained in order and written with a single `write(2)`,
-    /// then one head update in the store. A burst of events (a thousand sites
-    /// renewing their sessions) costs one store transaction, not one each.
-    /// The store's head may trail the file by the batch after a crash between
-    /// the write and its update, which the next append already handles (the
-    /// longer record wins).
+    /// one `fdatasync`, then one head update in the store. A burst of events (a
+    /// thousand sites renewing their sessions) costs one fsync and one store
+    /// transaction, not one each. The store's head may trail the file by the
+    /// batch after a crash between the fsync and its update, which the next
+    /// append already handles (the longer record wins).
     ///
     /// # Errors
-    /// As [`Self::append`]. Nothing is written when the head cannot be found.
+    /// As [`Self::append`]; [`AuditError::Broken`] when the file's last line does
+    /// not verify. Nothing is written when the head cannot be found.
     pub fn append_batch(
         &self,
         heads: &dyn HeadStore,
@@ -216,14 +216,16 @@ impl AuditWriter {
             }
             None => None,
         };
-        let mut repair = None;
-        if tail.torn > 0 {
+        // A torn append is cut off; the cut is the first record of this append.
+        let repair = if tail.torn > 0 {
             file.set_len(tail.keep).map_err(|e| self.io(e))?;
             let mut f = Map::new();
             f.insert("discarded_bytes".into(), tail.torn.into());
             f.insert("reason".into(), "torn append (no newline)".into());
-            repair = Some(f);
-        }
+            Some((now_rfc3339(), f))
+        } else {
+            None
+        };
         // The longer record wins: the file may be ahead after a crash between
         // fsync and store update; a file cut short must not hide the cut, so its
         // next line chains onto the store's head and fails verification there.
@@ -235,11 +237,9 @@ impl AuditWriter {
         };
         let key = self.key.as_deref();
         let mut lines = String::new();
-        let now = repair.as_ref().map(|_| now_rfc3339());
         let repair = repair
             .as_ref()
-            .zip(now.as_deref())
-            .map(|(f, ts)| (ts, "audit_tail_repaired", f));
+            .map(|(ts, f)| (ts.as_str(), "audit_tail_repaired", f));
         for (ts, event, fields) in repair.into_iter().chain(records.iter().copied()) {
             let sealed = seal(&head, ts, event, fields, key);
             lines.push_str(&sealed.line);

@@ -386,43 +386,51 @@ fn write_lines(path: &Path, lines: &[String]) {
 }
 
 /// Editing a value, deleting, reordering or inserting lines is each caught by
-/// `audit verify` (with and without FILE) with exit 1 on the right line.
+/// `audit verify` (with and without FILE) with exit 1 and one line naming the
+/// line and what is wrong with it.
 #[test]
 fn audit_verify_detects_tampering() {
     let (env, pristine) = tamper_env("tamper");
-    let mut cases: Vec<(&str, Vec<String>, usize)> = Vec::new();
+    const EDITED: &str = "HMAC does not match its contents";
+    const LINK: &str = "`prev` does not link to the line before it";
+    let mut cases: Vec<(&str, Vec<String>, usize, &str)> = Vec::new();
     let mut edited = pristine.clone();
     edited[2] = edited[2].replace("\"peer\":\"a3\"", "\"peer\":\"zz\"");
     assert_ne!(edited[2], pristine[2]);
-    cases.push(("edit", edited, 3));
+    cases.push(("edit", edited, 3, EDITED));
     let mut deleted = pristine.clone();
     deleted.remove(1);
-    cases.push(("delete", deleted, 2));
+    cases.push(("delete", deleted, 2, LINK));
     let mut reordered = pristine.clone();
     reordered.swap(2, 3);
-    cases.push(("reorder", reordered, 3));
+    cases.push(("reorder", reordered, 3, LINK));
     let mut inserted = pristine.clone();
     inserted.insert(3, pristine[0].clone());
-    cases.push(("insert", inserted, 4));
+    cases.push(("insert", inserted, 4, LINK));
+    let mut not_json = pristine.clone();
+    not_json.insert(2, "{\"ts\":".into());
+    cases.push(("not JSON", not_json, 3, "not a JSON audit record"));
     let mut first_gone = pristine.clone();
     first_gone.remove(0);
-    cases.push(("delete first", first_gone, 1));
-    for (what, lines, bad) in cases {
+    cases.push(("delete first", first_gone, 1, "no older file is kept"));
+    for (what, lines, bad, why) in cases {
         write_lines(&env.audit, &lines);
         let (code, out) = env.verify(None);
         assert_eq!(code, 1, "{what}: {out}");
         assert!(
-            out.contains(&format!("audit.jsonl: line {bad}:")),
+            out.contains(&format!("audit.jsonl: line {bad}: ")) && out.contains(why),
             "{what}: {out}"
         );
+        assert_eq!(out.trim_end().lines().count(), 1, "{what}: {out}");
         if what != "delete first" {
             // Alone, a file may start anywhere; the damage inside is still found.
             let (code, out) = env.verify(Some(&env.audit));
             assert_eq!(code, 1, "{what} (FILE): {out}");
             assert!(
-                out.contains(&format!("line {bad}:")),
+                out.contains(&format!("line {bad}: ")) && out.contains(why),
                 "{what} (FILE): {out}"
             );
+            assert_eq!(out.trim_end().lines().count(), 1, "{what}: {out}");
         }
     }
     write_lines(&env.audit, &pristine);

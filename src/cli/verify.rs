@@ -188,20 +188,16 @@ pub(crate) fn verify_chain(cfg: &Config) -> Result<String> {
     let store = Store::open(&cfg.store)?;
     let recorded = store.audit_head().map_err(|e| anyhow!("{e}"))?;
     let files = chain_files(&path);
-    let contents = files
-        .iter()
-        .map(|f| read_bytes(f))
-        .collect::<Result<Vec<_>>>()?;
     let load = || -> Result<Option<AuditKey>> { Ok(crate::audit::chain_key(cfg)?) };
     with_chain_key(load, &cfg.path, |key| {
-        verify_files(&path, &files, &contents, recorded.as_ref(), key)
+        verify_files(&path, &files, recorded.as_ref(), key)
     })
 }
 
+/// One pass over the chain's files, one file in memory at a time.
 fn verify_files(
     path: &Path,
     files: &[PathBuf],
-    contents: &[Vec<u8>],
     recorded: Option<&Head>,
     key: Option<&AuditKey>,
 ) -> Result<String, Stop> {
@@ -209,8 +205,9 @@ fn verify_files(
     let mut ver = Verifier::new(key, None);
     // The last file read and its line count, for naming where a cut tail begins.
     let mut last: (PathBuf, usize) = (path.to_path_buf(), 0);
-    for (n, (f, bytes)) in files.iter().zip(contents).enumerate() {
-        let records = split_records(bytes);
+    for (n, f) in files.iter().enumerate() {
+        let bytes = read_bytes(f)?;
+        let records = split_records(&bytes);
         let before = ver.result();
         for (i, l) in records.lines.iter().enumerate() {
             ver.push(l, i + 1).map_err(|e| stop(f, e))?;

@@ -729,4 +729,21 @@ mod tests {
         assert_eq!(verify_file(&path, Some(&key(2))).end, head);
         let _ = std::fs::remove_dir_all(&d);
     }
+
+    /// A last line longer than any writer produces is refused, not guessed at.
+    #[test]
+    fn overlong_tail_refused() {
+        let d = tmpdir("long");
+        let path = d.join("audit.jsonl");
+        let long = "x".repeat(usize::try_from(TAIL_BYTES).unwrap() + 10);
+        for text in [format!("{long}\n"), long.clone()] {
+            std::fs::write(&path, &text).unwrap();
+            let e = AuditWriter::new(&path)
+                .append(&NoStore, "x", &Map::new())
+                .unwrap_err();
+            assert!(e.to_string().contains("longer than"), "{e}");
+            assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
+        }
+        let _ = std::fs::remove_dir_all(&d);
+    }
 }

@@ -210,7 +210,8 @@ pub struct PeerRotateArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
-    /// Verify the audit log's hash chain; exit 0 when intact, 1 naming the first bad line.
+    /// Verify the audit log's hash chain (a keyed chain with the seal key from the config);
+    /// exit 0 when intact, 1 naming the first bad line and what is wrong with it.
     Verify {
         /// Audit file (default: `[log] audit_file`, checked against the head in the store).
         file: Option<PathBuf>,

@@ -311,13 +311,12 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         Some((target, plan)) => Some(privilege::drop_to(target, *plan)?),
         None => None,
     };
-    let audit_sink = match &cfg.log.audit_file {
-        Some(path) => {
+    // Keyed with the seal key read before the drop: never an unkeyed fallback.
+    let audit_sink = match audit::writer_sealed(&cfg, seal.as_deref()) {
+        Some(writer) => {
             // The writer thread keeps its own connection: SQLite serializes it
             // against admin commands and the registry reads.
             let heads = Store::open_sealed(&cfg.store, seal.clone())?;
-            let writer =
-                audit::writer::AuditWriter::new(path).with_rotate_bytes(cfg.log.audit_rotate_bytes);
             Some(audit::sink::start(writer, heads).context("cannot start the audit writer")?)
         }
         None => None,

@@ -14,7 +14,9 @@ pub const SUMMARY_INTERVAL_MS: u64 = 5_000;
 /// Installs the global subscriber: the formatted stream on stderr plus the
 /// audit layer (inert until the daemon starts its audit writer). sitegate's own
 /// events are at `info`; boringtun's internal chatter is silenced (its outcomes
-/// are logged as our events). `RUST_LOG` overrides the filter.
+/// are logged as our events). `RUST_LOG` overrides the filter of the stderr
+/// stream only: the audit layer has its own ([`crate::audit::sink::AuditFilter`]),
+/// so no log setting can switch the audit trail off.
 pub fn init_tracing(format: LogFormat) {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
@@ -37,9 +39,8 @@ pub fn init_tracing(format: LogFormat) {
     };
     // A second init (tests, embedding) keeps the first subscriber.
     let _ = tracing_subscriber::registry()
-        .with(filter)
-        .with(stream)
-        .with(crate::audit::sink::AuditLayer)
+        .with(stream.with_filter(filter))
+        .with(crate::audit::sink::AuditLayer.with_filter(crate::audit::sink::AuditFilter))
         .try_init();
 }
 

@@ -21,7 +21,7 @@
 //!   I/O: recvmmsg, TUN GRO/GSO offload, UDP GSO), timers, and the rules against
 //!   abuse (one handshake limiter, authenticated roaming, random indices,
 //!   per-source backoff in the pure [`dataplane::sources`]).
-//! - [`audit`]: the hash-chained audit log: chain and verify (pure), writer, sink.
+//! - [`audit`]: the hash-chained audit log, keyed (HMAC) under the seal key: chain and verify (pure), writer, sink.
 //! - [`control`]: UAPI socket so stock `wg show` works.
 //! - [`daemon`]: wires it together; signals and clean shutdown.
 //! - [`privilege`]: the drop to `[daemon] user` (only `CAP_NET_ADMIN` kept)

@@ -359,7 +359,11 @@ fn actor_names_sudo_caller() {
 
 /// A log with five records and the pristine text, for tampering.
 fn tamper_env(tag: &str) -> (Env, Vec<String>) {
-    let env = Env::new(tag);
+    tamper_env_with(tag, |_| {})
+}
+
+fn tamper_env_with(tag: &str, edit: impl FnOnce(&mut String)) -> (Env, Vec<String>) {
+    let env = Env::with_config(tag, edit);
     for n in ["a1", "a2", "a3", "a4"] {
         ok(&env.sg(&["peer", "add", n]));
     }
@@ -382,43 +386,51 @@ fn write_lines(path: &Path, lines: &[String]) {
 }
 
 /// Editing a value, deleting, reordering or inserting lines is each caught by
-/// `audit verify` (with and without FILE) with exit 1 on the right line.
+/// `audit verify` (with and without FILE) with exit 1 and one line naming the
+/// line and what is wrong with it.
 #[test]
 fn audit_verify_detects_tampering() {
     let (env, pristine) = tamper_env("tamper");
-    let mut cases: Vec<(&str, Vec<String>, usize)> = Vec::new();
+    const EDITED: &str = "HMAC does not match its contents";
+    const LINK: &str = "`prev` does not link to the line before it";
+    let mut cases: Vec<(&str, Vec<String>, usize, &str)> = Vec::new();
     let mut edited = pristine.clone();
     edited[2] = edited[2].replace("\"peer\":\"a3\"", "\"peer\":\"zz\"");
     assert_ne!(edited[2], pristine[2]);
-    cases.push(("edit", edited, 3));
+    cases.push(("edit", edited, 3, EDITED));
     let mut deleted = pristine.clone();
     deleted.remove(1);
-    cases.push(("delete", deleted, 2));
+    cases.push(("delete", deleted, 2, LINK));
     let mut reordered = pristine.clone();
     reordered.swap(2, 3);
-    cases.push(("reorder", reordered, 3));
+    cases.push(("reorder", reordered, 3, LINK));
     let mut inserted = pristine.clone();
     inserted.insert(3, pristine[0].clone());
-    cases.push(("insert", inserted, 4));
+    cases.push(("insert", inserted, 4, LINK));
+    let mut not_json = pristine.clone();
+    not_json.insert(2, "{\"ts\":".into());
+    cases.push(("not JSON", not_json, 3, "not a JSON audit record"));
     let mut first_gone = pristine.clone();
     first_gone.remove(0);
-    cases.push(("delete first", first_gone, 1));
-    for (what, lines, bad) in cases {
+    cases.push(("delete first", first_gone, 1, "no older file is kept"));
+    for (what, lines, bad, why) in cases {
         write_lines(&env.audit, &lines);
         let (code, out) = env.verify(None);
         assert_eq!(code, 1, "{what}: {out}");
         assert!(
-            out.contains(&format!("audit.jsonl: line {bad}:")),
+            out.contains(&format!("audit.jsonl: line {bad}: ")) && out.contains(why),
             "{what}: {out}"
         );
+        assert_eq!(out.trim_end().lines().count(), 1, "{what}: {out}");
         if what != "delete first" {
             // Alone, a file may start anywhere; the damage inside is still found.
             let (code, out) = env.verify(Some(&env.audit));
             assert_eq!(code, 1, "{what} (FILE): {out}");
             assert!(
-                out.contains(&format!("line {bad}:")),
+                out.contains(&format!("line {bad}: ")) && out.contains(why),
                 "{what} (FILE): {out}"
             );
+            assert_eq!(out.trim_end().lines().count(), 1, "{what}: {out}");
         }
     }
     write_lines(&env.audit, &pristine);
@@ -450,24 +462,50 @@ fn audit_verify_detects_cut_tail() {
 }
 
 /// A log rewritten from some line on (a valid chain of its own, re-sealed) is
-/// caught where it disagrees with the head recorded in the store.
+/// caught. Keyed (as `init` configures), on its first line: another gateway's
+/// HMACs are not under this seal key. Unkeyed (no seal key), where it disagrees
+/// with the head recorded in the store.
 #[test]
 fn audit_verify_detects_rewritten_log() {
-    let (env, pristine) = tamper_env("rewrite");
-    // Re-seal the same records into a fresh chain in a second gateway dir.
-    let other = Env::new("rewrite-other");
-    for n in ["b1", "b2", "b3", "b4", "b5"] {
-        ok(&other.sg(&["peer", "add", n]));
+    for keyed in [true, false] {
+        let edit = |t: &mut String| {
+            if !keyed {
+                *t = unkeyed(t);
+            }
+        };
+        let tag = if keyed { "rewrite" } else { "rewrite-plain" };
+        let (env, pristine) = tamper_env_with(tag, edit);
+        // Re-seal other records into a fresh chain in a second gateway dir.
+        let other = Env::with_config(&format!("{tag}-other"), edit);
+        for n in ["b1", "b2", "b3", "b4", "b5"] {
+            ok(&other.sg(&["peer", "add", n]));
+        }
+        fs::copy(&other.audit, &env.audit).unwrap();
+        let (code, out) = env.verify(None);
+        assert_eq!(code, 1, "{out}");
+        if keyed {
+            assert!(
+                out.contains("audit.jsonl: line 1:") && out.contains("HMAC does not match"),
+                "{out}"
+            );
+        } else {
+            assert!(
+                out.contains("audit.jsonl: line 5:") && out.contains("rewritten"),
+                "{out}"
+            );
+        }
+        write_lines(&env.audit, &pristine);
+        assert_eq!(env.verify(None).0, 0);
     }
-    fs::copy(&other.audit, &env.audit).unwrap();
-    let (code, out) = env.verify(None);
-    assert_eq!(code, 1, "{out}");
-    assert!(
-        out.contains("audit.jsonl: line 5:") && out.contains("rewritten"),
-        "{out}"
-    );
-    write_lines(&env.audit, &pristine);
-    assert_eq!(env.verify(None).0, 0);
+}
+
+/// The config text without `[daemon] seal_key_file`: an unkeyed audit chain.
+fn unkeyed(config: &str) -> String {
+    config
+        .lines()
+        .filter(|l| !l.starts_with("seal_key_file"))
+        .map(|l| format!("{l}\n"))
+        .collect()
 }
 
 /// With a small `audit_rotate_bytes` the log spans several files that verify as

@@ -7,7 +7,7 @@ use std::path::Path;
 use ipnet::{IpNet, Ipv4Net};
 use proptest::prelude::*;
 use serde_json::Map;
-use sitegate::audit::chain::{seal, Head};
+use sitegate::audit::chain::{seal, AuditKey, Head};
 use sitegate::audit::verify::verify;
 use sitegate::config::Config;
 use sitegate::control::protocol::Request;
@@ -106,20 +106,22 @@ proptest! {
     }
 
     /// Any single edit, deletion, swap or insertion in an audit chain is caught,
-    /// on the line where it happened or the one after it.
+    /// on the line where it happened or the one after it, keyed or not.
     #[test]
     fn audit_tamper_detected(
         n in 2usize..12,
         at in any::<prop::sample::Index>(),
         kind in 0u8..4,
         byte in any::<prop::sample::Index>(),
+        keyed in any::<bool>(),
     ) {
+        let key = keyed.then(|| AuditKey::new(zeroize::Zeroizing::new([7u8; 32])));
         let mut head = Head::genesis();
         let mut lines: Vec<String> = (0..n).map(|i| {
             let mut f = Map::new();
             f.insert("i".into(), i.into());
             f.insert("peer".into(), format!("p{i}").into());
-            let s = seal(&head, "2026-01-01T00:00:00Z", "e", &f);
+            let s = seal(&head, "2026-01-01T00:00:00Z", "e", &f, key.as_ref());
             head = s.head;
             s.line
         }).collect();
@@ -142,7 +144,7 @@ proptest! {
             }
             _ => { let dup = lines[i].clone(); lines.insert(i, dup); }
         }
-        let result = verify(lines.iter().map(String::as_str), Some(&Head::genesis()), 1);
+        let result = verify(lines.iter().map(String::as_str), Some(&Head::genesis()), key.as_ref(), 1);
         // Deleting the last line leaves a valid shorter chain: only the store's head
         // catches that, so here it must at least end earlier than the original.
         if kind == 1 && i == n - 1 {
@@ -155,7 +157,7 @@ proptest! {
     /// Audit verification never panics on arbitrary lines.
     #[test]
     fn audit_verify_total(lines in proptest::collection::vec(".{0,80}", 0..6)) {
-        let _ = verify(lines.iter().map(String::as_str), None, 1);
+        let _ = verify(lines.iter().map(String::as_str), None, None, 1);
     }
 
     /// Control requests parse or are refused, never panic.

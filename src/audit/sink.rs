@@ -6,6 +6,12 @@
 //! the thread that logged never waits on disk. Events are never per packet
 //! (failures are throttled upstream), so the channel only overflows under a
 //! fault; overflow is counted and reported in the next record that gets through.
+//!
+//! The layer has its own filter ([`AuditFilter`]), independent of `RUST_LOG` and
+//! the stderr filter: security events reach the audit log even with
+//! `RUST_LOG=off`. It takes exactly the events that carry an `event` field at
+//! `info` or above, decided once per callsite, so other callsites (boringtun's
+//! per-packet chatter) cost nothing.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
@@ -15,11 +21,13 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value};
 use tracing::field::{Field, Visit};
-use tracing::{Event, Subscriber};
-use tracing_subscriber::layer::Context;
+use tracing::subscriber::Interest;
+use tracing::{Event, Level, Metadata, Subscriber};
+use tracing_subscriber::filter::LevelFilter;
+use tracing_subscriber::layer::{Context, Filter};
 use tracing_subscriber::Layer;
 
-use super::writer::{AuditWriter, HeadStore};
+use super::writer::{AuditError, AuditWriter, HeadStore};
 
 /// Records buffered between the logging threads and the writer.
 pub const CHANNEL_DEPTH: usize = 4096;
@@ -36,7 +44,9 @@ pub struct Record {
 /// could loop) and admin events relayed over the control socket, which the
 /// admin command has already appended itself.
 fn skip(event: &str, fields: &Map<String, Value>) -> bool {
-    event == "audit_error" || fields.get("origin").and_then(Value::as_str) == Some("control")
+    event == "audit_error"
+        || event == "audit_chain_broken"
+        || fields.get("origin").and_then(Value::as_str) == Some("control")
 }
 
 static SENDER: Mutex<Option<SyncSender<Record>>> = Mutex::new(None);
@@ -45,6 +55,35 @@ static DROPPED: AtomicU64 = AtomicU64::new(0);
 /// The `tracing` layer; inert until [`start`] connects a writer.
 #[derive(Debug, Default)]
 pub struct AuditLayer;
+
+/// The audit layer's own filter (see the module doc); attach it with
+/// `AuditLayer.with_filter(AuditFilter)` so that no other filter applies.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct AuditFilter;
+
+impl AuditFilter {
+    fn wants(meta: &Metadata<'_>) -> bool {
+        meta.is_event() && *meta.level() <= Level::INFO && meta.fields().field("event").is_some()
+    }
+}
+
+impl<S> Filter<S> for AuditFilter {
+    fn enabled(&self, meta: &Metadata<'_>, _: &Context<'_, S>) -> bool {
+        Self::wants(meta)
+    }
+
+    fn callsite_enabled(&self, meta: &'static Metadata<'static>) -> Interest {
+        if Self::wants(meta) {
+            Interest::always()
+        } else {
+            Interest::never()
+        }
+    }
+
+    fn max_level_hint(&self) -> Option<LevelFilter> {
+        Some(LevelFilter::INFO)
+    }
+}
 
 struct JsonVisitor(Map<String, Value>);
 
@@ -159,6 +198,10 @@ fn drain(rx: Receiver<Record>, writer: &AuditWriter, heads: &dyn HeadStore) {
             .collect();
         match writer.append_batch(heads, &records) {
             Ok(_) => failing = false,
+            Err(e @ AuditError::Broken { .. }) if !failing => {
+                failing = true;
+                tracing::error!(event = "audit_chain_broken", error = %e);
+            }
             Err(e) if !failing => {
                 failing = true;
                 tracing::error!(event = "audit_error", error = %e);
@@ -180,7 +223,44 @@ mod tests {
         let mut f = Map::new();
         assert!(!skip("handshake", &f));
         assert!(skip("audit_error", &f));
+        assert!(skip("audit_chain_broken", &f));
         f.insert("origin".into(), "control".into());
         assert!(skip("peer_revoked", &f));
+    }
+
+    /// The audit filter takes `event`-carrying records at info and above, and
+    /// ignores whatever filter the stderr layer has (`RUST_LOG=off`).
+    #[test]
+    fn audit_layer_ignores_the_log_filter() {
+        use std::sync::{Arc, Mutex as StdMutex};
+        use tracing_subscriber::layer::SubscriberExt;
+        #[derive(Clone, Default)]
+        struct Seen(Arc<StdMutex<Vec<String>>>);
+        impl<S: Subscriber> Layer<S> for Seen {
+            fn on_event(&self, event: &Event<'_>, _: Context<'_, S>) {
+                let mut v = JsonVisitor(Map::new());
+                event.record(&mut v);
+                if let Some(Value::String(name)) = v.0.get("event") {
+                    self.0.lock().unwrap().push(name.clone());
+                }
+            }
+        }
+        let seen = Seen::default();
+        let stderr_seen = Seen::default();
+        let subscriber = tracing_subscriber::registry()
+            .with(
+                stderr_seen
+                    .clone()
+                    .with_filter(tracing_subscriber::EnvFilter::new("off")),
+            )
+            .with(seen.clone().with_filter(AuditFilter));
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::info!(event = "handshake", peer = "a");
+            tracing::warn!(event = "peer_revoked", peer = "a");
+            tracing::debug!(event = "control_error", error = "x");
+            tracing::info!(peer = "no event field");
+        });
+        assert_eq!(*seen.0.lock().unwrap(), ["handshake", "peer_revoked"]);
+        assert!(stderr_seen.0.lock().unwrap().is_empty());
     }
 }

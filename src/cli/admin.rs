@@ -21,7 +21,6 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{Map, Value};
 
 use super::{create_new_file, unix_now, write_stdout, PeerRotateArgs};
-use crate::audit::writer::AuditWriter;
 use crate::clientconf::{self, ClientConfig};
 use crate::config::Config;
 use crate::control::client::{self, ClientError};
@@ -131,13 +130,15 @@ pub(super) fn actor() -> Actor {
 /// Step (2): the audit record, with the chain head in the store. Returns the
 /// failure, if any.
 pub(crate) fn audit(cfg: &Config, store: &Store, action: &AdminAction) -> Option<String> {
-    cfg.log.audit_file.as_ref().and_then(|path| {
-        AuditWriter::new(path)
-            .with_rotate_bytes(cfg.log.audit_rotate_bytes)
-            .append(store, action.event, &action.audit_fields())
-            .err()
-            .map(|e| e.to_string())
-    })
+    crate::audit::writer_for(cfg)
+        .and_then(|w| match w {
+            Some(w) => w
+                .append(store, action.event, &action.audit_fields())
+                .map(drop),
+            None => Ok(()),
+        })
+        .err()
+        .map(|e| e.to_string())
 }
 
 /// A new peer as the CLI and the API ask for it, already checked.

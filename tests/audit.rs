@@ -120,7 +120,7 @@ impl Env {
 
     fn store_head(&self) -> Option<Head> {
         let cfg = sitegate::config::Config::load(&self.config).unwrap();
-        sitegate::registry::Store::open(&cfg.store)
+        sitegate::registry::Store::open_config(&cfg)
             .unwrap()
             .audit_head()
             .unwrap()
@@ -246,7 +246,7 @@ fn appender_child() {
     };
     let cfg = sitegate::config::Config::load(Path::new(&config)).unwrap();
     let writer = sitegate::audit::writer_for(&cfg).unwrap().unwrap();
-    let store = sitegate::registry::Store::open(&cfg.store).unwrap();
+    let store = sitegate::registry::Store::open_config(&cfg).unwrap();
     let pad = "x".repeat(300);
     for n in 0u64.. {
         let fields: Vec<Map<String, Value>> = (0..n % 64 + 1)

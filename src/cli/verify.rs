@@ -23,7 +23,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use super::write_stdout;
 use crate::audit::chain::{AuditKey, Head};
 use crate::audit::verify::{split_records, ChainError, Fault, Verified, Verifier};
-use crate::audit::writer::{chain_files, rotated_path, HeadStore, KEEP_ROTATED};
+use crate::audit::writer::{chain_files, rotated_path, KEEP_ROTATED};
 use crate::config::Config;
 use crate::registry::Store;
 
@@ -185,8 +185,7 @@ pub(crate) fn verify_chain(cfg: &Config) -> Result<String> {
             cfg.path.display()
         );
     };
-    let store = Store::open_config(cfg)?;
-    let recorded = store.audit_head().map_err(|e| anyhow!("{e}"))?;
+    let recorded = Store::recorded_audit_head(&cfg.store)?;
     let files = chain_files(&path);
     let load = || -> Result<Option<AuditKey>> { Ok(crate::audit::chain_key(cfg)?) };
     with_chain_key(load, &cfg.path, |key| {

@@ -194,6 +194,9 @@ pub enum StoreError {
     /// A sealed value that does not open.
     #[error("peer store {}: {source}", .path.display())]
     Seal { path: PathBuf, source: SealError },
+    /// The recorded audit chain head cannot be read.
+    #[error("audit chain head in the peer store: {0}")]
+    AuditHead(String),
     /// `daemon.seal_key_file` cannot be read.
     #[error("{0}")]
     SealKeyFile(#[from] SealError),
@@ -318,6 +321,24 @@ impl Store {
     /// # Errors
     /// As [`Store::open`] without the seal checks.
     pub fn inspect_secrets(cfg: &StoreConfig) -> Result<SecretCounts, StoreError> {
+        Self::open_locked(cfg)?.secret_counts()
+    }
+
+    /// The audit chain head recorded in the store `cfg` names. Needs no seal
+    /// key (the head is no secret), so `audit verify` can say that a keyed chain
+    /// needs the key instead of failing on the store.
+    ///
+    /// # Errors
+    /// As [`Store::open`] without the seal checks.
+    pub fn recorded_audit_head(cfg: &StoreConfig) -> Result<Option<Head>, StoreError> {
+        Self::open_locked(cfg)?
+            .audit_head()
+            .map_err(StoreError::AuditHead)
+    }
+
+    /// Opens without adopting a seal key: private, because such a handle must
+    /// only read what is not secret (it would write new secrets in clear).
+    fn open_locked(cfg: &StoreConfig) -> Result<Store, StoreError> {
         let path = sqlite_path(cfg)?;
         if !path.exists() {
             return Err(StoreError::Missing { path });
@@ -326,7 +347,7 @@ impl Store {
             &path,
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )?;
-        Self::setup(conn, path)?.secret_counts()
+        Self::setup(conn, path)
     }
 
     /// Counts sealed and clear preshared keys without opening any.

@@ -297,8 +297,9 @@ fn logrotate_config_validates_and_rotates_a_copy() {
 }
 
 /// What the daemon's startup needs before it drops to `[daemon] user`, and no
-/// more: TUN/routes/nftables, low ports, the uid/gid switch, handing files over.
-const BOUNDING_SET: [&str; 7] = [
+/// more: TUN/routes/nftables, low ports, the uid/gid switch, handing files over,
+/// reducing the bounding set.
+const BOUNDING_SET: [&str; 8] = [
     "CAP_NET_ADMIN",
     "CAP_NET_BIND_SERVICE",
     "CAP_SETUID",
@@ -306,6 +307,7 @@ const BOUNDING_SET: [&str; 7] = [
     "CAP_CHOWN",
     "CAP_FOWNER",
     "CAP_DAC_OVERRIDE",
+    "CAP_SETPCAP",
 ];
 
 /// The values of every `KEY=` line of the unit, in order.

@@ -279,15 +279,7 @@ impl Store {
     /// As [`Store::open`], plus [`StoreError::WrongSealKey`] and
     /// [`StoreError::SealKeyMissing`]. Nothing is written on error.
     pub fn open_sealed(cfg: &StoreConfig, seal: Option<Arc<SealKey>>) -> Result<Store, StoreError> {
-        let path = sqlite_path(cfg)?;
-        if !path.exists() {
-            return Err(StoreError::Missing { path });
-        }
-        let conn = Connection::open_with_flags(
-            &path,
-            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )?;
-        let mut store = Self::setup(conn, path)?;
+        let mut store = Self::open_locked(cfg)?;
         store.adopt_seal(seal)?;
         Ok(store)
     }

@@ -1,7 +1,7 @@
 //! The data plane's view of the registry: one slot per active peer, each with its
 //! own boringtun `Tunn`, published as an immutable [`PeerTable`] snapshot.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -226,15 +226,18 @@ impl PeerTable {
             };
             next.insert(slot);
         }
+        // Sets, so a reload stays O(n) with 10,000+ peers.
+        let kept: HashSet<*const PeerSlot> = next.peers.iter().map(Arc::as_ptr).collect();
+        let names: HashSet<&PeerName> = next.peers.iter().map(|n| &n.name).collect();
         let removed = self
             .peers
             .iter()
-            .filter(|s| !next.peers.iter().any(|n| Arc::ptr_eq(n, s)))
+            .filter(|s| !kept.contains(&Arc::as_ptr(s)))
             .map(|s| Removed {
                 slot: Arc::clone(s),
                 // A new key under the same name is a rotation; a vanished key counts
                 // as revoked.
-                reason: if next.peers.iter().any(|n| n.name == s.name) {
+                reason: if names.contains(&s.name) {
                     CloseReason::Rotated
                 } else {
                     next.inactive(s.public_key.as_bytes())

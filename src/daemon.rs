@@ -606,6 +606,8 @@ fn status_view(info: &Info, shared: &Shared) -> StatusView {
         public_key: info.public_key.clone(),
         listen_port: info.listen_port,
         started_at: info.started_at,
+        udp_send_errors: shared.io_errors.udp_send_errors(),
+        tun_write_errors: shared.io_errors.tun_write_errors(),
         peers,
     }
 }

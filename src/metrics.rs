@@ -50,6 +50,10 @@ pub struct MetricsSnapshot {
     /// Datagrams dropped before any peer could be charged with them,
     /// indexed by [`DropReason::index`].
     pub datagrams_dropped: [u64; DropReason::ALL.len()],
+    /// Datagrams the data plane failed to send ([`crate::dataplane::IoErrors`]).
+    pub udp_send_errors: u64,
+    /// TUN write passes that failed, wholly or in part.
+    pub tun_write_errors: u64,
     /// Registry peers by lifecycle, as the caller counted them.
     pub states: PeerStates,
 }
@@ -187,6 +191,8 @@ pub fn snapshot(shared: &Shared, states: PeerStates) -> MetricsSnapshot {
         peers,
         handshake_failures,
         datagrams_dropped: DropReason::ALL.map(|r| shared.anon.dropped[r.index()].total()),
+        udp_send_errors: shared.io_errors.udp_send_errors(),
+        tun_write_errors: shared.io_errors.tun_write_errors(),
         states,
     }
 }
@@ -325,6 +331,18 @@ impl Collector for SnapshotCollector {
                 )
             }),
         )?;
+        family(
+            &mut e,
+            "udp_send_errors",
+            "Datagrams the data plane failed to send (no route, full socket buffer): packets lost on the way to a site",
+            [([], ConstCounter::new(s.udp_send_errors))],
+        )?;
+        family(
+            &mut e,
+            "tun_write_errors",
+            "TUN device write passes (one per received batch) that failed, wholly or in part",
+            [([], ConstCounter::new(s.tun_write_errors))],
+        )?;
         Ok(())
     }
 }
@@ -353,6 +371,8 @@ mod tests {
             peers: vec![a, b],
             handshake_failures: failures,
             datagrams_dropped: [1, 0],
+            udp_send_errors: 9,
+            tun_write_errors: 0,
             states: PeerStates {
                 active: 2,
                 expired: 1,
@@ -414,6 +434,12 @@ sitegate_packets_denied_total{peer="site.b_2",reason="peer_isolation"} 0
 # TYPE sitegate_datagrams_dropped_total counter
 sitegate_datagrams_dropped_total{reason="malformed"} 1
 sitegate_datagrams_dropped_total{reason="unknown_session"} 0
+# HELP sitegate_udp_send_errors_total Datagrams the data plane failed to send (no route, full socket buffer): packets lost on the way to a site
+# TYPE sitegate_udp_send_errors_total counter
+sitegate_udp_send_errors_total 9
+# HELP sitegate_tun_write_errors_total TUN device write passes (one per received batch) that failed, wholly or in part
+# TYPE sitegate_tun_write_errors_total counter
+sitegate_tun_write_errors_total 0
 "#
         .replace("VERSION", env!("CARGO_PKG_VERSION"));
         assert_eq!(text, expected);
@@ -519,6 +545,8 @@ sitegate_datagrams_dropped_total{reason="unknown_session"} 0
                 vec!["peer"],
             ),
             ("sitegate_datagrams_dropped_total", vec!["reason"]),
+            ("sitegate_udp_send_errors_total", vec![]),
+            ("sitegate_tun_write_errors_total", vec![]),
         ] {
             assert_eq!(label_names(metric), vec![labels], "{metric}");
             assert!(scrape.docs.contains_key(metric), "{metric} has help");
@@ -567,10 +595,13 @@ sitegate_datagrams_dropped_total{reason="unknown_session"} 0
                 assert!(!kind.is_empty(), "a sample after its TYPE: {line}");
                 let (series, value) = line.rsplit_once(' ').unwrap();
                 assert!(value.parse::<u64>().is_ok(), "{line}");
-                let (name, labels) = series.split_once('{').unwrap();
+                // A gateway-wide counter has no labels and no braces.
+                let (name, labels) = match series.split_once('{') {
+                    Some((name, labels)) => (name, labels.strip_suffix('}').unwrap()),
+                    None => (series, ""),
+                };
                 assert_eq!(name, fam, "{line}");
-                let labels = labels.strip_suffix('}').unwrap();
-                for pair in labels.split(',') {
+                for pair in labels.split(',').filter(|p| !p.is_empty()) {
                     let (k, v) = pair.split_once('=').unwrap();
                     assert!(k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'));
                     assert!(v.len() >= 2 && v.starts_with('"') && v.ends_with('"'));
@@ -699,5 +730,13 @@ sitegate_datagrams_dropped_total{reason="unknown_session"} 0
         assert!(!text.contains("sitegate_peer_"), "{text}");
         assert!(text.contains("sitegate_handshake_failures_total{reason=\"decrypt\"} 0"));
         assert!(text.contains("sitegate_peers{state=\"active\"} 0"));
+        assert!(
+            text.contains("\nsitegate_udp_send_errors_total 0\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\nsitegate_tun_write_errors_total 0\n"),
+            "{text}"
+        );
     }
 }

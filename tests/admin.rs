@@ -893,6 +893,8 @@ fn live_view(env: &Env, key: &str) -> StatusView {
         public_key: "hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo=".into(),
         listen_port: 51820,
         started_at: 1_800_000_000,
+        udp_send_errors: 0,
+        tun_write_errors: 0,
         peers: vec![PeerLive {
             name: "alice".into(),
             public_key: key.into(),

@@ -19,17 +19,27 @@ use sitegate::registry::{Peer, PeerName};
 struct Capture {
     datagrams: Mutex<Vec<(Vec<u8>, SocketAddr)>>,
     packets: Mutex<Vec<Vec<u8>>>,
+    /// Sends fail as on a host with no route to the site, and capture nothing.
+    unreachable: std::sync::atomic::AtomicBool,
 }
 
 struct CaptureWire(Arc<Capture>);
 
 impl Wire for CaptureWire {
-    fn send_datagram(&self, datagram: &[u8], dst: SocketAddr) {
+    fn send_datagram(&self, datagram: &[u8], dst: SocketAddr) -> std::io::Result<()> {
+        if self
+            .0
+            .unreachable
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return Err(std::io::Error::from_raw_os_error(libc::ENETUNREACH));
+        }
         self.0
             .datagrams
             .lock()
             .unwrap()
             .push((datagram.to_vec(), dst));
+        Ok(())
     }
 }
 
@@ -1272,18 +1282,115 @@ fn rx_packets_counted_per_batch() {
     assert!(a.connect(&mut gw));
     let mut buf = vec![0u8; 2048];
     let mut sink = CaptureWire(Arc::clone(&gw.cap));
+    // The loop loads the table once per batch and hands it down.
+    let table = gw.shared.table.load_full();
     for _ in 0..5 {
         let d = match a.tunn.encapsulate(&icmp("10.8.0.2", "10.8.0.1"), &mut buf) {
             TunnResult::WriteToNetwork(d) => d.to_vec(),
             other => panic!("no session: {other:?}"),
         };
-        rx::handle_in_batch(&gw.shared, &mut gw.rx, &d, a.addr, &mut sink);
+        rx::handle_in_batch(&gw.shared, &mut gw.rx, &table, &d, a.addr, &mut sink);
     }
     assert_eq!(gw.cap.take_packets().len(), 5, "delivered at once");
     let slot = gw_slot(&gw, "alpha");
     assert_eq!(slot.packets.get(Rx), 0, "counted at the end of the batch");
-    gw.rx.end_batch();
+    gw.rx.end_batch(&gw.shared);
     assert_eq!(slot.packets.get(Rx), 5);
+}
+
+/// A batch is handled against the table loaded at its start: a reload that
+/// lands mid-batch (here: the peer revoked) takes effect from the next batch,
+/// and the batch's counts still reach the slot they were counted for.
+#[test]
+fn table_loaded_once_per_batch() {
+    use sitegate::dataplane::tally::Direction::Rx;
+    let mut gw = Gateway::new();
+    let mut a = Site::new(&gw, "alpha", "10.8.0.2", 40001);
+    gw.load(std::slice::from_ref(&a.record));
+    assert!(a.connect(&mut gw));
+    let slot = gw_slot(&gw, "alpha");
+    let mut buf = vec![0u8; 2048];
+    let mut sink = CaptureWire(Arc::clone(&gw.cap));
+    let mut datagram =
+        |a: &mut Site| match a.tunn.encapsulate(&icmp("10.8.0.2", "10.8.0.1"), &mut buf) {
+            TunnResult::WriteToNetwork(d) => d.to_vec(),
+            other => panic!("no session: {other:?}"),
+        };
+    let table = gw.shared.table.load_full();
+    let first = datagram(&mut a);
+    rx::handle_in_batch(&gw.shared, &mut gw.rx, &table, &first, a.addr, &mut sink);
+    let removed = gw.load(&[]);
+    assert_eq!(removed.len(), 1, "alpha left the live table");
+    let second = datagram(&mut a);
+    rx::handle_in_batch(&gw.shared, &mut gw.rx, &table, &second, a.addr, &mut sink);
+    drop(table);
+    gw.rx.end_batch(&gw.shared);
+    assert_eq!(gw.cap.take_packets().len(), 2, "the batch kept its table");
+    assert_eq!(slot.packets.get(Rx), 2);
+    let third = datagram(&mut a);
+    gw.receive(&third, a.addr);
+    assert!(
+        gw.cap.take_packets().is_empty(),
+        "the next batch sees the reload"
+    );
+}
+
+/// Every failed send on the data path is counted, gateway-wide: a handshake
+/// response the receive path could not send, a packet the transmit path
+/// could not send, a keepalive the timer could not send. They show in the
+/// metrics snapshot, and the timer logs one `io_errors` line, not one per
+/// failure.
+#[test]
+fn failed_sends_are_counted() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut gw = Gateway::new();
+    let mut a = Site::new(&gw, "alpha", "10.8.0.2", 40001);
+    gw.load(std::slice::from_ref(&a.record));
+    let errors = |gw: &Gateway| gw.shared.io_errors.udp_send_errors();
+    assert_eq!(errors(&gw), 0);
+
+    gw.cap.unreachable.store(true, Relaxed);
+    assert!(!a.connect(&mut gw), "the response could not leave");
+    assert_eq!(errors(&gw), 1, "the lost handshake response");
+
+    gw.cap.unreachable.store(false, Relaxed);
+    assert!(a.connect(&mut gw));
+    gw.cap.unreachable.store(true, Relaxed);
+    for _ in 0..3 {
+        gw.tun_packet(&icmp("10.8.0.1", "10.8.0.2"));
+    }
+    assert_eq!(errors(&gw), 4, "three packets to the site lost");
+    assert!(gw.cap.take_datagrams().is_empty());
+    assert_eq!(gw.shared.io_errors.tun_write_errors(), 0);
+
+    let mut timers = sitegate::dataplane::timers::Timers::default();
+    let events = events_during(|| timers.tick(&gw.shared));
+    assert_eq!(
+        events.iter().filter(|e| *e == "io_errors").count(),
+        1,
+        "one line for the failures so far: {events:?}"
+    );
+    for _ in 0..50 {
+        gw.tun_packet(&icmp("10.8.0.1", "10.8.0.2"));
+    }
+    let events = events_during(|| timers.tick(&gw.shared));
+    assert!(
+        !events.iter().any(|e| e == "io_errors"),
+        "no second line within the summary interval: {events:?}"
+    );
+    assert_eq!(errors(&gw), 54);
+    let snapshot =
+        sitegate::metrics::snapshot(&gw.shared, sitegate::metrics::PeerStates::default());
+    assert_eq!(snapshot.udp_send_errors, 54);
+    let text = sitegate::metrics::render(&snapshot);
+    assert_eq!(
+        metric(&text, "sitegate_udp_send_errors_total", &[]),
+        Some(54.0)
+    );
+    assert_eq!(
+        metric(&text, "sitegate_tun_write_errors_total", &[]),
+        Some(0.0)
+    );
 }
 
 /// A handshake the gateway initiates (data queued for a site with no

@@ -1060,6 +1060,8 @@ mod tests {
             public_key: "k".into(),
             listen_port: 51820,
             started_at: 0,
+            udp_send_errors: 0,
+            tun_write_errors: 0,
             peers,
         })
     }

@@ -300,12 +300,14 @@ pub fn status(config: &Path, json: bool) -> Result<()> {
         return print_json(&v);
     }
     let mut out = format!(
-        "interface: {}\n  public key: {}\n  listening port: {}\n  started: {}\n  active peers: {}\n",
+        "interface: {}\n  public key: {}\n  listening port: {}\n  started: {}\n  active peers: {}\n  udp send errors: {}\n  tun write errors: {}\n",
         view.interface,
         view.public_key,
         view.listen_port,
         format_time(view.started_at),
-        view.peers.len()
+        view.peers.len(),
+        view.udp_send_errors,
+        view.tun_write_errors,
     );
     for p in &view.peers {
         out.push_str(&format!("\npeer: {} ({})\n", p.name, p.public_key));

@@ -58,6 +58,14 @@ pub struct StatusView {
     pub listen_port: u16,
     /// Unix seconds.
     pub started_at: i64,
+    /// Datagrams the data plane failed to send since start (no route, full
+    /// socket buffer, ...): each is a packet lost on the way to a site.
+    #[serde(default)]
+    pub udp_send_errors: u64,
+    /// TUN write passes (one per received batch) that failed since start,
+    /// wholly or in part: decrypted packets lost on the way to the host.
+    #[serde(default)]
+    pub tun_write_errors: u64,
     pub peers: Vec<PeerLive>,
 }
 

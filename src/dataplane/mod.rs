@@ -31,7 +31,7 @@ pub mod udp;
 
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -154,9 +154,14 @@ impl DropReason {
 
 /// Where encrypted datagrams go. The daemon's [`Device`] writes to the real UDP
 /// socket; engine tests capture instead. Sends are best effort, like the
-/// network itself: a full buffer drops the datagram.
+/// network itself: a full buffer drops the datagram, and the caller counts the
+/// error in its [`IoTally`] rather than retrying.
 pub trait Wire: Send + Sync {
-    fn send_datagram(&self, datagram: &[u8], dst: SocketAddr);
+    /// Sends one datagram.
+    ///
+    /// # Errors
+    /// The send failed (no route, full buffer, ...): the datagram is lost.
+    fn send_datagram(&self, datagram: &[u8], dst: SocketAddr) -> std::io::Result<()>;
 }
 
 /// Where decrypted packets go: the receive loop's [`batch::TunBatch`] (written
@@ -176,8 +181,95 @@ pub struct Device {
 
 impl Wire for std::sync::Arc<Device> {
     #[inline]
-    fn send_datagram(&self, datagram: &[u8], dst: SocketAddr) {
-        let _ = self.udp.send_to(datagram, dst);
+    fn send_datagram(&self, datagram: &[u8], dst: SocketAddr) -> std::io::Result<()> {
+        self.udp.send_to(datagram, dst).map(|_| ())
+    }
+}
+
+/// Data-path output failures since start, gateway-wide: what the loops could
+/// not hand to the kernel. Lost packets are otherwise silent (the peer's
+/// TCP retransmits, the counters look fine), so these make a dead route or a
+/// downed TUN device visible in `status` and `/metrics`. The loops add to
+/// them once per batch from an [`IoTally`], never per packet.
+#[derive(Debug, Default)]
+pub struct IoErrors {
+    /// Datagrams a UDP send failed to send (each failed `sendto`, and each
+    /// datagram of a GSO send that failed and then failed again alone).
+    udp_send: AtomicU64,
+    /// TUN write passes that failed, wholly or in part. A pass writes one
+    /// receive batch (GRO-coalesced); tun-rs reports only that some write of
+    /// it failed, not how many packets were lost.
+    tun_write: AtomicU64,
+    /// The `errno` of the latest failure of each kind, for the log line.
+    udp_errno: AtomicI32,
+    tun_errno: AtomicI32,
+}
+
+impl IoErrors {
+    pub fn udp_send_errors(&self) -> u64 {
+        self.udp_send.load(Ordering::Relaxed)
+    }
+
+    pub fn tun_write_errors(&self) -> u64 {
+        self.tun_write.load(Ordering::Relaxed)
+    }
+
+    /// The `errno` of the latest UDP send and TUN write failures (0: none
+    /// known), for the summary event.
+    pub fn last_errno(&self) -> (i32, i32) {
+        (
+            self.udp_errno.load(Ordering::Relaxed),
+            self.tun_errno.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// One loop's output failures over its current batch, in memory it owns:
+/// the failure path costs a few plain adds, and [`IoTally::flush`] touches
+/// the shared [`IoErrors`] only when the batch had a failure.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct IoTally {
+    udp_send: u64,
+    tun_write: u64,
+    udp_errno: i32,
+    tun_errno: i32,
+}
+
+impl IoTally {
+    /// One datagram that a UDP send failed to send.
+    #[cold]
+    pub fn udp_failed(&mut self, error: &std::io::Error) {
+        self.udp_send += 1;
+        self.udp_errno = error.raw_os_error().unwrap_or(0);
+    }
+
+    /// One TUN write pass that failed.
+    #[cold]
+    pub fn tun_failed(&mut self, error: &std::io::Error) {
+        self.tun_write += 1;
+        self.tun_errno = error.raw_os_error().unwrap_or(0);
+    }
+
+    /// Adds the batch's failures to `to` and starts over.
+    #[inline]
+    pub fn flush(&mut self, to: &IoErrors) {
+        if self.udp_send == 0 && self.tun_write == 0 {
+            return;
+        }
+        self.flush_slow(to);
+    }
+
+    #[cold]
+    fn flush_slow(&mut self, to: &IoErrors) {
+        let t = std::mem::take(self);
+        if t.udp_send > 0 {
+            to.udp_errno.store(t.udp_errno, Ordering::Relaxed);
+            to.udp_send.fetch_add(t.udp_send, Ordering::Relaxed);
+        }
+        if t.tun_write > 0 {
+            to.tun_errno.store(t.tun_errno, Ordering::Relaxed);
+            to.tun_write.fetch_add(t.tun_write, Ordering::Relaxed);
+        }
     }
 }
 
@@ -211,6 +303,8 @@ pub struct Shared {
     pub hooks: Hooks,
     /// Packets from the TUN device with no peer owning the destination.
     pub no_route: AtomicU64,
+    /// UDP send and TUN write failures of the packet loops and the timer.
+    pub io_errors: IoErrors,
     /// The rules for decrypted packets, from the config.
     pub policy: crate::policy::Policy,
     /// [`Clock::now_ms`] as of the last timer tick: a clock the packet path
@@ -243,6 +337,7 @@ impl Shared {
             loop_errors: Default::default(),
             hooks: Hooks::default(),
             no_route: AtomicU64::new(0),
+            io_errors: IoErrors::default(),
             policy,
             coarse_ms: AtomicU64::new(1),
             stopping: AtomicBool::new(false),

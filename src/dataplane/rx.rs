@@ -15,7 +15,7 @@ use super::packet::Header;
 use super::peers::{PeerSlot, PeerTable};
 use super::tally::{Direction, Tally};
 use super::udp::{RecvBatch, Udp};
-use super::{DropReason, LoopError, Seen, Shared, TunSink, FATAL_AFTER, MAX_PACKET};
+use super::{DropReason, IoTally, LoopError, Seen, Shared, TunSink, FATAL_AFTER, MAX_PACKET};
 use crate::events::HandshakeFailure;
 use crate::keys::PublicKey;
 use crate::policy::{self, Quiet, Verdict};
@@ -50,10 +50,13 @@ pub fn run(
                 if n > 0 && shared.hooks.panic_rx {
                     panic!("test hook panic_rx");
                 }
+                // One table for the whole batch: a reload that lands meanwhile
+                // applies from the next batch on.
+                let table = shared.table.load();
                 for i in 0..n {
                     match batch.datagram(i) {
                         Some((datagram, src)) => {
-                            handle_in_batch(shared, &mut rx, datagram, src, &mut packets)
+                            handle_in_batch(shared, &mut rx, &table, datagram, src, &mut packets)
                         }
                         // Longer than any tunnel MTU: not a message we sent for.
                         None => match batch.source(i) {
@@ -65,8 +68,9 @@ pub fn run(
                         },
                     }
                 }
-                packets.flush(tun);
-                rx.end_batch();
+                drop(table);
+                packets.flush(tun, &mut rx.failures);
+                rx.end_batch(shared);
             }
             Err(e)
                 if matches!(
@@ -132,11 +136,13 @@ impl Initiators {
 }
 
 /// What the receive loop owns between datagrams: its output buffer, its
-/// memory of initiators, and the packet counts of the batch in hand.
+/// memory of initiators, and the packet counts and send failures of the
+/// batch in hand.
 pub struct Receiver {
     out: Vec<u8>,
     initiators: Initiators,
     forwarded: Tally,
+    failures: IoTally,
 }
 
 impl Default for Receiver {
@@ -145,15 +151,18 @@ impl Default for Receiver {
             out: vec![0u8; MAX_PACKET],
             initiators: Initiators::default(),
             forwarded: Tally::new(Direction::Rx),
+            failures: IoTally::default(),
         }
     }
 }
 
 impl Receiver {
     /// Ends a batch begun with [`handle_in_batch`]: the packets it forwarded
-    /// reach their peers' counters (one atomic add per peer).
-    pub fn end_batch(&mut self) {
+    /// reach their peers' counters (one atomic add per peer), and its failed
+    /// sends and TUN writes the gateway's (only when there were any).
+    pub fn end_batch(&mut self, shared: &Shared) {
         self.forwarded.flush();
+        self.failures.flush(&shared.io_errors);
     }
 }
 
@@ -166,16 +175,20 @@ pub fn handle(
     src: SocketAddr,
     sink: &mut impl TunSink,
 ) {
-    handle_in_batch(shared, rx, datagram, src, sink);
-    rx.end_batch();
+    let table = shared.table.load();
+    handle_in_batch(shared, rx, &table, datagram, src, sink);
+    drop(table);
+    rx.end_batch(shared);
 }
 
 /// Handles one datagram of a batch, as [`handle`] does, except that the
 /// packet counts wait for [`Receiver::end_batch`]: the receive loop counts a
-/// batch in memory it owns and touches the peers' atomics once.
+/// batch in memory it owns and touches the peers' atomics once. `table` is
+/// the batch's snapshot of the peers, loaded once by the caller.
 pub fn handle_in_batch(
     shared: &Shared,
     rx: &mut Receiver,
+    table: &Arc<PeerTable>,
     datagram: &[u8],
     src: SocketAddr,
     sink: &mut impl TunSink,
@@ -185,7 +198,6 @@ pub fn handle_in_batch(
     if is_handshake(datagram) && source_blocked(shared, src) {
         return;
     }
-    let table = shared.table.load();
     let mut cookie = [0u8; 64];
     let packet = match shared
         .rate_limiter
@@ -193,7 +205,7 @@ pub fn handle_in_batch(
     {
         Ok(p) => p,
         Err(TunnResult::WriteToNetwork(reply)) => {
-            shared.wire.send_datagram(reply, src);
+            send(shared, &mut rx.failures, reply, src);
             anon_failure(shared, HandshakeFailure::RateLimited, None, src);
             return;
         }
@@ -215,7 +227,7 @@ pub fn handle_in_batch(
             if process(
                 shared,
                 rx,
-                &table,
+                table,
                 pos,
                 Kind::Initiation,
                 true,
@@ -229,8 +241,8 @@ pub fn handle_in_batch(
             }
         }
     }
-    if let Some((pos, kind)) = identify(shared, &table, &packet, src) {
-        process(shared, rx, &table, pos, kind, false, datagram, src, sink);
+    if let Some((pos, kind)) = identify(shared, table, &packet, src) {
+        process(shared, rx, table, pos, kind, false, datagram, src, sink);
     }
 }
 
@@ -309,7 +321,7 @@ fn process(
                 // and this handshake message carried no valid mac2 for `src`.
                 failure_event(shared, peer, HandshakeFailure::RateLimited, src);
             }
-            shared.wire.send_datagram(reply, src);
+            send(shared, &mut rx.failures, reply, src);
             if authenticated {
                 if kind == Kind::Initiation && !remembered {
                     rx.initiators.remember(src, *peer.public_key.as_bytes());
@@ -326,7 +338,7 @@ fn process(
                     role = if kind == Kind::Initiation { "responder" } else { "initiator" },
                 );
             }
-            flush_queue(shared, peer, &mut rx.out);
+            flush_queue(shared, peer, &mut rx.out, &mut rx.failures);
         }
         TunnResult::WriteToTunnelV4(ip, _) | TunnResult::WriteToTunnelV6(ip, _) => {
             deliver(shared, table, pos, peer, ip, sink, &mut rx.forwarded);
@@ -419,9 +431,17 @@ fn deliver(
     }
 }
 
+/// Sends a reply, counting a failure in the batch's `failures`.
+#[inline]
+fn send(shared: &Shared, failures: &mut IoTally, datagram: &[u8], dst: SocketAddr) {
+    if let Err(e) = shared.wire.send_datagram(datagram, dst) {
+        failures.udp_failed(&e);
+    }
+}
+
 /// Sends packets boringtun queued while the session was being established,
 /// counting them as transmitted (once per handshake, so one atomic add each).
-fn flush_queue(shared: &Shared, peer: &PeerSlot, out: &mut [u8]) {
+fn flush_queue(shared: &Shared, peer: &PeerSlot, out: &mut [u8], failures: &mut IoTally) {
     loop {
         let mut state = peer.lock();
         let endpoint = state.endpoint;
@@ -432,7 +452,7 @@ fn flush_queue(shared: &Shared, peer: &PeerSlot, out: &mut [u8]) {
                     if packet.first() == Some(&MSG_TRANSPORT) {
                         peer.packets.add(Direction::Tx, 1);
                     }
-                    shared.wire.send_datagram(packet, ep);
+                    send(shared, failures, packet, ep);
                 }
             }
             _ => return,

@@ -10,7 +10,7 @@ use std::time::Duration;
 use boringtun::noise::TunnResult;
 
 use super::peers::PeerSlot;
-use super::{DropReason, LoopError, Shared, MAX_PACKET};
+use super::{DropReason, IoTally, LoopError, Shared, MAX_PACKET};
 use crate::events::{CloseReason, HandshakeFailure, SUMMARY_INTERVAL_MS};
 use crate::policy::DenyReason;
 
@@ -23,6 +23,11 @@ pub struct Timers {
     buf: Vec<u8>,
     sources_summarised_ms: u64,
     named: Vec<(IpAddr, u64)>,
+    /// Failed sends of this tick (keepalives, handshake initiations).
+    failures: IoTally,
+    /// The output failure totals as of the last `io_errors` line, and when.
+    io_reported: (u64, u64),
+    io_reported_ms: u64,
 }
 
 impl Default for Timers {
@@ -31,6 +36,9 @@ impl Default for Timers {
             buf: vec![0u8; MAX_PACKET],
             sources_summarised_ms: 0,
             named: Vec::with_capacity(SUMMARY_SOURCES * 4),
+            failures: IoTally::default(),
+            io_reported: (0, 0),
+            io_reported_ms: 0,
         }
     }
 }
@@ -54,6 +62,8 @@ impl Timers {
             summarise_peer(peer, now_ms);
         }
         shared.live_endpoints.store(Arc::new(live));
+        self.failures.flush(&shared.io_errors);
+        self.summarise_io_errors(shared, now_ms);
         summarise_anon(shared, now_ms);
         self.summarise_sources(shared, now_ms);
         summarise_loop_errors(shared, now_ms);
@@ -75,12 +85,51 @@ impl Timers {
         let session = state.session_up;
         drop(state);
         if let (TunnResult::WriteToNetwork(packet), Some(ep)) = (result, endpoint) {
-            shared.wire.send_datagram(packet, ep);
+            if let Err(e) = shared.wire.send_datagram(packet, ep) {
+                self.failures.udp_failed(&e);
+            }
         }
         if ended {
             session_closed(peer, CloseReason::Timeout);
         }
         endpoint.filter(|_| session)
+    }
+
+    /// One `io_errors` line when UDP sends or TUN writes failed since the
+    /// last one: the first at once (within a tick), then at most one per
+    /// [`SUMMARY_INTERVAL_MS`], whatever the rate of failures. The packet
+    /// loops only count; the log line is made here.
+    fn summarise_io_errors(&mut self, shared: &Shared, now_ms: u64) {
+        let io = &shared.io_errors;
+        let totals = (io.udp_send_errors(), io.tun_write_errors());
+        if totals == self.io_reported
+            || (self.io_reported_ms != 0
+                && now_ms.saturating_sub(self.io_reported_ms) < SUMMARY_INTERVAL_MS)
+        {
+            return;
+        }
+        let (udp_errno, tun_errno) = io.last_errno();
+        let text = |errno: i32, new: u64| {
+            if new > 0 && errno != 0 {
+                std::io::Error::from_raw_os_error(errno).to_string()
+            } else {
+                String::new()
+            }
+        };
+        let udp_new = totals.0.saturating_sub(self.io_reported.0);
+        let tun_new = totals.1.saturating_sub(self.io_reported.1);
+        tracing::warn!(
+            event = "io_errors",
+            udp_send_errors = udp_new,
+            udp_error = text(udp_errno, udp_new),
+            tun_write_errors = tun_new,
+            tun_error = text(tun_errno, tun_new),
+            udp_send_errors_total = totals.0,
+            tun_write_errors_total = totals.1,
+            count = udp_new + tun_new,
+        );
+        self.io_reported = totals;
+        self.io_reported_ms = now_ms;
     }
 
     /// Sources in backoff that kept sending: the worst by name, then a total.

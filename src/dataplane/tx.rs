@@ -9,8 +9,8 @@ use boringtun::noise::TunnResult;
 
 use super::peers::PeerTable;
 use super::tally::{Direction, Tally};
-use super::udp::Udp;
-use super::{packet, LoopError, Shared, FATAL_AFTER, MAX_PACKET};
+use super::udp::{Udp, UdpSend};
+use super::{packet, IoTally, LoopError, Shared, FATAL_AFTER, MAX_PACKET};
 
 /// WireGuard message type of a transport (data) message: what `encapsulate`
 /// returns for a packet sent on a session, as opposed to the handshake
@@ -48,13 +48,20 @@ pub fn run(
                 if n > 0 && shared.hooks.panic_tx {
                     panic!("test hook panic_tx");
                 }
+                // One table for the whole read: a reload that lands meanwhile
+                // applies from the next read on.
+                let table = shared.table.load();
                 for (seg, &len) in segments.iter().zip(&sizes).take(n) {
                     let count = |table: &Arc<PeerTable>, pos| sent.count(table, pos);
-                    if let Some((datagram, ep)) = encrypt(shared, &seg[..len], &mut out, count) {
+                    if let Some((datagram, ep)) =
+                        encrypt(shared, &table, &seg[..len], &mut out, count)
+                    {
                         gso.push(datagram, ep, udp);
                     }
                 }
+                drop(table);
                 gso.flush(udp);
+                gso.failures.flush(&shared.io_errors);
                 sent.flush();
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
@@ -76,14 +83,20 @@ pub fn run(
 }
 
 /// Encrypts one IP packet from the TUN device for the peer owning its
-/// destination and sends it, counting it at once (a batch of one).
+/// destination and sends it through [`Shared::wire`], counting it (and a
+/// failed send) at once: a batch of one.
 #[inline]
 pub fn handle(shared: &Shared, ip: &[u8], out: &mut [u8]) {
     let count = |table: &Arc<PeerTable>, pos: usize| {
         table.peers[pos].packets.add(Direction::Tx, 1);
     };
-    if let Some((datagram, ep)) = encrypt(shared, ip, out, count) {
-        shared.wire.send_datagram(datagram, ep);
+    let table = shared.table.load();
+    if let Some((datagram, ep)) = encrypt(shared, &table, ip, out, count) {
+        if let Err(e) = shared.wire.send_datagram(datagram, ep) {
+            let mut failures = IoTally::default();
+            failures.udp_failed(&e);
+            failures.flush(&shared.io_errors);
+        }
     }
 }
 
@@ -91,16 +104,17 @@ pub fn handle(shared: &Shared, ip: &[u8], out: &mut [u8]) {
 /// (in `out`) and where it goes, or `None` when no peer owns the destination or
 /// the peer has no session or endpoint yet (boringtun then queues the packet
 /// and starts a handshake). A packet that leaves as a transport message is
-/// passed to `count` with the table and the peer's position in it.
+/// passed to `count` with the table and the peer's position in it. `table`
+/// is the batch's snapshot, loaded once by the caller.
 #[inline]
 fn encrypt<'a>(
     shared: &Shared,
+    table: &Arc<PeerTable>,
     ip: &[u8],
     out: &'a mut [u8],
     count: impl FnOnce(&Arc<PeerTable>, usize),
 ) -> Option<(&'a [u8], SocketAddr)> {
     let dst = packet::destination(ip)?;
-    let table = shared.table.load();
     let Some(&pos) = table.routes.lookup(dst) else {
         shared.no_route.fetch_add(1, Ordering::Relaxed);
         return None;
@@ -113,7 +127,7 @@ fn encrypt<'a>(
     match (result, endpoint) {
         (TunnResult::WriteToNetwork(datagram), Some(ep)) => {
             if datagram.first() == Some(&MSG_TRANSPORT) {
-                count(&table, pos);
+                count(table, pos);
             }
             Some((datagram, ep))
         }
@@ -128,8 +142,10 @@ const GSO_MAX_BYTES: usize = 65_000;
 
 /// Consecutive datagrams to one endpoint, all of one size but the last, sent
 /// with one UDP GSO `sendmsg(2)`. Falls back to one send per datagram if the
-/// kernel refuses GSO.
+/// GSO send fails; datagrams that fail alone too are counted in `failures`.
 struct GsoBatch {
+    /// Send failures since the loop last flushed them to the shared counters.
+    failures: IoTally,
     buf: Vec<u8>,
     segment: usize,
     count: usize,
@@ -142,6 +158,7 @@ struct GsoBatch {
 impl GsoBatch {
     fn new() -> GsoBatch {
         GsoBatch {
+            failures: IoTally::default(),
             buf: Vec::with_capacity(GSO_MAX_BYTES + MAX_PACKET),
             segment: 0,
             count: 0,
@@ -152,7 +169,7 @@ impl GsoBatch {
     }
 
     #[inline]
-    fn push(&mut self, datagram: &[u8], dst: SocketAddr, udp: &Udp) {
+    fn push(&mut self, datagram: &[u8], dst: SocketAddr, udp: &impl UdpSend) {
         if self.count > 0
             && (self.dst != Some(dst)
                 || self.closed
@@ -171,35 +188,173 @@ impl GsoBatch {
         self.count += 1;
     }
 
-    fn flush(&mut self, udp: &Udp) {
+    fn flush(&mut self, udp: &impl UdpSend) {
         if let Some(dst) = self.dst {
-            let sent_whole = self.count > 1
-                && self.enabled
-                && match u16::try_from(self.segment) {
-                    Ok(seg) => match udp.send_segments(&self.buf, seg, dst) {
-                        Ok(()) => true,
-                        Err(e) => {
-                            // No GSO here (old kernel, odd device): stop trying.
-                            if matches!(
-                                e.raw_os_error(),
-                                Some(libc::EIO | libc::EINVAL | libc::ENOPROTOOPT)
-                            ) {
-                                self.enabled = false;
-                            }
-                            false
-                        }
-                    },
-                    Err(_) => false,
-                };
-            if !sent_whole {
-                for chunk in self.buf.chunks(self.segment.max(1)) {
-                    let _ = udp.send_to(chunk, dst);
+            let mut gso_error = None;
+            if self.count > 1 && self.enabled {
+                if let Ok(seg) = u16::try_from(self.segment) {
+                    if let Err(e) = udp.send_segments(&self.buf, seg, dst) {
+                        gso_error = e.raw_os_error();
+                    } else {
+                        self.reset();
+                        return;
+                    }
                 }
             }
+            let mut delivered = false;
+            for chunk in self.buf.chunks(self.segment.max(1)) {
+                match udp.send_to(chunk, dst) {
+                    Ok(_) => delivered = true,
+                    Err(e) => self.failures.udp_failed(&e),
+                }
+            }
+            // No GSO here (old kernel, odd device): stop trying. Only when the
+            // same datagrams then went out one by one, since a route that
+            // refuses everything (a blackhole gives `EINVAL` too) says nothing
+            // about GSO and must not cost it for every other endpoint.
+            if delivered
+                && matches!(
+                    gso_error,
+                    Some(libc::EIO | libc::EINVAL | libc::ENOPROTOOPT)
+                )
+            {
+                self.enabled = false;
+            }
         }
+        self.reset();
+    }
+
+    fn reset(&mut self) {
         self.buf.clear();
         self.count = 0;
         self.closed = false;
         self.dst = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataplane::IoErrors;
+    use std::cell::{Cell, RefCell};
+
+    /// A socket whose sends fail with `errno` (GSO sends with `gso_errno`),
+    /// recording what it was asked to send.
+    struct FakeUdp {
+        gso_errno: Option<i32>,
+        errno: Option<i32>,
+        gso_sends: Cell<usize>,
+        sent: RefCell<Vec<usize>>,
+    }
+
+    impl FakeUdp {
+        fn new(gso_errno: Option<i32>, errno: Option<i32>) -> FakeUdp {
+            FakeUdp {
+                gso_errno,
+                errno,
+                gso_sends: Cell::new(0),
+                sent: RefCell::new(Vec::new()),
+            }
+        }
+    }
+
+    impl UdpSend for FakeUdp {
+        fn send_segments(&self, buf: &[u8], _: u16, _: SocketAddr) -> std::io::Result<()> {
+            self.gso_sends.set(self.gso_sends.get() + 1);
+            match self.gso_errno {
+                Some(e) => Err(std::io::Error::from_raw_os_error(e)),
+                None => {
+                    self.sent.borrow_mut().push(buf.len());
+                    Ok(())
+                }
+            }
+        }
+        fn send_to(&self, buf: &[u8], _: SocketAddr) -> std::io::Result<usize> {
+            match self.errno {
+                Some(e) => Err(std::io::Error::from_raw_os_error(e)),
+                None => {
+                    self.sent.borrow_mut().push(buf.len());
+                    Ok(buf.len())
+                }
+            }
+        }
+    }
+
+    fn dst() -> SocketAddr {
+        "192.0.2.7:51820".parse().unwrap()
+    }
+
+    /// Every datagram lost to a dead route is counted once, at the loop's
+    /// flush; GSO stays on, because the route and not GSO was at fault.
+    #[test]
+    fn dead_route_counts_each_datagram() {
+        let udp = FakeUdp::new(Some(libc::EINVAL), Some(libc::EINVAL));
+        let mut gso = GsoBatch::new();
+        for _ in 0..5 {
+            gso.push(&[4; 100], dst(), &udp);
+        }
+        gso.push(&[4; 40], dst(), &udp);
+        gso.flush(&udp);
+        gso.push(&[4; 100], dst(), &udp);
+        gso.flush(&udp);
+        let shared = IoErrors::default();
+        assert_eq!(shared.udp_send_errors(), 0, "not before the batch ends");
+        gso.failures.flush(&shared);
+        assert_eq!(shared.udp_send_errors(), 7);
+        assert_eq!(shared.last_errno(), (libc::EINVAL, 0));
+        assert!(gso.enabled, "a dead route does not turn GSO off");
+        assert_eq!(udp.gso_sends.get(), 1, "a single datagram goes alone");
+        assert!(udp.sent.borrow().is_empty());
+    }
+
+    /// A GSO refusal whose datagrams then go out alone is the kernel's lack
+    /// of GSO: nothing is lost, nothing counted, and GSO is not tried again.
+    #[test]
+    fn gso_refused_falls_back_without_counting() {
+        let udp = FakeUdp::new(Some(libc::EIO), None);
+        let mut gso = GsoBatch::new();
+        for _ in 0..3 {
+            gso.push(&[4; 100], dst(), &udp);
+        }
+        gso.flush(&udp);
+        assert_eq!(*udp.sent.borrow(), [100, 100, 100]);
+        assert_eq!(gso.failures, IoTally::default());
+        assert!(!gso.enabled);
+        for _ in 0..3 {
+            gso.push(&[4; 100], dst(), &udp);
+        }
+        gso.flush(&udp);
+        assert_eq!(udp.gso_sends.get(), 1, "GSO tried once");
+    }
+
+    /// Partial failure: the GSO send fails with a transient error (a full
+    /// buffer), the one-by-one retry loses some: exactly those are counted.
+    #[test]
+    fn partial_failure_counts_the_lost() {
+        struct Flaky(Cell<usize>);
+        impl UdpSend for Flaky {
+            fn send_segments(&self, _: &[u8], _: u16, _: SocketAddr) -> std::io::Result<()> {
+                Err(std::io::Error::from_raw_os_error(libc::EAGAIN))
+            }
+            fn send_to(&self, buf: &[u8], _: SocketAddr) -> std::io::Result<usize> {
+                self.0.set(self.0.get() + 1);
+                if self.0.get().is_multiple_of(2) {
+                    Err(std::io::Error::from_raw_os_error(libc::ENOBUFS))
+                } else {
+                    Ok(buf.len())
+                }
+            }
+        }
+        let udp = Flaky(Cell::new(0));
+        let mut gso = GsoBatch::new();
+        for _ in 0..4 {
+            gso.push(&[4; 100], dst(), &udp);
+        }
+        gso.flush(&udp);
+        let shared = IoErrors::default();
+        gso.failures.flush(&shared);
+        assert_eq!(shared.udp_send_errors(), 2);
+        assert_eq!(shared.last_errno().0, libc::ENOBUFS);
+        assert!(gso.enabled, "EAGAIN says nothing about GSO");
     }
 }

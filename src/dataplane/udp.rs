@@ -155,6 +155,32 @@ impl Udp {
     }
 }
 
+/// The transmit path's two sends, as a trait so that a failing socket can
+/// stand in for [`Udp`] in tests.
+pub trait UdpSend {
+    /// As [`Udp::send_segments`].
+    ///
+    /// # Errors
+    /// As `sendmsg(2)`.
+    fn send_segments(&self, buf: &[u8], segment: u16, dst: SocketAddr) -> io::Result<()>;
+    /// As [`Udp::send_to`].
+    ///
+    /// # Errors
+    /// As `sendto(2)`.
+    fn send_to(&self, buf: &[u8], dst: SocketAddr) -> io::Result<usize>;
+}
+
+impl UdpSend for Udp {
+    #[inline]
+    fn send_segments(&self, buf: &[u8], segment: u16, dst: SocketAddr) -> io::Result<()> {
+        Udp::send_segments(self, buf, segment, dst)
+    }
+    #[inline]
+    fn send_to(&self, buf: &[u8], dst: SocketAddr) -> io::Result<usize> {
+        Udp::send_to(self, buf, dst)
+    }
+}
+
 /// Datagrams taken from the socket per `recvmmsg(2)`.
 pub const RECV_BATCH: usize = 64;
 /// Receive buffer per datagram: a WireGuard message for a 1420-byte MTU is 1452

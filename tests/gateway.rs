@@ -628,3 +628,100 @@ fn ipv6_tunnel_carries_ping_and_bulk_tcp() {
         gw.log_tail(20)
     );
 }
+
+/// A site whose underlay route dies (a blackhole route in the gateway's
+/// namespace: every send to it fails with `EINVAL`) costs the gateway
+/// packets it could not send; `status` shows them (`--json` and text), and
+/// one `io_errors` event names the error. A TUN device that is down refuses
+/// decrypted packets; those failed writes show too. Both paths recover
+/// when the fault is repaired.
+#[test]
+fn send_and_tun_write_failures_show_in_status() {
+    if !rig_ready("send_failures") {
+        return;
+    }
+    let n = names("sf");
+    let gw_ns = Netns::new(&n.netns("gw"));
+    let site_ns = Netns::new(&n.netns("s1"));
+    Underlay::attach(&n, &gw_ns, &site_ns, 1);
+    let mut gw = Gateway::init(&gw_ns, &n.name("g"));
+    let conf = gw.add_peer("site1");
+    gw.start();
+    let site = Site::up(&site_ns, &n.name("w1"), &conf);
+    assert!(
+        site_ns.ping_until(GATEWAY_TUNNEL_ADDR, CONNECT_DEADLINE),
+        "site cannot ping {GATEWAY_TUNNEL_ADDR}; gateway log:\n{}",
+        gw.log_tail(40)
+    );
+    let counter = |gw: &Gateway, name: &str| -> u64 {
+        let s = gw.status_json();
+        s[name]
+            .as_u64()
+            .unwrap_or_else(|| panic!("status --json has no {name}: {s}"))
+    };
+    assert_eq!(counter(&gw, "udp_send_errors"), 0, "before any fault");
+    assert_eq!(counter(&gw, "tun_write_errors"), 0, "before any fault");
+
+    // UDP: the gateway pings the site through the tunnel; the encrypted
+    // echo requests cannot leave.
+    let route = format!("{}/32", Underlay::site_addr(1));
+    gw_ns.run_ok(&["ip", "route", "add", "blackhole", &route]);
+    let site_addr = site.address();
+    let seen = poll_until(Duration::from_secs(15), || {
+        assert!(
+            !gw_ns.ping_once(&site_addr, None),
+            "an echo reply through a blackholed underlay"
+        );
+        counter(&gw, "udp_send_errors") > 0
+    });
+    assert!(
+        seen,
+        "no udp_send_errors in status: {}\nlog:\n{}",
+        gw.status_json(),
+        gw.log_tail(30)
+    );
+    let ev = gw.wait_event("io_errors", Duration::from_secs(5), |e| {
+        field_str(e, "event") == "io_errors" && field_u64(e, "udp_send_errors").unwrap_or(0) > 0
+    });
+    assert!(
+        !field_str(&ev, "udp_error").is_empty(),
+        "the event names the error: {ev}"
+    );
+    let text = gw.cli_ok(&["status"]);
+    let line = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("udp send errors:"))
+        .unwrap_or_else(|| panic!("no udp send errors line:\n{text}"));
+    let shown: u64 = line
+        .rsplit(' ')
+        .next()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(shown > 0, "{line}");
+    gw_ns.run_ok(&["ip", "route", "del", "blackhole", &route]);
+    assert!(
+        gw_ns.ping_until(&site_addr, Duration::from_secs(15)),
+        "the gateway cannot reach the site once the route is back; log:\n{}",
+        gw.log_tail(30)
+    );
+
+    // TUN: with the device down the kernel refuses the decrypted packets.
+    gw_ns.run_ok(&["ip", "link", "set", &gw.ifname, "down"]);
+    let seen = poll_until(Duration::from_secs(15), || {
+        let _ = site_ns.ping_once(GATEWAY_TUNNEL_ADDR, None);
+        counter(&gw, "tun_write_errors") > 0
+    });
+    assert!(
+        seen,
+        "no tun_write_errors in status: {}\nlog:\n{}",
+        gw.status_json(),
+        gw.log_tail(30)
+    );
+    gw_ns.run_ok(&["ip", "link", "set", &gw.ifname, "up"]);
+    assert!(
+        site_ns.ping_until(GATEWAY_TUNNEL_ADDR, Duration::from_secs(15)),
+        "the site cannot reach the gateway once its device is up; log:\n{}",
+        gw.log_tail(30)
+    );
+    assert!(gw.is_running(), "gateway died; log:\n{}", gw.log_tail(40));
+}

@@ -1301,7 +1301,8 @@ fn bad_api_config_refused_at_run_naming_the_key() {
 }
 
 /// `GET /metrics` is Prometheus text for an admin with the token (with
-/// `sitegate_handshakes_total`, the ops site having handshaken) and 401
+/// `sitegate_handshakes_total`, the ops site having handshaken, and the
+/// gateway-wide send and TUN write failure counters) and 401
 /// without the token.
 #[test]
 fn metrics_need_the_token() {
@@ -1333,6 +1334,18 @@ fn metrics_need_the_token() {
         .and_then(|v| v.trim().parse::<f64>().ok())
         .unwrap_or_else(|| panic!("no sitegate_handshakes_total for ops in:\n{}", a.body));
     assert!(handshakes >= 1.0, "ops handshook, yet {handshakes} counted");
+    // The data plane's output failures are served as gateway-wide counters.
+    for name in [
+        "sitegate_udp_send_errors_total",
+        "sitegate_tun_write_errors_total",
+    ] {
+        let value = a
+            .body
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse::<f64>().ok());
+        assert!(value.is_some(), "no {name} in:\n{}", a.body);
+    }
     let a = call(ns, &gw, "GET", "/metrics", None, None);
     assert_error(&a, 401, &[], "GET /metrics without a token");
     assert_eq!(a.header("www-authenticate"), Some("Bearer"), "{a:?}");

@@ -12,7 +12,10 @@
 //! sending peer's own `Tunn` mutex, held for the crypto and released before any
 //! I/O. [`timers::Timers::tick`] drives boringtun's timers and the event summaries.
 //! Packet counts for `/metrics` are tallied per batch ([`tally`]) and reach the
-//! peer's atomic counters once per batch.
+//! peer's atomic counters once per batch; failed UDP sends and TUN writes the
+//! same way ([`IoTally`] into [`IoErrors`]), so a lost packet is never silent.
+//! Each loop loads the peer table once per batch (a `recvmmsg` batch, a TUN
+//! read) and hands it down, so a reload applies from the next batch on.
 //!
 //! The protocol rules against abuse live here too: one handshake limiter for
 //! every `Tunn` ([`Shared::rate_limiter`]), roaming only on authenticated

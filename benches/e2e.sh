@@ -23,6 +23,7 @@
 # Usage: sudo benches/e2e.sh [--rounds N] [--json] [--time SECS] [--bin PATH]
 #          [--only NAME[,NAME]] [--client wg-quick|wg-set] [--mtu N]
 #          [--skip throughput,handshake,rss] [--hs-time SECS] [--peers N]
+#          [--json-file PATH]   (the table on stdout and the JSON into PATH)
 #   --rounds 1, --time 10, --hs-time 10, --peers 10000, --client wg-quick by
 #   default; --mtu sets the site's tunnel MTU (default: wg-quick's, 1420).
 set -euo pipefail
@@ -39,6 +40,7 @@ client=wg-quick
 mtu=""
 skip=""
 npeers=10000
+json_file=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --json) json=1 ;;
@@ -51,7 +53,8 @@ while [ $# -gt 0 ]; do
     --mtu) mtu="$2"; shift ;;
     --skip) skip=",$2,"; shift ;;
     --peers) npeers="$2"; shift ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    --json-file) json_file="$2"; shift ;;
+    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
     *) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -403,5 +406,9 @@ PY
 fi
 
 machine="$(nproc) CPUs, $(sed -nE 's/^model name[[:space:]]*:[[:space:]]*//p' /proc/cpuinfo | head -n1), Linux $(uname -r)"
-python3 "$root/benches/e2e_report.py" "$json" "$results" "$secs" "$hs_secs" "$rounds" "$client" \
-  "${mtu:-1420}" "$npeers" "$machine" "$((SECONDS - started))" "$versions"
+report() {
+  python3 "$root/benches/e2e_report.py" "$1" "$results" "$secs" "$hs_secs" "$rounds" "$client" \
+    "${mtu:-1420}" "$npeers" "$machine" "$((SECONDS - started))" "$versions"
+}
+[ -z "$json_file" ] || report 1 >"$json_file"
+report "$json"

@@ -24,6 +24,9 @@
 #          [--only NAME[,NAME]] [--client wg-quick|wg-set] [--mtu N]
 #          [--skip throughput,handshake,rss] [--hs-time SECS] [--peers N]
 #          [--json-file PATH]   (the table on stdout and the JSON into PATH)
+#          [--no-firewall]      (investigation only: deletes sitegate's nftables
+#                                table once it runs, so the kernel path of its
+#                                packets is the stock gateways' one: no conntrack)
 #   --rounds 1, --time 10, --hs-time 10, --peers 10000, --client wg-quick by
 #   default; --mtu sets the site's tunnel MTU (default: wg-quick's, 1420).
 set -euo pipefail
@@ -41,6 +44,7 @@ mtu=""
 skip=""
 npeers=10000
 json_file=""
+nofw=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --json) json=1 ;;
@@ -54,7 +58,8 @@ while [ $# -gt 0 ]; do
     --skip) skip=",$2,"; shift ;;
     --peers) npeers="$2"; shift ;;
     --json-file) json_file="$2"; shift ;;
-    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
+    --no-firewall) nofw=1 ;;
+    -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
     *) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -258,7 +263,11 @@ bench_one() {
       if [ "$have_sitegate" = 0 ]; then
         echo "{\"phase\":\"throughput\",\"gateway\":\"sitegate\",\"round\":$round,\"error\":\"init or peer add failed\"}" >>"$results"; return
       fi
-      spawn_sitegate gateway_link_up ;;
+      spawn_sitegate gateway_link_up
+      if [ "$nofw" = 1 ]; then
+        sleep 0.5
+        ip netns exec "$GW" nft delete table inet sitegate || log "no nftables table to delete"
+      fi ;;
     *) start_stock_gateway "$name" ;;
   esac
   if ! kill -0 "$gwpid" 2>/dev/null; then

@@ -125,5 +125,5 @@ if off:
     print("offloads (sitegate run): " + "; ".join(f"{k}: {v}" for k, v in off.items()))
 print("ratio: sitegate / best anchor of this run (best = highest rate, lowest CPU or memory). CPU is the")
 print("gateway's utime+stime (/proc/PID/stat, all threads); '+ machine softirq' adds the softirq ticks of")
-print("all CPUs in the same window (kernel packet work not charged to any process).")
+print("all CPUs in the same window (kernel packet work on both sides, the site's too; an upper bound).")
 print(f"elapsed: {elapsed} s")

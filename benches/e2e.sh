@@ -9,7 +9,7 @@
 #    (site -> gateway), one down (-R), then UDP up with 64-byte payloads at
 #    unlimited rate. Gateway CPU is utime+stime from /proc/PID/stat (all its
 #    threads); "+softirq" adds the machine's softirq ticks (/proc/stat) of the
-#    same window, i.e. kernel packet work charged to no process.
+#    same window: kernel packet work on both sides (an upper bound).
 # 2. Handshake load: benches/handshake.sh (1,000 issued keys, 3,000 initiations/s
 #    offered): handshakes/s answered and gateway CPU us per handshake.
 # 3. Memory: 10,000 issued peers (`sitegate peer add --public-key --address`, in

@@ -81,7 +81,7 @@ for l in sys.stdin:
         print(m["executable"])')
 fi
 [ -x "$bin" ] || { echo "handshake.sh: no sitegate binary at $bin" >&2; exit 1; }
-[ -n "$gen" ] && [ -x "$gen" ] || { echo "handshake.sh: no generator binary (--gen)" >&2; exit 1; }
+{ [ -n "$gen" ] && [ -x "$gen" ]; } || { echo "handshake.sh: no generator binary (--gen)" >&2; exit 1; }
 
 tag=$$
 GW=sghs-gw-$tag

@@ -1,3 +1,4 @@
+# shellcheck shell=bash disable=SC2154 # the caller sets json, work, bin, cfg, GW, GIF
 # Shared by the end-to-end benchmarks (sourced, not run). The caller sets
 # $json, $GW (gateway namespace), $GIF (gateway interface), $work (scratch
 # directory), $bin and $cfg (sitegate binary and config); gateways started here
@@ -30,13 +31,16 @@ remove_namespaces() {
   done
 }
 
-# Starts a stock userspace gateway ($1 = wireguard-go | boringtun-cli) in $GW
-# and waits (up to 10 s) for its UAPI socket; the caller configures it.
+# Starts a stock userspace gateway ($1 = wireguard-go | boringtun-cli |
+# gotatun-cli, whose binary is `gotatun`) in $GW and waits (up to 10 s) for its
+# UAPI socket; the caller configures it.
 spawn_stock_gateway() {
   case "$1" in
     wireguard-go) ip netns exec "$GW" wireguard-go -f "$GIF" >"$work/gw.log" 2>&1 & ;;
     boringtun-cli) ip netns exec "$GW" env WG_SUDO=1 boringtun-cli --foreground \
                      --disable-drop-privileges "$GIF" >"$work/gw.log" 2>&1 & ;;
+    gotatun-cli) ip netns exec "$GW" gotatun --foreground --disable-drop-privileges \
+                   --log "$work/gotatun.log" "$GIF" >"$work/gw.log" 2>&1 & ;;
   esac
   gwpid=$!
   for _ in $(seq 100); do [ -S "/var/run/wireguard/$GIF.sock" ] && break; sleep 0.1; done
@@ -55,4 +59,21 @@ spawn_sitegate() {
     kill -0 "$gwpid" 2>/dev/null || break
     sleep 0.1
   done
+}
+
+# Resident set size of process $1 in KiB (VmRSS from /proc/PID/status).
+rss_kib() { awk '/^VmRSS:/{print $2}' "/proc/$1/status"; }
+
+# Waits (up to $2 s) until process $1's RSS has stopped growing (two reads
+# 0.5 s apart within 0.5%), then prints it in KiB.
+settled_rss_kib() {
+  local a b n=0
+  a=$(rss_kib "$1")
+  while [ "$n" -lt $(($2 * 2)) ]; do
+    sleep 0.5; n=$((n + 1))
+    b=$(rss_kib "$1")
+    [ $(( (b - a) * 200 )) -le "$b" ] && break
+    a=$b
+  done
+  echo "$b"
 }

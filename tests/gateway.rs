@@ -99,13 +99,7 @@ fn interop_stock_client_ping_bulk_and_wg_show() {
     }
     let conf = gw.add_peer("site1");
     gw.start();
-    let site = Site::up(&site_ns, &n.name("w1"), &conf);
-
-    assert!(
-        site_ns.ping_until(GATEWAY_TUNNEL_ADDR, CONNECT_DEADLINE),
-        "site cannot ping {GATEWAY_TUNNEL_ADDR}; gateway log:\n{}",
-        gw.log_tail(40)
-    );
+    let site = connect_site(&gw, &site_ns, &n.name("w1"), &conf);
 
     let endpoint = format!("{}:{}", Underlay::site_addr(1), site.listen_port());
     let site_key = site.public_key();
@@ -329,12 +323,7 @@ fn spoofed_source_dropped_and_counted() {
     let mut gw = Gateway::init(&gw_ns, &n.name("g"));
     let conf = gw.add_peer("site1");
     gw.start();
-    let site = Site::up(&site_ns, &n.name("w1"), &conf);
-    assert!(
-        site_ns.ping_until(GATEWAY_TUNNEL_ADDR, CONNECT_DEADLINE),
-        "site cannot ping {GATEWAY_TUNNEL_ADDR}; gateway log:\n{}",
-        gw.log_tail(40)
-    );
+    let site = connect_site(&gw, &site_ns, &n.name("w1"), &conf);
     assert!(
         gw.events_named("packet_denied").is_empty(),
         "packet_denied before any spoofing:\n{}",
@@ -383,12 +372,7 @@ fn junk_flood_leaves_daemon_and_site_working() {
     let mut gw = Gateway::init(&gw_ns, &n.name("g"));
     let conf = gw.add_peer("site1");
     gw.start();
-    let _site = Site::up(&site_ns, &n.name("w1"), &conf);
-    assert!(
-        site_ns.ping_until(GATEWAY_TUNNEL_ADDR, CONNECT_DEADLINE),
-        "site cannot ping {GATEWAY_TUNNEL_ADDR}; gateway log:\n{}",
-        gw.log_tail(40)
-    );
+    let _site = connect_site(&gw, &site_ns, &n.name("w1"), &conf);
     let lines_before = gw.log_text().lines().count();
 
     let sent = in_netns(&junk_ns.name, || {
@@ -465,6 +449,18 @@ fn sigint_exits_zero_and_cleans_up() {
     stop_cleanly(libc::SIGINT, "si");
 }
 
+/// Brings a wg-quick site up with `conf` and waits until it pings the gateway's
+/// tunnel address.
+fn connect_site(gw: &Gateway, site_ns: &Netns, ifname: &str, conf: &str) -> Site {
+    let site = Site::up(site_ns, ifname, conf);
+    assert!(
+        site_ns.ping_until(GATEWAY_TUNNEL_ADDR, CONNECT_DEADLINE),
+        "site cannot ping {GATEWAY_TUNNEL_ADDR}; gateway log:\n{}",
+        gw.log_tail(40)
+    );
+    site
+}
+
 fn stop_cleanly(signal: i32, code: &str) {
     let n = names(code);
     let gw_ns = Netns::new(&n.netns("gw"));
@@ -473,12 +469,7 @@ fn stop_cleanly(signal: i32, code: &str) {
     let mut gw = Gateway::init(&gw_ns, &n.name("g"));
     let conf = gw.add_peer("site1");
     gw.start();
-    let _site = Site::up(&site_ns, &n.name("w1"), &conf);
-    assert!(
-        site_ns.ping_until(GATEWAY_TUNNEL_ADDR, CONNECT_DEADLINE),
-        "site cannot ping {GATEWAY_TUNNEL_ADDR}; gateway log:\n{}",
-        gw.log_tail(40)
-    );
+    let _site = connect_site(&gw, &site_ns, &n.name("w1"), &conf);
     let sock = format!("/var/run/wireguard/{}.sock", gw.ifname);
     assert!(
         std::path::Path::new(&sock).exists(),
@@ -647,12 +638,7 @@ fn send_and_tun_write_failures_show_in_status() {
     let mut gw = Gateway::init(&gw_ns, &n.name("g"));
     let conf = gw.add_peer("site1");
     gw.start();
-    let site = Site::up(&site_ns, &n.name("w1"), &conf);
-    assert!(
-        site_ns.ping_until(GATEWAY_TUNNEL_ADDR, CONNECT_DEADLINE),
-        "site cannot ping {GATEWAY_TUNNEL_ADDR}; gateway log:\n{}",
-        gw.log_tail(40)
-    );
+    let site = connect_site(&gw, &site_ns, &n.name("w1"), &conf);
     let counter = |gw: &Gateway, name: &str| -> u64 {
         let s = gw.status_json();
         s[name]

@@ -205,16 +205,11 @@ fn packet_counters(c: &mut Criterion) {
         })
         .collect();
     let policy = policy::Policy::from_config(&bench_config());
-    let (table, _) = PeerTable::default().rebuild(&records, &[], 0, &policy, |i, p| {
-        Tunn::new(
-            gw.to_x25519(),
-            p.public_key.to_x25519(),
-            None,
-            None,
-            i,
-            None,
-        )
-    });
+    let seed = Arc::new(sitegate::dataplane::peers::TunnSeed::new(
+        gw.to_x25519(),
+        None,
+    ));
+    let (table, _) = PeerTable::default().rebuild(&records, &[], 0, &policy, &seed);
     let table = Arc::new(table);
     let batch: Vec<usize> = (0..64)
         .map(|i| [7, 7, 7, 7, 42, 999, 7, 5_000][i % 8])

@@ -90,7 +90,7 @@ impl Registry {
             &snapshot.revoked,
             unix_now(),
             &shared.policy,
-            |index, p| shared.new_tunn(index, p),
+            &shared.tunn_seed(),
         );
         let active = table.peers.len();
         shared.table.store(Arc::new(table));

@@ -139,10 +139,13 @@ impl Gateway {
     fn load(&mut self, records: &[Peer]) -> Vec<(String, CloseReason)> {
         let old = self.shared.table.load_full();
         let shared = &self.shared;
-        let (table, removed): (PeerTable, _) =
-            old.rebuild(records, &self.revoked, 1_000, &shared.policy, |i, p| {
-                shared.new_tunn(i, p)
-            });
+        let (table, removed): (PeerTable, _) = old.rebuild(
+            records,
+            &self.revoked,
+            1_000,
+            &shared.policy,
+            &shared.tunn_seed(),
+        );
         self.shared.table.store(Arc::new(table));
         removed
             .into_iter()
@@ -258,6 +261,34 @@ fn issued_peer_delivers() {
     let ping = icmp("10.8.0.2", "10.8.0.1");
     site.send(&mut gw, &ping);
     assert_eq!(gw.cap.take_packets(), vec![ping]);
+}
+
+/// Issued peers get their `Tunn` on first contact only, and a reload keeps it.
+#[test]
+fn tunn_made_on_first_contact() {
+    let mut gw = Gateway::new();
+    let mut a = Site::new(&gw, "alpha", "10.8.0.2", 40001);
+    let b = Site::new(&gw, "beta", "10.8.0.3", 40002);
+    let records = [a.record.clone(), b.record.clone()];
+    gw.load(&records);
+    let has_tunn = |gw: &Gateway, name: &str| gw_slot(gw, name).lock().tunn().is_some();
+    assert!(!has_tunn(&gw, "alpha") && !has_tunn(&gw, "beta"));
+    assert!(a.connect(&mut gw));
+    assert!(has_tunn(&gw, "alpha"), "the handshake made alpha's Tunn");
+    assert!(!has_tunn(&gw, "beta"), "beta never spoke");
+    gw.load(&records);
+    let ping = icmp("10.8.0.2", "10.8.0.1");
+    a.send(&mut gw, &ping);
+    assert_eq!(
+        gw.cap.take_packets(),
+        vec![ping],
+        "the session survived the reload"
+    );
+    // A packet routed to beta starts its handshake, which needs its Tunn.
+    let mut buf = vec![0u8; 2048];
+    let ip = icmp("10.8.0.1", "10.8.0.3");
+    sitegate::dataplane::tx::handle(&gw.shared, &ip, &mut buf);
+    assert!(has_tunn(&gw, "beta"));
 }
 
 /// A packet whose source is not the sender's own address is dropped and counted.

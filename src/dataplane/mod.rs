@@ -40,11 +40,9 @@ use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use boringtun::noise::rate_limiter::RateLimiter;
-use boringtun::noise::Tunn;
 
 use crate::events::{HandshakeFailure, Throttle};
 use crate::keys::PublicKey;
-use crate::registry::Peer;
 
 /// Largest datagram or IP packet a loop handles (64 KiB plus WireGuard overhead).
 pub const MAX_PACKET: usize = 65_536 + 64;
@@ -284,6 +282,7 @@ pub struct Shared {
     pub static_public: x25519_dalek::PublicKey,
     /// The gateway's one handshake limiter, shared by every peer's `Tunn`.
     pub rate_limiter: Arc<RateLimiter>,
+    tunn_seed: Arc<peers::TunnSeed>,
     pub clock: Clock,
     pub anon: AnonFailures,
     /// Handshake failures charged to an issued peer, by reason, gateway-wide.
@@ -325,10 +324,15 @@ impl Shared {
     ) -> Shared {
         let static_secret = key.to_x25519();
         let static_public = x25519_dalek::PublicKey::from(&static_secret);
+        let rate_limiter = Arc::new(RateLimiter::new(&static_public, HANDSHAKE_RATE_LIMIT));
         Shared {
             table: ArcSwap::from_pointee(peers::PeerTable::default()),
             wire,
-            rate_limiter: Arc::new(RateLimiter::new(&static_public, HANDSHAKE_RATE_LIMIT)),
+            tunn_seed: Arc::new(peers::TunnSeed::new(
+                static_secret.clone(),
+                Some(Arc::clone(&rate_limiter)),
+            )),
+            rate_limiter,
             static_secret,
             static_public,
             clock: Clock::new(),
@@ -351,17 +355,10 @@ impl Shared {
         self.stopping.load(Ordering::Relaxed)
     }
 
-    /// A `Tunn` for `peer` with boringtun index `index`, answering as the
-    /// gateway and sharing the gateway's handshake limiter.
-    pub fn new_tunn(&self, index: u32, peer: &Peer) -> Tunn {
-        Tunn::new(
-            self.static_secret.clone(),
-            peer.public_key.to_x25519(),
-            peer.preshared_key.as_ref().map(|k| *k.as_bytes()),
-            None,
-            index,
-            Some(Arc::clone(&self.rate_limiter)),
-        )
+    /// What the peers' `Tunn`s are made from: the gateway's key, answering
+    /// with the gateway's one handshake limiter.
+    pub fn tunn_seed(&self) -> Arc<peers::TunnSeed> {
+        Arc::clone(&self.tunn_seed)
     }
 
     /// Logs a packet loop's error, throttled like every other failure.

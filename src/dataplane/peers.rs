@@ -1,11 +1,14 @@
-//! The data plane's view of the registry: one slot per active peer, each with its
-//! own boringtun `Tunn`, published as an immutable [`PeerTable`] snapshot.
+//! The data plane's view of the registry: one slot per active peer, published as
+//! an immutable [`PeerTable`] snapshot. A slot gets its boringtun `Tunn` (11 KiB,
+//! most of it room for eight sessions) on first contact, not when it is issued, so
+//! 10,000 issued peers that never connect cost about 0.5 KiB each.
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::Tunn;
 use ipnet::IpNet;
 
@@ -20,7 +23,10 @@ use crate::routing::AllowedIps;
 /// Mutable per-peer state, guarded by the slot's mutex. Held only around
 /// `Tunn` calls, never across I/O.
 pub struct PeerState {
-    pub tunn: Tunn,
+    /// `None` until the peer's first handshake message or the first packet
+    /// routed to it. Never dropped while the slot lives: it holds the latest
+    /// initiation timestamp, the replay protection for initiations.
+    tunn: Option<Box<Tunn>>,
     /// Latest authenticated source address (roaming follows it).
     pub endpoint: Option<SocketAddr>,
     /// A session exists: set by a completed handshake, cleared when the timer
@@ -32,10 +38,32 @@ pub struct PeerState {
     pub confirmed: bool,
 }
 
+impl PeerState {
+    /// The peer's `Tunn`, if it has had any contact.
+    #[inline]
+    pub fn tunn(&mut self) -> Option<&mut Tunn> {
+        self.tunn.as_deref_mut()
+    }
+}
+
+/// What every `Tunn` of a table shares: the gateway's static key and its
+/// handshake limiter.
+pub struct TunnSeed {
+    secret: x25519_dalek::StaticSecret,
+    limiter: Option<Arc<RateLimiter>>,
+}
+
+impl TunnSeed {
+    pub fn new(secret: x25519_dalek::StaticSecret, limiter: Option<Arc<RateLimiter>>) -> Self {
+        TunnSeed { secret, limiter }
+    }
+}
+
 /// One issued, active peer.
 pub struct PeerSlot {
     /// boringtun's 24-bit local index; the upper bits of every receiver index.
     pub index: u32,
+    seed: Arc<TunnSeed>,
     pub name: PeerName,
     pub public_key: PublicKey,
     pub preshared_key: Option<PresharedKey>,
@@ -78,14 +106,37 @@ impl PeerSlot {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The peer's `Tunn` inside `state` (this slot's locked state), made on
+    /// first use. Making one costs a Diffie-Hellman (boringtun precomputes the
+    /// static-static secret) and one allocation, once per slot.
+    #[inline]
+    pub fn tunn<'s>(&self, state: &'s mut PeerState) -> &'s mut Tunn {
+        state.tunn.get_or_insert_with(|| {
+            Box::new(Tunn::new(
+                self.seed.secret.clone(),
+                self.public_key.to_x25519(),
+                self.preshared_key.as_ref().map(|k| *k.as_bytes()),
+                None,
+                self.index,
+                self.seed.limiter.clone(),
+            ))
+        })
+    }
+
     /// A consistent snapshot of the peer's live state, with boringtun's
     /// relative handshake age turned into a wall-clock time.
     pub fn live(&self) -> Live {
         let wall_now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
-        let state = self.lock();
-        let (since, tx, rx, _, _) = state.tunn.stats();
+        let mut state = self.lock();
+        let (since, tx, rx) = match state.tunn() {
+            Some(t) => {
+                let (since, tx, rx, _, _) = t.stats();
+                (since, tx, rx)
+            }
+            None => (None, 0, 0),
+        };
         Live {
             endpoint: state.endpoint,
             last_handshake: since.map(|s| wall_now.saturating_sub(s)),
@@ -177,8 +228,8 @@ impl PeerTable {
 
     /// Builds the next table from the registry at `now` (Unix seconds). Slots whose
     /// name, key, PSK and addresses are unchanged are carried over with their
-    /// sessions; others get a fresh `Tunn` from `new_tunn(index, peer)`, with a
-    /// random 24-bit index that no slot of this table or the next one holds (so
+    /// sessions; others get a new slot (its `Tunn` made from `seed` on first
+    /// contact), with a random 24-bit index that no slot of this table or the next one holds (so
     /// that a message for an old session never reaches a new one, and an
     /// off-path attacker cannot guess a live index).
     pub fn rebuild(
@@ -187,7 +238,7 @@ impl PeerTable {
         revoked: &[RevokedKey],
         now: i64,
         policy: &Policy,
-        mut new_tunn: impl FnMut(u32, &Peer) -> Tunn,
+        seed: &Arc<TunnSeed>,
     ) -> (PeerTable, Vec<Removed>) {
         let mut next = PeerTable::default();
         // Keys that left the registry by rotation or revocation stay refused.
@@ -221,7 +272,7 @@ impl PeerTable {
                         self.by_index.contains_key(&i) || next.by_index.contains_key(&i)
                     });
                     let grants = policy.grants(&p.services);
-                    Arc::new(PeerSlot::new(index, p, grants, new_tunn(index, p)))
+                    Arc::new(PeerSlot::new(index, p, grants, Arc::clone(seed)))
                 }
             };
             next.insert(slot);
@@ -309,16 +360,17 @@ fn inactive_reason(p: &Peer, now: i64) -> Option<Inactive> {
 }
 
 impl PeerSlot {
-    fn new(index: u32, p: &Peer, grants: Grants, tunn: Tunn) -> Self {
+    fn new(index: u32, p: &Peer, grants: Grants, seed: Arc<TunnSeed>) -> Self {
         PeerSlot {
             index,
+            seed,
             name: p.name.clone(),
             public_key: p.public_key,
             preshared_key: p.preshared_key.clone(),
             addresses: p.addresses.clone(),
             expires_at: AtomicI64::new(p.expires_at.unwrap_or(i64::MAX)),
             state: Mutex::new(PeerState {
-                tunn,
+                tunn: None,
                 endpoint: None,
                 session_up: false,
                 confirmed: false,

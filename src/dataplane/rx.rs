@@ -301,8 +301,8 @@ fn process(
 ) -> Option<()> {
     let peer = &table.peers[pos];
     let mut state = peer.lock();
-    let result = state
-        .tunn
+    let result = peer
+        .tunn(&mut state)
         .decapsulate(Some(src.ip()), datagram, &mut rx.out);
     if remembered && matches!(result, TunnResult::Err(WireGuardError::WrongKey)) {
         return None;
@@ -445,7 +445,8 @@ fn flush_queue(shared: &Shared, peer: &PeerSlot, out: &mut [u8], failures: &mut 
     loop {
         let mut state = peer.lock();
         let endpoint = state.endpoint;
-        match state.tunn.decapsulate(None, &[], out) {
+        let Some(tunn) = state.tunn() else { return };
+        match tunn.decapsulate(None, &[], out) {
             TunnResult::WriteToNetwork(packet) => {
                 drop(state);
                 if let Some(ep) = endpoint {

@@ -169,17 +169,9 @@ url = "sqlite:///nonexistent/t.db"
                 services: vec![],
             })
             .collect();
+        let seed = Arc::new(super::super::peers::TunnSeed::new(gw.to_x25519(), None));
         let (t, _) =
-            PeerTable::default().rebuild(&records, &[], 0, &Policy::from_config(&cfg), |i, p| {
-                boringtun::noise::Tunn::new(
-                    gw.to_x25519(),
-                    p.public_key.to_x25519(),
-                    None,
-                    None,
-                    i,
-                    None,
-                )
-            });
+            PeerTable::default().rebuild(&records, &[], 0, &Policy::from_config(&cfg), &seed);
         Arc::new(t)
     }
 

@@ -72,8 +72,10 @@ impl Timers {
     /// Runs one peer's timers; returns its endpoint while it has a session.
     fn update(&mut self, shared: &Shared, peer: &PeerSlot) -> Option<SocketAddr> {
         let mut state = peer.lock();
-        let result = state.tunn.update_timers(&mut self.buf);
-        let usable = state.tunn.time_since_last_handshake().is_some();
+        // A peer never heard from has no timers to run.
+        let tunn = state.tunn()?;
+        let result = tunn.update_timers(&mut self.buf);
+        let usable = tunn.time_since_last_handshake().is_some();
         let mut ended = false;
         if usable {
             state.confirmed = true;

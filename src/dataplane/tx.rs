@@ -121,7 +121,7 @@ fn encrypt<'a>(
     };
     let peer = &table.peers[pos];
     let mut state = peer.lock();
-    let result = state.tunn.encapsulate(ip, out);
+    let result = peer.tunn(&mut state).encapsulate(ip, out);
     let endpoint = state.endpoint;
     drop(state);
     match (result, endpoint) {

@@ -334,10 +334,23 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     let active = registry.reload(&shared)?;
 
     let (fatal_tx, fatal_rx) = tokio::sync::mpsc::unbounded_channel::<Fatal>();
+    let (initiations, queued) = std::sync::mpsc::sync_channel(rx::HANDSHAKE_QUEUE);
+    let handshake_thread = {
+        let shared = Arc::clone(&shared);
+        spawn_loop("sg-handshake", fatal_tx.clone(), move || {
+            rx::run_handshakes(&shared, queued)
+        })?
+    };
     let rx_thread = {
         let (shared, device) = (Arc::clone(&shared), Arc::clone(&device));
         spawn_loop("sg-rx", fatal_tx.clone(), move || {
-            rx::run(&shared, &device.udp, &device.tun, device.offload)
+            rx::run(
+                &shared,
+                &device.udp,
+                &device.tun,
+                device.offload,
+                initiations,
+            )
         })?
     };
     let tx_thread = {
@@ -389,7 +402,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
 
     shared.stopping.store(true, Ordering::Relaxed);
     let _ = interrupt.trigger();
-    for t in [rx_thread, tx_thread] {
+    for t in [rx_thread, tx_thread, handshake_thread] {
         // A loop's failure was reported through the fatal channel already.
         let _ = t.join();
     }

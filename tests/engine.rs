@@ -291,6 +291,51 @@ fn tunn_made_on_first_contact() {
     assert!(has_tunn(&gw, "beta"));
 }
 
+/// With a handshake worker, the receive loop only queues initiations: the
+/// worker answers them, a full queue refuses them as `rate_limited` without a
+/// reply, and data of existing sessions goes on meanwhile.
+#[test]
+fn handshake_worker_answers_queued_initiations() {
+    let mut gw = Gateway::new();
+    let mut a = Site::new(&gw, "alpha", "10.8.0.2", 40001);
+    let mut b = Site::new(&gw, "beta", "10.8.0.3", 40002);
+    let mut c = Site::new(&gw, "gamma", "10.8.0.4", 40003);
+    gw.load(&[a.record.clone(), b.record.clone(), c.record.clone()]);
+    assert!(a.connect(&mut gw), "inline, as without a worker");
+
+    let (queue, queued) = std::sync::mpsc::sync_channel(1);
+    gw.rx = rx::Receiver::with_handshakes(queue);
+    let mut buf = vec![0u8; 2048];
+    let mut init = |site: &mut Site| match site.tunn.format_handshake_initiation(&mut buf, true) {
+        TunnResult::WriteToNetwork(p) => p.to_vec(),
+        other => panic!("no initiation: {other:?}"),
+    };
+    let (init_b, init_c) = (init(&mut b), init(&mut c));
+    gw.receive(&init_b, b.addr);
+    gw.receive(&init_c, c.addr);
+    assert!(gw.cap.take_datagrams().is_empty(), "the loop answers none");
+    let ping = icmp("10.8.0.2", "10.8.0.1");
+    a.send(&mut gw, &ping);
+    assert_eq!(gw.cap.take_packets(), vec![ping], "data goes on");
+
+    // The loop's receiver gone, the worker answers what was queued and ends.
+    gw.rx = rx::Receiver::default();
+    rx::run_handshakes(&gw.shared, queued).unwrap();
+    let replies = gw.cap.take_datagrams();
+    assert_eq!(replies.len(), 1, "beta's initiation, queued, answered");
+    assert_eq!(replies[0].1, b.addr);
+    assert!(matches!(
+        b.tunn
+            .decapsulate(None, &replies[0].0, &mut vec![0u8; 2048]),
+        TunnResult::WriteToNetwork(_)
+    ));
+    let failures = gw.shared.anon.throttles[HandshakeFailure::RateLimited.index()].total();
+    assert_eq!(
+        failures, 1,
+        "gamma's, over the queue, refused as under load"
+    );
+}
+
 /// A packet whose source is not the sender's own address is dropped and counted.
 #[test]
 fn spoofed_source_dropped_and_counted() {

@@ -3,12 +3,13 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver as QueueRx, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::Instant;
 
 use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::handshake::parse_handshake_anon;
-use boringtun::noise::{Packet, TunnResult};
+use boringtun::noise::{Packet, Tunn, TunnResult};
 
 use super::batch::TunBatch;
 use super::packet::Header;
@@ -38,10 +39,11 @@ pub fn run(
     udp: &Udp,
     tun: &tun_rs::SyncDevice,
     offload: bool,
+    handshakes: SyncSender<Initiation>,
 ) -> std::io::Result<()> {
     let mut batch = RecvBatch::default();
     let mut packets = TunBatch::new(offload);
-    let mut rx = Receiver::default();
+    let mut rx = Receiver::with_handshakes(handshakes);
     let mut failing_since: Option<Instant> = None;
     while !shared.is_stopping() {
         match udp.recv_batch(&mut batch) {
@@ -135,14 +137,33 @@ impl Initiators {
     }
 }
 
-/// What the receive loop owns between datagrams: its output buffer, its
-/// memory of initiators, and the packet counts and send failures of the
-/// batch in hand.
+/// A handshake initiation is always this long (boringtun parses no other).
+pub const INITIATION_LEN: usize = 148;
+
+/// Initiations waiting for the handshake worker. A full queue means the
+/// worker is behind by this many Diffie-Hellman rounds (about 0.2 s of work);
+/// further initiations are refused as `rate_limited` until it catches up, and
+/// the data path never waits.
+pub const HANDSHAKE_QUEUE: usize = 1024;
+
+/// An initiation the receive loop checked (mac1, cookie, source backoff) and
+/// hands to the handshake worker; copied, so no buffer is shared.
+pub struct Initiation {
+    bytes: [u8; INITIATION_LEN],
+    src: SocketAddr,
+}
+
+/// What a receive loop owns between datagrams: its output buffer, its
+/// memory of initiators, the packet counts and send failures of the batch in
+/// hand, and where initiations go.
 pub struct Receiver {
     out: Vec<u8>,
     initiators: Initiators,
     forwarded: Tally,
     failures: IoTally,
+    /// The handshake worker's queue; `None`: initiations are answered inline
+    /// (the worker itself, and the engine tests).
+    handshakes: Option<SyncSender<Initiation>>,
 }
 
 impl Default for Receiver {
@@ -152,8 +173,64 @@ impl Default for Receiver {
             initiators: Initiators::default(),
             forwarded: Tally::new(Direction::Rx),
             failures: IoTally::default(),
+            handshakes: None,
         }
     }
+}
+
+impl Receiver {
+    /// A receiver that hands initiations to [`run_handshakes`] through `queue`
+    /// instead of answering them itself.
+    pub fn with_handshakes(queue: SyncSender<Initiation>) -> Receiver {
+        Receiver {
+            handshakes: Some(queue),
+            ..Receiver::default()
+        }
+    }
+}
+
+/// Initiations answered per table snapshot before the worker loads a new one.
+const HANDSHAKE_BATCH: usize = 64;
+
+/// Answers the initiations the receive loop queues, until shutdown or until
+/// the receive loop is gone. This is the Diffie-Hellman work (three X25519
+/// per initiation, about 0.2 ms), on its own thread so that a burst of
+/// handshakes (a thousand sites renewing, or a flood) does not stall the
+/// packets of sessions that exist.
+///
+/// # Errors
+/// None so far; the signature matches the other loops.
+pub fn run_handshakes(shared: &Shared, queue: QueueRx<Initiation>) -> std::io::Result<()> {
+    let mut rx = Receiver::default();
+    let mut discard = NoTun;
+    while !shared.is_stopping() {
+        let first = match queue.recv_timeout(super::udp::RECV_TIMEOUT) {
+            Ok(i) => i,
+            Err(RecvTimeoutError::Timeout) => continue,
+            Err(RecvTimeoutError::Disconnected) => return Ok(()),
+        };
+        let table = shared.table.load();
+        let mut next = Some(first);
+        let mut handled = 0;
+        while let Some(i) = next.take() {
+            handle_initiation(shared, &mut rx, &table, &i.bytes, i.src, &mut discard);
+            handled += 1;
+            if handled < HANDSHAKE_BATCH {
+                next = queue.try_recv().ok();
+            }
+        }
+        drop(table);
+        rx.end_batch(shared);
+    }
+    Ok(())
+}
+
+/// Where the handshake worker's (never produced) tunnel packets would go: an
+/// initiation yields a response on the wire, nothing for the TUN device.
+struct NoTun;
+
+impl TunSink for NoTun {
+    fn packet(&mut self, _: &[u8]) {}
 }
 
 impl Receiver {
@@ -219,29 +296,61 @@ pub fn handle_in_batch(
             return;
         }
     };
-    // An initiation from an address whose key we remember goes straight to
-    // that peer; `None` back means another key initiated there.
     if let Packet::HandshakeInit(_) = packet {
-        let remembered = rx.initiators.keys.get(&src).and_then(|k| table.by_key(k));
-        if let Some(pos) = remembered {
-            if process(
-                shared,
-                rx,
-                table,
-                pos,
-                Kind::Initiation,
-                true,
-                datagram,
-                src,
-                sink,
-            )
-            .is_some()
-            {
-                return;
+        if let Some(queue) = &rx.handshakes {
+            if let Ok(bytes) = <[u8; INITIATION_LEN]>::try_from(datagram) {
+                match queue.try_send(Initiation { bytes, src }) {
+                    Ok(()) => return,
+                    Err(TrySendError::Full(_)) => {
+                        anon_failure(shared, HandshakeFailure::RateLimited, None, src);
+                        return;
+                    }
+                    // The worker is gone (the daemon is stopping): answer here.
+                    Err(TrySendError::Disconnected(_)) => {}
+                }
             }
         }
+        handle_initiation(shared, rx, table, datagram, src, sink);
+        return;
     }
     if let Some((pos, kind)) = identify(shared, table, &packet, src) {
+        process(shared, rx, table, pos, kind, false, datagram, src, sink);
+    }
+}
+
+/// Answers an initiation whose mac1 (and, under load, mac2) checked out.
+fn handle_initiation(
+    shared: &Shared,
+    rx: &mut Receiver,
+    table: &Arc<PeerTable>,
+    datagram: &[u8],
+    src: SocketAddr,
+    sink: &mut impl TunSink,
+) {
+    // An initiation from an address whose key we remember goes straight to
+    // that peer; `None` back means another key initiated there.
+    let remembered = rx.initiators.keys.get(&src).and_then(|k| table.by_key(k));
+    if let Some(pos) = remembered {
+        if process(
+            shared,
+            rx,
+            table,
+            pos,
+            Kind::Initiation,
+            true,
+            datagram,
+            src,
+            sink,
+        )
+        .is_some()
+        {
+            return;
+        }
+    }
+    let Ok(Packet::HandshakeInit(init)) = Tunn::parse_incoming_packet(datagram) else {
+        return;
+    };
+    if let Some((pos, kind)) = identify(shared, table, &Packet::HandshakeInit(init), src) {
         process(shared, rx, table, pos, kind, false, datagram, src, sink);
     }
 }

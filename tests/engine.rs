@@ -43,9 +43,32 @@ impl Wire for CaptureWire {
     }
 }
 
-impl TunSink for CaptureWire {
-    fn packet(&mut self, ip: &[u8]) {
-        self.0.packets.lock().unwrap().push(ip.to_vec());
+/// The TUN side of a capture: lends a buffer like the receive loop's batch
+/// and records each committed packet.
+struct CaptureTun {
+    cap: Arc<Capture>,
+    buf: Vec<u8>,
+}
+
+impl CaptureTun {
+    fn new(cap: &Arc<Capture>) -> CaptureTun {
+        CaptureTun {
+            cap: Arc::clone(cap),
+            buf: vec![0u8; 65_600],
+        }
+    }
+}
+
+impl TunSink for CaptureTun {
+    fn next_buf(&mut self) -> &mut [u8] {
+        &mut self.buf
+    }
+    fn commit(&mut self, len: usize) {
+        self.cap
+            .packets
+            .lock()
+            .unwrap()
+            .push(self.buf[..len].to_vec());
     }
 }
 
@@ -154,7 +177,7 @@ impl Gateway {
     }
 
     fn receive(&mut self, datagram: &[u8], from: SocketAddr) {
-        let mut sink = CaptureWire(Arc::clone(&self.cap));
+        let mut sink = CaptureTun::new(&self.cap);
         rx::handle(&self.shared, &mut self.rx, datagram, from, &mut sink);
     }
 
@@ -1357,7 +1380,7 @@ fn rx_packets_counted_per_batch() {
     gw.load(std::slice::from_ref(&a.record));
     assert!(a.connect(&mut gw));
     let mut buf = vec![0u8; 2048];
-    let mut sink = CaptureWire(Arc::clone(&gw.cap));
+    let mut sink = CaptureTun::new(&gw.cap);
     // The loop loads the table once per batch and hands it down.
     let table = gw.shared.table.load_full();
     for _ in 0..5 {
@@ -1386,7 +1409,7 @@ fn table_loaded_once_per_batch() {
     assert!(a.connect(&mut gw));
     let slot = gw_slot(&gw, "alpha");
     let mut buf = vec![0u8; 2048];
-    let mut sink = CaptureWire(Arc::clone(&gw.cap));
+    let mut sink = CaptureTun::new(&gw.cap);
     let mut datagram =
         |a: &mut Site| match a.tunn.encapsulate(&icmp("10.8.0.2", "10.8.0.1"), &mut buf) {
             TunnResult::WriteToNetwork(d) => d.to_vec(),

@@ -4,14 +4,74 @@
 //! one large packet: one write and one pass up the kernel's stack for many
 //! segments, which is where a gateway's receive path spends most of its time.
 
-use tun_rs::{GROTable, SyncDevice, VIRTIO_NET_HDR_LEN};
+use tun_rs::{ExpandBuffer, GROTable, SyncDevice, VIRTIO_NET_HDR_LEN};
 
 use super::udp::RECV_BATCH;
-use super::{IoTally, TunSink};
+use super::{IoTally, TunSink, MAX_PACKET};
+
+/// A packet buffer whose memory is initialised once and whose length is only
+/// a number: boringtun decrypts into the whole buffer, then the length is set
+/// to the packet's, and tun-rs's GRO grows it in place. A `Vec<u8>` would
+/// have to be zero-filled up to its capacity before every decryption.
+pub struct PacketBuf {
+    data: Box<[u8]>,
+    len: usize,
+}
+
+impl PacketBuf {
+    /// `capacity` bytes, zeroed by the allocator (untouched pages cost no RSS).
+    fn new(capacity: usize) -> PacketBuf {
+        PacketBuf {
+            data: vec![0u8; capacity].into_boxed_slice(),
+            len: 0,
+        }
+    }
+
+    fn grow(&mut self, capacity: usize) {
+        if capacity > self.data.len() {
+            let mut data = vec![0u8; capacity].into_boxed_slice();
+            data[..self.len].copy_from_slice(&self.data[..self.len]);
+            self.data = data;
+        }
+    }
+}
+
+impl AsRef<[u8]> for PacketBuf {
+    fn as_ref(&self) -> &[u8] {
+        &self.data[..self.len]
+    }
+}
+
+impl AsMut<[u8]> for PacketBuf {
+    fn as_mut(&mut self) -> &mut [u8] {
+        &mut self.data[..self.len]
+    }
+}
+
+impl ExpandBuffer for PacketBuf {
+    fn buf_capacity(&self) -> usize {
+        self.data.len()
+    }
+
+    fn buf_resize(&mut self, new_len: usize, value: u8) {
+        self.grow(new_len);
+        if new_len > self.len {
+            self.data[self.len..new_len].fill(value);
+        }
+        self.len = new_len;
+    }
+
+    fn buf_extend_from_slice(&mut self, src: &[u8]) {
+        let end = self.len + src.len();
+        self.grow(end);
+        self.data[self.len..end].copy_from_slice(src);
+        self.len = end;
+    }
+}
 
 /// Decrypted packets from one receive batch, waiting for one TUN write pass.
 pub struct TunBatch {
-    bufs: Vec<Vec<u8>>,
+    bufs: Vec<PacketBuf>,
     len: usize,
     offset: usize,
     gro: GROTable,
@@ -22,19 +82,20 @@ impl TunBatch {
     pub fn new(offload: bool) -> TunBatch {
         // tun-rs coalesces a segment into a buffer only if the buffer already
         // has the capacity (it never reallocates during GRO), so with offload
-        // every buffer reserves a whole 64 KiB packet. Pages are touched only
-        // as packets grow, so the reservation costs address space, not RSS.
+        // every buffer holds a whole 64 KiB packet. Pages are touched only as
+        // packets grow, so this costs address space, not RSS.
+        let offset = if offload { VIRTIO_NET_HDR_LEN } else { 0 };
         let capacity = if offload {
             2 * VIRTIO_NET_HDR_LEN + usize::from(u16::MAX)
         } else {
-            2048
+            MAX_PACKET
         };
         TunBatch {
             bufs: (0..RECV_BATCH)
-                .map(|_| Vec::with_capacity(capacity))
+                .map(|_| PacketBuf::new(capacity.max(offset + MAX_PACKET)))
                 .collect(),
             len: 0,
-            offset: if offload { VIRTIO_NET_HDR_LEN } else { 0 },
+            offset,
             gro: GROTable::new(),
         }
     }
@@ -64,7 +125,7 @@ pub trait TunWrite {
     fn write_batch(
         &self,
         gro: &mut GROTable,
-        bufs: &mut [Vec<u8>],
+        bufs: &mut [PacketBuf],
         offset: usize,
     ) -> std::io::Result<usize>;
 }
@@ -74,7 +135,7 @@ impl TunWrite for SyncDevice {
     fn write_batch(
         &self,
         gro: &mut GROTable,
-        bufs: &mut [Vec<u8>],
+        bufs: &mut [PacketBuf],
         offset: usize,
     ) -> std::io::Result<usize> {
         self.send_multiple(gro, bufs, offset)
@@ -83,13 +144,20 @@ impl TunWrite for SyncDevice {
 
 impl TunSink for TunBatch {
     #[inline]
-    fn packet(&mut self, ip: &[u8]) {
-        // One datagram yields at most one packet, so a batch never overflows;
-        // the guard keeps that an invariant rather than a crash.
+    fn next_buf(&mut self) -> &mut [u8] {
+        // One datagram yields at most one packet, so the loop flushes before a
+        // batch could overflow; the last buffer stands in rather than a crash.
+        let i = self.len.min(self.bufs.len() - 1);
+        &mut self.bufs[i].data[self.offset..]
+    }
+
+    #[inline]
+    fn commit(&mut self, len: usize) {
         if let Some(buf) = self.bufs.get_mut(self.len) {
-            buf.clear();
-            buf.resize(self.offset, 0);
-            buf.extend_from_slice(ip);
+            // A virtio-net header of zeros: no offload asked for this packet
+            // (tun-rs fills it in for the packets it coalesces).
+            buf.data[..self.offset].fill(0);
+            buf.len = self.offset + len;
             self.len += 1;
         }
     }
@@ -107,13 +175,20 @@ mod tests {
         fn write_batch(
             &self,
             _: &mut GROTable,
-            bufs: &mut [Vec<u8>],
+            bufs: &mut [PacketBuf],
             _: usize,
         ) -> std::io::Result<usize> {
             assert!(!bufs.is_empty(), "no empty pass");
             self.0.set(self.0.get() + 1);
             Err(std::io::Error::from_raw_os_error(libc::EIO))
         }
+    }
+
+    /// Puts `ip` into the batch as the receive path does: decrypted into the
+    /// lent buffer, then committed.
+    fn push(batch: &mut TunBatch, ip: &[u8]) {
+        batch.next_buf()[..ip.len()].copy_from_slice(ip);
+        batch.commit(ip.len());
     }
 
     /// Coalesces like the kernel would see it: records the first buffer's
@@ -124,11 +199,11 @@ mod tests {
         fn write_batch(
             &self,
             gro: &mut GROTable,
-            bufs: &mut [Vec<u8>],
+            bufs: &mut [PacketBuf],
             offset: usize,
         ) -> std::io::Result<usize> {
             gro.apply_gro(bufs, offset, true)?;
-            self.0.set(bufs[0].len() - offset);
+            self.0.set(bufs[0].as_ref().len() - offset);
             Ok(0)
         }
     }
@@ -185,7 +260,7 @@ mod tests {
         let mut batch = TunBatch::new(true);
         let mut tally = IoTally::default();
         for n in 0..10 {
-            batch.packet(&segment(n, 1368));
+            push(&mut batch, &segment(n, 1368));
         }
         batch.flush(&tun, &mut tally);
         assert_eq!(tun.0.get(), 40 + 10 * 1368, "all ten in the first buffer");
@@ -202,10 +277,10 @@ mod tests {
         batch.flush(&tun, &mut tally);
         assert_eq!(tun.0.get(), 0, "nothing to write");
         for _ in 0..3 {
-            batch.packet(&[0x45; 40]);
+            push(&mut batch, &[0x45; 40]);
         }
         batch.flush(&tun, &mut tally);
-        batch.packet(&[0x45; 40]);
+        push(&mut batch, &[0x45; 40]);
         batch.flush(&tun, &mut tally);
         assert_eq!(tun.0.get(), 2);
         assert_eq!(shared.tun_write_errors(), 0, "not before the batch ends");

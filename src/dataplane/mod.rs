@@ -167,9 +167,14 @@ pub trait Wire: Send + Sync {
 
 /// Where decrypted packets go: the receive loop's [`batch::TunBatch`] (written
 /// to the TUN device once per received batch, coalesced by GRO), or a capture
-/// in tests.
+/// in tests. The sink lends the buffer: boringtun decrypts straight into it, so
+/// a packet is never copied between decryption and the TUN write.
 pub trait TunSink {
-    fn packet(&mut self, ip: &[u8]);
+    /// Room for the next packet ([`MAX_PACKET`] bytes at least). What is left
+    /// there without [`TunSink::commit`] is overwritten by the next packet.
+    fn next_buf(&mut self) -> &mut [u8];
+    /// The first `len` bytes of [`TunSink::next_buf`] are a packet to write.
+    fn commit(&mut self, len: usize);
 }
 
 /// The gateway's real I/O endpoints.

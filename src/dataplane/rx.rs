@@ -202,7 +202,7 @@ const HANDSHAKE_BATCH: usize = 64;
 /// None so far; the signature matches the other loops.
 pub fn run_handshakes(shared: &Shared, queue: QueueRx<Initiation>) -> std::io::Result<()> {
     let mut rx = Receiver::default();
-    let mut discard = NoTun;
+    let mut discard = NoTun(vec![0u8; MAX_PACKET]);
     while !shared.is_stopping() {
         let first = match queue.recv_timeout(super::udp::RECV_TIMEOUT) {
             Ok(i) => i,
@@ -225,12 +225,15 @@ pub fn run_handshakes(shared: &Shared, queue: QueueRx<Initiation>) -> std::io::R
     Ok(())
 }
 
-/// Where the handshake worker's (never produced) tunnel packets would go: an
-/// initiation yields a response on the wire, nothing for the TUN device.
-struct NoTun;
+/// The handshake worker's scratch space: boringtun writes its response there.
+/// An initiation yields a response on the wire, nothing for the TUN device.
+struct NoTun(Vec<u8>);
 
 impl TunSink for NoTun {
-    fn packet(&mut self, _: &[u8]) {}
+    fn next_buf(&mut self) -> &mut [u8] {
+        &mut self.0
+    }
+    fn commit(&mut self, _: usize) {}
 }
 
 impl Receiver {
@@ -410,9 +413,10 @@ fn process(
 ) -> Option<()> {
     let peer = &table.peers[pos];
     let mut state = peer.lock();
+    // Decrypted in place, into the buffer the TUN write will take.
     let result = peer
         .tunn(&mut state)
-        .decapsulate(Some(src.ip()), datagram, &mut rx.out);
+        .decapsulate(Some(src.ip()), datagram, sink.next_buf());
     if remembered && matches!(result, TunnResult::Err(WireGuardError::WrongKey)) {
         return None;
     }
@@ -450,7 +454,10 @@ fn process(
             flush_queue(shared, peer, &mut rx.out, &mut rx.failures);
         }
         TunnResult::WriteToTunnelV4(ip, _) | TunnResult::WriteToTunnelV6(ip, _) => {
-            deliver(shared, table, pos, peer, ip, sink, &mut rx.forwarded);
+            if deliver(shared, table, pos, peer, ip, &mut rx.forwarded) {
+                let len = ip.len();
+                sink.commit(len);
+            }
         }
     }
     Some(())
@@ -488,8 +495,9 @@ fn authenticated(kind: Kind, result: &TunnResult<'_>) -> bool {
     }
 }
 
-/// Applies policy to a decrypted packet and writes it to the TUN device,
-/// counting it in `forwarded` when it goes there.
+/// Applies policy to a decrypted packet: `true` when it goes to the TUN
+/// device (counted in `forwarded`), `false` when it is dropped (counted or
+/// reported as the verdict says).
 #[inline]
 fn deliver(
     shared: &Shared,
@@ -497,30 +505,31 @@ fn deliver(
     pos: usize,
     peer: &PeerSlot,
     ip: &[u8],
-    sink: &mut impl TunSink,
     forwarded: &mut Tally,
-) {
+) -> bool {
     let Some(header) = Header::parse(ip) else {
-        return;
+        return false;
     };
     match policy::decide(&shared.policy, &pos, peer.grants(), &header, &table.routes) {
         Verdict::Forward => {
-            sink.packet(ip);
             forwarded.count(table, pos);
+            true
         }
         Verdict::Internet => {
             let now = shared.coarse_ms.load(Ordering::Relaxed);
             if peer.internet_seen_ms.load(Ordering::Relaxed) != now {
                 peer.internet_seen_ms.store(now, Ordering::Relaxed);
             }
-            sink.packet(ip);
             forwarded.count(table, pos);
+            true
         }
         Verdict::Quiet(Quiet::Ipv6Noise) => {
             peer.noise.fetch_add(1, Ordering::Relaxed);
+            false
         }
         Verdict::Quiet(Quiet::Ipv6Off) => {
             peer.ipv6_dropped.fetch_add(1, Ordering::Relaxed);
+            false
         }
         Verdict::Deny(reason) => {
             if peer.denied[reason.index()].hit(shared.clock.now_ms()) {
@@ -536,6 +545,7 @@ fn deliver(
                     count = 1u64,
                 );
             }
+            false
         }
     }
 }

@@ -283,7 +283,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     let interrupt =
         Arc::new(tun_rs::InterruptEvent::new().context("cannot create the shutdown event")?);
     let policy = crate::policy::Policy::from_config(&cfg);
-    let mut shared = Shared::new(Box::new(Arc::clone(&device)), &key, policy);
+    let mut shared = Shared::new(&key, policy);
     shared.hooks = hooks;
     let shared = Arc::new(shared);
     let mut registry = Registry {
@@ -336,9 +336,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     let (fatal_tx, fatal_rx) = tokio::sync::mpsc::unbounded_channel::<Fatal>();
     let (initiations, queued) = std::sync::mpsc::sync_channel(rx::HANDSHAKE_QUEUE);
     let handshake_thread = {
-        let shared = Arc::clone(&shared);
+        let (shared, device) = (Arc::clone(&shared), Arc::clone(&device));
         spawn_loop("sg-handshake", fatal_tx.clone(), move || {
-            rx::run_handshakes(&shared, queued)
+            rx::run_handshakes(&shared, queued, &device.udp)
         })?
     };
     let rx_thread = {
@@ -395,7 +395,15 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         to_loop,
         requests,
     };
-    let result = serve(&info, &shared, &mut registry, sockets, shutdown).await;
+    let result = serve(
+        &info,
+        &shared,
+        &device.udp,
+        &mut registry,
+        sockets,
+        shutdown,
+    )
+    .await;
     if let Some(task) = api_task {
         task.abort();
     }
@@ -475,6 +483,7 @@ struct Sockets {
 async fn serve(
     info: &Info,
     shared: &Arc<Shared>,
+    udp: &Udp,
     registry: &mut Registry,
     mut sockets: Sockets,
     shutdown: impl Future<Output = ()>,
@@ -498,7 +507,7 @@ async fn serve(
                 // Expiry from memory, every tick (within 250 ms of the deadline),
                 // before the timers run so an expired peer gets no keepalive.
                 expire(shared);
-                timers.tick(shared);
+                timers.tick(shared, udp);
                 ticks += 1;
                 // Commits by other processes, once a second: the safety net
                 // behind the control socket.

@@ -1,5 +1,5 @@
 //! Engine tests: the real receive/transmit handlers and peer table, driven with
-//! boringtun client tunnels over a capturing [`Wire`] instead of sockets and a
+//! boringtun client tunnels over a capturing [`DatagramIo`] instead of sockets and a
 //! TUN device. Fast, deterministic, no root.
 
 use std::net::{IpAddr, SocketAddr};
@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex};
 use boringtun::noise::{Tunn, TunnResult};
 use sitegate::config::Config;
 use sitegate::dataplane::peers::PeerTable;
-use sitegate::dataplane::{rx, tx, DropReason, Shared, TunSink, Wire};
+use sitegate::dataplane::udp::DatagramIo;
+use sitegate::dataplane::{rx, tx, DropReason, Shared, TunSink};
 use sitegate::events::{CloseReason, HandshakeFailure};
 use sitegate::keys::{PresharedKey, PrivateKey};
 use sitegate::policy::{DenyReason, Policy};
@@ -25,8 +26,13 @@ struct Capture {
 
 struct CaptureWire(Arc<Capture>);
 
-impl Wire for CaptureWire {
-    fn send_datagram(&self, datagram: &[u8], dst: SocketAddr) -> std::io::Result<()> {
+impl DatagramIo for CaptureWire {
+    /// The tests hand datagrams to the handlers directly: nothing to receive.
+    fn recv_batch(&self, _: &mut sitegate::dataplane::udp::RecvBatch) -> std::io::Result<usize> {
+        Err(std::io::ErrorKind::WouldBlock.into())
+    }
+
+    fn send_to(&self, datagram: &[u8], dst: SocketAddr) -> std::io::Result<usize> {
         if self
             .0
             .unreachable
@@ -39,6 +45,14 @@ impl Wire for CaptureWire {
             .lock()
             .unwrap()
             .push((datagram.to_vec(), dst));
+        Ok(datagram.len())
+    }
+
+    /// Cut as the kernel cuts a UDP GSO send: one capture per segment.
+    fn send_segments(&self, buf: &[u8], segment: u16, dst: SocketAddr) -> std::io::Result<()> {
+        for d in buf.chunks(usize::from(segment)) {
+            self.send_to(d, dst)?;
+        }
         Ok(())
     }
 }
@@ -112,7 +126,8 @@ struct Gateway {
     key: PrivateKey,
     shared: Shared,
     cap: Arc<Capture>,
-    out: Vec<u8>,
+    wire: CaptureWire,
+    tx: tx::Transmitter,
     rx: rx::Receiver,
     revoked: Vec<RevokedKey>,
 }
@@ -143,16 +158,13 @@ impl Gateway {
     fn new() -> Gateway {
         let key = PrivateKey::generate();
         let cap = Arc::new(Capture::default());
-        let shared = Shared::new(
-            Box::new(CaptureWire(Arc::clone(&cap))),
-            &key,
-            Policy::from_config(&engine_config()),
-        );
+        let shared = Shared::new(&key, Policy::from_config(&engine_config()));
         Gateway {
             key,
             shared,
+            wire: CaptureWire(Arc::clone(&cap)),
             cap,
-            out: vec![0u8; 65_600],
+            tx: tx::Transmitter::default(),
             rx: rx::Receiver::default(),
             revoked: Vec::new(),
         }
@@ -178,11 +190,22 @@ impl Gateway {
 
     fn receive(&mut self, datagram: &[u8], from: SocketAddr) {
         let mut sink = CaptureTun::new(&self.cap);
-        rx::handle(&self.shared, &mut self.rx, datagram, from, &mut sink);
+        rx::handle(
+            &self.shared,
+            &mut self.rx,
+            &self.wire,
+            datagram,
+            from,
+            &mut sink,
+        );
     }
 
+    /// One packet read from the TUN device, as a read of its own: the
+    /// transmit loop's code, sending through the capture.
     fn tun_packet(&mut self, ip: &[u8]) {
-        tx::handle(&self.shared, ip, &mut self.out);
+        let table = self.shared.table.load_full();
+        tx::handle_packet(&self.shared, &mut self.tx, &self.wire, &table, ip);
+        self.tx.end_batch(&self.shared, &self.wire);
     }
 }
 
@@ -308,9 +331,7 @@ fn tunn_made_on_first_contact() {
         "the session survived the reload"
     );
     // A packet routed to beta starts its handshake, which needs its Tunn.
-    let mut buf = vec![0u8; 2048];
-    let ip = icmp("10.8.0.1", "10.8.0.3");
-    sitegate::dataplane::tx::handle(&gw.shared, &ip, &mut buf);
+    gw.tun_packet(&icmp("10.8.0.1", "10.8.0.3"));
     assert!(has_tunn(&gw, "beta"));
 }
 
@@ -343,7 +364,7 @@ fn handshake_worker_answers_queued_initiations() {
 
     // The loop's receiver gone, the worker answers what was queued and ends.
     gw.rx = rx::Receiver::default();
-    rx::run_handshakes(&gw.shared, queued).unwrap();
+    rx::run_handshakes(&gw.shared, queued, &gw.wire).unwrap();
     let replies = gw.cap.take_datagrams();
     assert_eq!(replies.len(), 1, "beta's initiation, queued, answered");
     assert_eq!(replies[0].1, b.addr);
@@ -357,6 +378,141 @@ fn handshake_worker_answers_queued_initiations() {
         failures, 1,
         "gamma's, over the queue, refused as under load"
     );
+}
+
+/// A socket stand-in fed by the test: datagrams wait in `inbox` until the
+/// loop's next receive; what the gateway sends lands in `sent`.
+#[derive(Default)]
+struct ChannelUdp {
+    inbox: Mutex<std::collections::VecDeque<(Vec<u8>, SocketAddr)>>,
+    arrived: std::sync::Condvar,
+    sent: Mutex<Vec<(Vec<u8>, SocketAddr)>>,
+}
+
+impl ChannelUdp {
+    fn deliver(&self, datagram: &[u8], src: SocketAddr) {
+        self.inbox
+            .lock()
+            .unwrap()
+            .push_back((datagram.to_vec(), src));
+        self.arrived.notify_all();
+    }
+}
+
+impl DatagramIo for ChannelUdp {
+    fn recv_batch(
+        &self,
+        batch: &mut sitegate::dataplane::udp::RecvBatch,
+    ) -> std::io::Result<usize> {
+        let inbox = self.inbox.lock().unwrap();
+        let (mut inbox, _) = self
+            .arrived
+            .wait_timeout_while(inbox, std::time::Duration::from_millis(20), |q| {
+                q.is_empty()
+            })
+            .unwrap();
+        let mut n = 0;
+        while n < sitegate::dataplane::udp::RECV_BATCH {
+            let Some((d, src)) = inbox.pop_front() else {
+                break;
+            };
+            batch.put(n, &d, src);
+            n += 1;
+        }
+        if n == 0 {
+            return Err(std::io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    }
+    fn send_to(&self, datagram: &[u8], dst: SocketAddr) -> std::io::Result<usize> {
+        self.sent.lock().unwrap().push((datagram.to_vec(), dst));
+        Ok(datagram.len())
+    }
+    fn send_segments(&self, buf: &[u8], segment: u16, dst: SocketAddr) -> std::io::Result<()> {
+        for d in buf.chunks(usize::from(segment)) {
+            self.send_to(d, dst)?;
+        }
+        Ok(())
+    }
+}
+
+/// A TUN stand-in that records every packet of every write pass.
+#[derive(Default)]
+struct RecordTun(Mutex<Vec<Vec<u8>>>);
+
+impl sitegate::dataplane::batch::TunWrite for RecordTun {
+    fn write_batch(
+        &self,
+        _: &mut tun_rs::GROTable,
+        bufs: &mut [sitegate::dataplane::batch::PacketBuf],
+        offset: usize,
+    ) -> std::io::Result<usize> {
+        let mut written = self.0.lock().unwrap();
+        for b in bufs.iter() {
+            written.push(b.as_ref()[offset..].to_vec());
+        }
+        Ok(bufs.len())
+    }
+}
+
+/// Polls `probe` until it yields, for at most 5 s.
+fn wait_for<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        if let Some(v) = probe() {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+/// The daemon's receive loop and handshake worker, on their own threads over
+/// stand-in I/O: a site's initiation is answered by the worker, its ping is
+/// written to the TUN side, and both loops end when the gateway stops.
+#[test]
+fn receive_loop_runs_over_stand_in_io() {
+    let mut gw = Gateway::new();
+    let mut a = Site::new(&gw, "alpha", "10.8.0.2", 40001);
+    gw.load(std::slice::from_ref(&a.record));
+    let udp = ChannelUdp::default();
+    let tun = RecordTun::default();
+    let (queue, queued) = std::sync::mpsc::sync_channel(rx::HANDSHAKE_QUEUE);
+    let shared = &gw.shared;
+    std::thread::scope(|s| {
+        let rx_loop = s.spawn(|| rx::run(shared, &udp, &tun, false, queue));
+        let worker = s.spawn(|| rx::run_handshakes(shared, queued, &udp));
+        let mut buf = vec![0u8; 2048];
+        let init = match a.tunn.format_handshake_initiation(&mut buf, true) {
+            TunnResult::WriteToNetwork(p) => p.to_vec(),
+            other => panic!("no initiation: {other:?}"),
+        };
+        udp.deliver(&init, a.addr);
+        let (response, to) = wait_for("the response", || udp.sent.lock().unwrap().pop());
+        assert_eq!(to, a.addr);
+        let keepalive = match a.tunn.decapsulate(None, &response, &mut buf) {
+            TunnResult::WriteToNetwork(k) => k.to_vec(),
+            other => panic!("response refused: {other:?}"),
+        };
+        udp.deliver(&keepalive, a.addr);
+        let ping = icmp("10.8.0.2", "10.8.0.1");
+        let data = match a.tunn.encapsulate(&ping, &mut buf) {
+            TunnResult::WriteToNetwork(d) => d.to_vec(),
+            other => panic!("no session: {other:?}"),
+        };
+        udp.deliver(&data, a.addr);
+        wait_for("the ping on the TUN side", || {
+            tun.0.lock().unwrap().contains(&ping).then_some(())
+        });
+        shared
+            .stopping
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        rx_loop.join().unwrap().unwrap();
+        worker.join().unwrap().unwrap();
+    });
 }
 
 /// A packet whose source is not the sender's own address is dropped and counted.
@@ -1043,7 +1199,7 @@ fn failing_source_is_backed_off() {
     // alpha has a session; the timer notes its address; forging that address
     // with failing handshakes does not block it.
     assert!(a.connect(&mut gw));
-    sitegate::dataplane::timers::Timers::default().tick(&gw.shared);
+    sitegate::dataplane::timers::Timers::default().tick(&gw.shared, &gw.wire);
     for _ in 0..FAILURE_THRESHOLD + 20 {
         let init = unknown_initiation(&gw);
         gw.receive(&init, a.addr);
@@ -1162,7 +1318,7 @@ fn limiter_resets_every_second() {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(4);
     let mut answered = false;
     while !answered && std::time::Instant::now() < deadline {
-        timers.tick(&gw.shared);
+        timers.tick(&gw.shared, &gw.wire);
         // The site never takes the cookie replies: no initiation carries mac2.
         answered = initiate(&mut gw, &mut a).first() == Some(&2);
         if !answered {
@@ -1388,7 +1544,9 @@ fn rx_packets_counted_per_batch() {
             TunnResult::WriteToNetwork(d) => d.to_vec(),
             other => panic!("no session: {other:?}"),
         };
-        rx::handle_in_batch(&gw.shared, &mut gw.rx, &table, &d, a.addr, &mut sink);
+        rx::handle_in_batch(
+            &gw.shared, &mut gw.rx, &gw.wire, &table, &d, a.addr, &mut sink,
+        );
     }
     assert_eq!(gw.cap.take_packets().len(), 5, "delivered at once");
     let slot = gw_slot(&gw, "alpha");
@@ -1417,11 +1575,15 @@ fn table_loaded_once_per_batch() {
         };
     let table = gw.shared.table.load_full();
     let first = datagram(&mut a);
-    rx::handle_in_batch(&gw.shared, &mut gw.rx, &table, &first, a.addr, &mut sink);
+    rx::handle_in_batch(
+        &gw.shared, &mut gw.rx, &gw.wire, &table, &first, a.addr, &mut sink,
+    );
     let removed = gw.load(&[]);
     assert_eq!(removed.len(), 1, "alpha left the live table");
     let second = datagram(&mut a);
-    rx::handle_in_batch(&gw.shared, &mut gw.rx, &table, &second, a.addr, &mut sink);
+    rx::handle_in_batch(
+        &gw.shared, &mut gw.rx, &gw.wire, &table, &second, a.addr, &mut sink,
+    );
     drop(table);
     gw.rx.end_batch(&gw.shared);
     assert_eq!(gw.cap.take_packets().len(), 2, "the batch kept its table");
@@ -1463,7 +1625,7 @@ fn failed_sends_are_counted() {
     assert_eq!(gw.shared.io_errors.tun_write_errors(), 0);
 
     let mut timers = sitegate::dataplane::timers::Timers::default();
-    let events = events_during(|| timers.tick(&gw.shared));
+    let events = events_during(|| timers.tick(&gw.shared, &gw.wire));
     assert_eq!(
         events.iter().filter(|e| *e == "io_errors").count(),
         1,
@@ -1472,7 +1634,7 @@ fn failed_sends_are_counted() {
     for _ in 0..50 {
         gw.tun_packet(&icmp("10.8.0.1", "10.8.0.2"));
     }
-    let events = events_during(|| timers.tick(&gw.shared));
+    let events = events_during(|| timers.tick(&gw.shared, &gw.wire));
     assert!(
         !events.iter().any(|e| e == "io_errors"),
         "no second line within the summary interval: {events:?}"

@@ -1,11 +1,19 @@
-//! The packet path. Two loops, each on its own thread with its own buffers:
+//! The packet path. Three loops, each on its own thread with its own buffers:
 //!
-//! - [`rx::run`]: UDP datagrams (a `recvmmsg` batch) → identify the peer
-//!   (anonymous handshake parse for initiations, receiver index otherwise) →
-//!   `Tunn::decapsulate` → [`crate::policy::decide`] → [`batch::TunBatch`] →
-//!   one GRO-coalesced TUN write pass per batch.
+//! - [`rx::run`]: UDP datagrams (a `recvmmsg` batch) → identify the peer by
+//!   receiver index → `Tunn::decapsulate`, in place into the TUN batch's
+//!   buffer → [`crate::policy::decide`] → [`batch::TunBatch`] → one
+//!   GRO-coalesced TUN write pass per batch. Handshake initiations that pass
+//!   the cheap checks (source backoff, mac1, cookie) go to a bounded queue.
+//! - [`rx::run_handshakes`]: the queued initiations (anonymous parse to find
+//!   the key, unless the source is remembered → `Tunn::decapsulate` → the
+//!   response): the Diffie-Hellman work, off the data path and on the other core.
 //! - [`tx::run`]: TUN read (a GSO super-packet, split) → [`crate::routing`]
 //!   lookup by destination → `Tunn::encapsulate` → UDP GSO send per endpoint.
+//!
+//! Every datagram leaves through a [`udp::DatagramIo`] and every TUN write
+//! pass through a [`batch::TunWrite`] handed to the loop, so the loops run in
+//! tests over stand-ins, as they run in the daemon over the socket and device.
 //!
 //! Both read the peer set from an immutable [`peers::PeerTable`] snapshot that the
 //! control plane swaps whole ([`arc_swap`]), so the only lock on the path is the
@@ -153,18 +161,6 @@ impl DropReason {
     }
 }
 
-/// Where encrypted datagrams go. The daemon's [`Device`] writes to the real UDP
-/// socket; engine tests capture instead. Sends are best effort, like the
-/// network itself: a full buffer drops the datagram, and the caller counts the
-/// error in its [`IoTally`] rather than retrying.
-pub trait Wire: Send + Sync {
-    /// Sends one datagram.
-    ///
-    /// # Errors
-    /// The send failed (no route, full buffer, ...): the datagram is lost.
-    fn send_datagram(&self, datagram: &[u8], dst: SocketAddr) -> std::io::Result<()>;
-}
-
 /// Where decrypted packets go: the receive loop's [`batch::TunBatch`] (written
 /// to the TUN device once per received batch, coalesced by GRO), or a capture
 /// in tests. The sink lends the buffer: boringtun decrypts straight into it, so
@@ -183,13 +179,6 @@ pub struct Device {
     pub tun: tun_rs::SyncDevice,
     /// The TUN device carries virtio-net headers (GSO/GRO offload).
     pub offload: bool,
-}
-
-impl Wire for std::sync::Arc<Device> {
-    #[inline]
-    fn send_datagram(&self, datagram: &[u8], dst: SocketAddr) -> std::io::Result<()> {
-        self.udp.send_to(datagram, dst).map(|_| ())
-    }
 }
 
 /// Data-path output failures since start, gateway-wide: what the loops could
@@ -282,7 +271,6 @@ impl IoTally {
 /// State shared by the packet loops and the control plane.
 pub struct Shared {
     pub table: ArcSwap<peers::PeerTable>,
-    pub wire: Box<dyn Wire>,
     pub static_secret: x25519_dalek::StaticSecret,
     pub static_public: x25519_dalek::PublicKey,
     /// The gateway's one handshake limiter, shared by every peer's `Tunn`.
@@ -322,17 +310,12 @@ pub struct Shared {
 
 impl Shared {
     /// Fresh state with no peers, answering as `key`, deciding by `policy`.
-    pub fn new(
-        wire: Box<dyn Wire>,
-        key: &crate::keys::PrivateKey,
-        policy: crate::policy::Policy,
-    ) -> Shared {
+    pub fn new(key: &crate::keys::PrivateKey, policy: crate::policy::Policy) -> Shared {
         let static_secret = key.to_x25519();
         let static_public = x25519_dalek::PublicKey::from(&static_secret);
         let rate_limiter = Arc::new(RateLimiter::new(&static_public, HANDSHAKE_RATE_LIMIT));
         Shared {
             table: ArcSwap::from_pointee(peers::PeerTable::default()),
-            wire,
             tunn_seed: Arc::new(peers::TunnSeed::new(
                 static_secret.clone(),
                 Some(Arc::clone(&rate_limiter)),

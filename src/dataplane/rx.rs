@@ -11,11 +11,11 @@ use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 
-use super::batch::TunBatch;
+use super::batch::{TunBatch, TunWrite};
 use super::packet::Header;
 use super::peers::{PeerSlot, PeerTable};
 use super::tally::{Direction, Tally};
-use super::udp::{RecvBatch, Udp};
+use super::udp::{DatagramIo, RecvBatch};
 use super::{DropReason, IoTally, LoopError, Seen, Shared, TunSink, FATAL_AFTER, MAX_PACKET};
 use crate::events::HandshakeFailure;
 use crate::keys::PublicKey;
@@ -36,8 +36,8 @@ const MSG_TRANSPORT: u8 = 4;
 /// receive: the daemon is to end rather than run half-deaf.
 pub fn run(
     shared: &Shared,
-    udp: &Udp,
-    tun: &tun_rs::SyncDevice,
+    udp: &impl DatagramIo,
+    tun: &impl TunWrite,
     offload: bool,
     handshakes: SyncSender<Initiation>,
 ) -> std::io::Result<()> {
@@ -57,9 +57,15 @@ pub fn run(
                 let table = shared.table.load();
                 for i in 0..n {
                     match batch.datagram(i) {
-                        Some((datagram, src)) => {
-                            handle_in_batch(shared, &mut rx, &table, datagram, src, &mut packets)
-                        }
+                        Some((datagram, src)) => handle_in_batch(
+                            shared,
+                            &mut rx,
+                            udp,
+                            &table,
+                            datagram,
+                            src,
+                            &mut packets,
+                        ),
                         // Longer than any tunnel MTU: not a message we sent for.
                         None => match batch.source(i) {
                             Some(src) => dropped(shared, DropReason::Malformed, src),
@@ -200,7 +206,11 @@ const HANDSHAKE_BATCH: usize = 64;
 ///
 /// # Errors
 /// None so far; the signature matches the other loops.
-pub fn run_handshakes(shared: &Shared, queue: QueueRx<Initiation>) -> std::io::Result<()> {
+pub fn run_handshakes(
+    shared: &Shared,
+    queue: QueueRx<Initiation>,
+    io: &impl DatagramIo,
+) -> std::io::Result<()> {
     let mut rx = Receiver::default();
     let mut discard = NoTun(vec![0u8; MAX_PACKET]);
     while !shared.is_stopping() {
@@ -213,7 +223,7 @@ pub fn run_handshakes(shared: &Shared, queue: QueueRx<Initiation>) -> std::io::R
         let mut next = Some(first);
         let mut handled = 0;
         while let Some(i) = next.take() {
-            handle_initiation(shared, &mut rx, &table, &i.bytes, i.src, &mut discard);
+            handle_initiation(shared, &mut rx, io, &table, &i.bytes, i.src, &mut discard);
             handled += 1;
             if handled < HANDSHAKE_BATCH {
                 next = queue.try_recv().ok();
@@ -251,12 +261,13 @@ impl Receiver {
 pub fn handle(
     shared: &Shared,
     rx: &mut Receiver,
+    io: &impl DatagramIo,
     datagram: &[u8],
     src: SocketAddr,
     sink: &mut impl TunSink,
 ) {
     let table = shared.table.load();
-    handle_in_batch(shared, rx, &table, datagram, src, sink);
+    handle_in_batch(shared, rx, io, &table, datagram, src, sink);
     drop(table);
     rx.end_batch(shared);
 }
@@ -268,6 +279,7 @@ pub fn handle(
 pub fn handle_in_batch(
     shared: &Shared,
     rx: &mut Receiver,
+    io: &impl DatagramIo,
     table: &Arc<PeerTable>,
     datagram: &[u8],
     src: SocketAddr,
@@ -285,7 +297,7 @@ pub fn handle_in_batch(
     {
         Ok(p) => p,
         Err(TunnResult::WriteToNetwork(reply)) => {
-            send(shared, &mut rx.failures, reply, src);
+            send(io, &mut rx.failures, reply, src);
             anon_failure(shared, HandshakeFailure::RateLimited, None, src);
             return;
         }
@@ -313,11 +325,11 @@ pub fn handle_in_batch(
                 }
             }
         }
-        handle_initiation(shared, rx, table, datagram, src, sink);
+        handle_initiation(shared, rx, io, table, datagram, src, sink);
         return;
     }
     if let Some((pos, kind)) = identify(shared, table, &packet, src) {
-        process(shared, rx, table, pos, kind, false, datagram, src, sink);
+        process(shared, rx, io, table, pos, kind, false, datagram, src, sink);
     }
 }
 
@@ -325,6 +337,7 @@ pub fn handle_in_batch(
 fn handle_initiation(
     shared: &Shared,
     rx: &mut Receiver,
+    io: &impl DatagramIo,
     table: &Arc<PeerTable>,
     datagram: &[u8],
     src: SocketAddr,
@@ -337,6 +350,7 @@ fn handle_initiation(
         if process(
             shared,
             rx,
+            io,
             table,
             pos,
             Kind::Initiation,
@@ -354,7 +368,7 @@ fn handle_initiation(
         return;
     };
     if let Some((pos, kind)) = identify(shared, table, &Packet::HandshakeInit(init), src) {
-        process(shared, rx, table, pos, kind, false, datagram, src, sink);
+        process(shared, rx, io, table, pos, kind, false, datagram, src, sink);
     }
 }
 
@@ -403,6 +417,7 @@ fn identify(
 fn process(
     shared: &Shared,
     rx: &mut Receiver,
+    io: &impl DatagramIo,
     table: &Arc<PeerTable>,
     pos: usize,
     kind: Kind,
@@ -434,7 +449,7 @@ fn process(
                 // and this handshake message carried no valid mac2 for `src`.
                 failure_event(shared, peer, HandshakeFailure::RateLimited, src);
             }
-            send(shared, &mut rx.failures, reply, src);
+            send(io, &mut rx.failures, reply, src);
             if authenticated {
                 if kind == Kind::Initiation && !remembered {
                     rx.initiators.remember(src, *peer.public_key.as_bytes());
@@ -451,7 +466,7 @@ fn process(
                     role = if kind == Kind::Initiation { "responder" } else { "initiator" },
                 );
             }
-            flush_queue(shared, peer, &mut rx.out, &mut rx.failures);
+            flush_queue(io, peer, &mut rx.out, &mut rx.failures);
         }
         TunnResult::WriteToTunnelV4(ip, _) | TunnResult::WriteToTunnelV6(ip, _) => {
             if deliver(shared, table, pos, peer, ip, &mut rx.forwarded) {
@@ -552,15 +567,15 @@ fn deliver(
 
 /// Sends a reply, counting a failure in the batch's `failures`.
 #[inline]
-fn send(shared: &Shared, failures: &mut IoTally, datagram: &[u8], dst: SocketAddr) {
-    if let Err(e) = shared.wire.send_datagram(datagram, dst) {
+fn send(io: &impl DatagramIo, failures: &mut IoTally, datagram: &[u8], dst: SocketAddr) {
+    if let Err(e) = io.send_to(datagram, dst) {
         failures.udp_failed(&e);
     }
 }
 
 /// Sends packets boringtun queued while the session was being established,
 /// counting them as transmitted (once per handshake, so one atomic add each).
-fn flush_queue(shared: &Shared, peer: &PeerSlot, out: &mut [u8], failures: &mut IoTally) {
+fn flush_queue(io: &impl DatagramIo, peer: &PeerSlot, out: &mut [u8], failures: &mut IoTally) {
     loop {
         let mut state = peer.lock();
         let endpoint = state.endpoint;
@@ -572,7 +587,7 @@ fn flush_queue(shared: &Shared, peer: &PeerSlot, out: &mut [u8], failures: &mut 
                     if packet.first() == Some(&MSG_TRANSPORT) {
                         peer.packets.add(Direction::Tx, 1);
                     }
-                    send(shared, failures, packet, ep);
+                    send(io, failures, packet, ep);
                 }
             }
             _ => return,

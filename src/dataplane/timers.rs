@@ -10,6 +10,7 @@ use std::time::Duration;
 use boringtun::noise::TunnResult;
 
 use super::peers::PeerSlot;
+use super::udp::DatagramIo;
 use super::{DropReason, IoTally, LoopError, Shared, MAX_PACKET};
 use crate::events::{CloseReason, HandshakeFailure, SUMMARY_INTERVAL_MS};
 use crate::policy::DenyReason;
@@ -45,7 +46,7 @@ impl Default for Timers {
 
 impl Timers {
     /// One tick over every peer.
-    pub fn tick(&mut self, shared: &Shared) {
+    pub fn tick(&mut self, shared: &Shared, io: &impl DatagramIo) {
         // boringtun resets the count only when a second has passed since the
         // last reset, so calling every tick resets it once a second.
         shared.rate_limiter.reset_count();
@@ -56,7 +57,7 @@ impl Timers {
         let table = shared.table.load();
         let mut live = HashSet::with_capacity(table.peers.len());
         for peer in table.peers.iter() {
-            if let Some(ep) = self.update(shared, peer) {
+            if let Some(ep) = self.update(io, peer) {
                 live.insert(ep.ip());
             }
             summarise_peer(peer, now_ms);
@@ -70,7 +71,7 @@ impl Timers {
     }
 
     /// Runs one peer's timers; returns its endpoint while it has a session.
-    fn update(&mut self, shared: &Shared, peer: &PeerSlot) -> Option<SocketAddr> {
+    fn update(&mut self, io: &impl DatagramIo, peer: &PeerSlot) -> Option<SocketAddr> {
         let mut state = peer.lock();
         // A peer never heard from has no timers to run.
         let tunn = state.tunn()?;
@@ -87,7 +88,7 @@ impl Timers {
         let session = state.session_up;
         drop(state);
         if let (TunnResult::WriteToNetwork(packet), Some(ep)) = (result, endpoint) {
-            if let Err(e) = shared.wire.send_datagram(packet, ep) {
+            if let Err(e) = io.send_to(packet, ep) {
                 self.failures.udp_failed(&e);
             }
         }

@@ -9,7 +9,7 @@ use boringtun::noise::TunnResult;
 
 use super::peers::PeerTable;
 use super::tally::{Direction, Tally};
-use super::udp::{Udp, UdpSend};
+use super::udp::{DatagramIo, Udp};
 use super::{packet, IoTally, LoopError, Shared, FATAL_AFTER, MAX_PACKET};
 
 /// WireGuard message type of a transport (data) message: what `encapsulate`
@@ -37,9 +37,7 @@ pub fn run(
     let mut raw = vec![0u8; tun_rs::VIRTIO_NET_HDR_LEN + 65_535];
     let mut segments = vec![vec![0u8; mtu.max(1280) + 64]; tun_rs::IDEAL_BATCH_SIZE];
     let mut sizes = vec![0usize; tun_rs::IDEAL_BATCH_SIZE];
-    let mut out = vec![0u8; MAX_PACKET];
-    let mut gso = GsoBatch::new();
-    let mut sent = Tally::new(Direction::Tx);
+    let mut tx = Transmitter::default();
     let mut failing_since: Option<Instant> = None;
     while !shared.is_stopping() {
         match tun.recv_multiple_intr(&mut raw, &mut segments, &mut sizes, 0, interrupt) {
@@ -52,17 +50,10 @@ pub fn run(
                 // applies from the next read on.
                 let table = shared.table.load();
                 for (seg, &len) in segments.iter().zip(&sizes).take(n) {
-                    let count = |table: &Arc<PeerTable>, pos| sent.count(table, pos);
-                    if let Some((datagram, ep)) =
-                        encrypt(shared, &table, &seg[..len], &mut out, count)
-                    {
-                        gso.push(datagram, ep, udp);
-                    }
+                    handle_packet(shared, &mut tx, udp, &table, &seg[..len]);
                 }
                 drop(table);
-                gso.flush(udp);
-                gso.failures.flush(&shared.io_errors);
-                sent.flush();
+                tx.end_batch(shared, udp);
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
@@ -82,21 +73,52 @@ pub fn run(
     Ok(())
 }
 
-/// Encrypts one IP packet from the TUN device for the peer owning its
-/// destination and sends it through [`Shared::wire`], counting it (and a
-/// failed send) at once: a batch of one.
-#[inline]
-pub fn handle(shared: &Shared, ip: &[u8], out: &mut [u8]) {
-    let count = |table: &Arc<PeerTable>, pos: usize| {
-        table.peers[pos].packets.add(Direction::Tx, 1);
-    };
-    let table = shared.table.load();
-    if let Some((datagram, ep)) = encrypt(shared, &table, ip, out, count) {
-        if let Err(e) = shared.wire.send_datagram(datagram, ep) {
-            let mut failures = IoTally::default();
-            failures.udp_failed(&e);
-            failures.flush(&shared.io_errors);
+/// What the transmit loop owns between reads: the buffer packets are
+/// encrypted into, the GSO batch they leave in, and the packet counts of the
+/// read in hand.
+pub struct Transmitter {
+    out: Vec<u8>,
+    gso: GsoBatch,
+    sent: Tally,
+}
+
+impl Default for Transmitter {
+    fn default() -> Self {
+        Transmitter {
+            out: vec![0u8; MAX_PACKET],
+            gso: GsoBatch::new(),
+            sent: Tally::new(Direction::Tx),
         }
+    }
+}
+
+impl Transmitter {
+    /// Ends a read begun with [`handle_packet`]: sends what the GSO batch
+    /// holds, and adds the read's packet counts and failed sends to the
+    /// peers' and the gateway's counters (one atomic add each).
+    pub fn end_batch(&mut self, shared: &Shared, io: &impl DatagramIo) {
+        self.gso.flush(io);
+        self.gso.failures.flush(&shared.io_errors);
+        self.sent.flush();
+    }
+}
+
+/// Encrypts one IP packet of a TUN read for the peer owning its destination
+/// and queues the datagram in the read's GSO batch (sent by
+/// [`Transmitter::end_batch`], or earlier when the batch fills or the
+/// endpoint changes). `table` is the read's snapshot of the peers.
+#[inline]
+pub fn handle_packet(
+    shared: &Shared,
+    tx: &mut Transmitter,
+    io: &impl DatagramIo,
+    table: &Arc<PeerTable>,
+    ip: &[u8],
+) {
+    let sent = &mut tx.sent;
+    let count = |table: &Arc<PeerTable>, pos| sent.count(table, pos);
+    if let Some((datagram, ep)) = encrypt(shared, table, ip, &mut tx.out, count) {
+        tx.gso.push(datagram, ep, io);
     }
 }
 
@@ -169,7 +191,7 @@ impl GsoBatch {
     }
 
     #[inline]
-    fn push(&mut self, datagram: &[u8], dst: SocketAddr, udp: &impl UdpSend) {
+    fn push(&mut self, datagram: &[u8], dst: SocketAddr, udp: &impl DatagramIo) {
         if self.count > 0
             && (self.dst != Some(dst)
                 || self.closed
@@ -188,7 +210,7 @@ impl GsoBatch {
         self.count += 1;
     }
 
-    fn flush(&mut self, udp: &impl UdpSend) {
+    fn flush(&mut self, udp: &impl DatagramIo) {
         if let Some(dst) = self.dst {
             let mut gso_error = None;
             if self.count > 1 && self.enabled {
@@ -258,7 +280,10 @@ mod tests {
         }
     }
 
-    impl UdpSend for FakeUdp {
+    impl DatagramIo for FakeUdp {
+        fn recv_batch(&self, _: &mut crate::dataplane::udp::RecvBatch) -> std::io::Result<usize> {
+            Err(std::io::ErrorKind::WouldBlock.into())
+        }
         fn send_segments(&self, buf: &[u8], _: u16, _: SocketAddr) -> std::io::Result<()> {
             self.gso_sends.set(self.gso_sends.get() + 1);
             match self.gso_errno {
@@ -332,7 +357,13 @@ mod tests {
     #[test]
     fn partial_failure_counts_the_lost() {
         struct Flaky(Cell<usize>);
-        impl UdpSend for Flaky {
+        impl DatagramIo for Flaky {
+            fn recv_batch(
+                &self,
+                _: &mut crate::dataplane::udp::RecvBatch,
+            ) -> std::io::Result<usize> {
+                Err(std::io::ErrorKind::WouldBlock.into())
+            }
             fn send_segments(&self, _: &[u8], _: u16, _: SocketAddr) -> std::io::Result<()> {
                 Err(std::io::Error::from_raw_os_error(libc::EAGAIN))
             }

@@ -155,9 +155,19 @@ impl Udp {
     }
 }
 
-/// The transmit path's two sends, as a trait so that a failing socket can
-/// stand in for [`Udp`] in tests.
-pub trait UdpSend {
+/// Where every datagram the gateway sends goes: [`Udp`] in the daemon, a
+/// capture or a failing socket in tests. The packet loops, the handshake
+/// worker and the timers all send through it, so the same code runs in tests
+/// as in the daemon. Sends are best effort, like the network itself: a full
+/// buffer drops the datagram, and the caller counts the error in its
+/// [`super::IoTally`] rather than retrying.
+pub trait DatagramIo {
+    /// As [`Udp::recv_batch`]: waits a little for the first datagram, then
+    /// takes what is queued, into `batch`.
+    ///
+    /// # Errors
+    /// As `recvmmsg(2)`; nothing arrived in time is `WouldBlock`.
+    fn recv_batch(&self, batch: &mut RecvBatch) -> io::Result<usize>;
     /// As [`Udp::send_segments`].
     ///
     /// # Errors
@@ -170,7 +180,11 @@ pub trait UdpSend {
     fn send_to(&self, buf: &[u8], dst: SocketAddr) -> io::Result<usize>;
 }
 
-impl UdpSend for Udp {
+impl DatagramIo for Udp {
+    #[inline]
+    fn recv_batch(&self, batch: &mut RecvBatch) -> io::Result<usize> {
+        Udp::recv_batch(self, batch)
+    }
     #[inline]
     fn send_segments(&self, buf: &[u8], segment: u16, dst: SocketAddr) -> io::Result<()> {
         Udp::send_segments(self, buf, segment, dst)
@@ -234,6 +248,19 @@ impl RecvBatch {
     /// The source of the `i`th datagram, also when it was truncated.
     pub fn source(&self, i: usize) -> Option<SocketAddr> {
         self.srcs.get(i).copied().flatten()
+    }
+
+    /// Puts `datagram` from `src` in slot `i` as a receive would (marked
+    /// truncated past [`DATAGRAM_BUF`]): for [`DatagramIo`] stand-ins.
+    ///
+    /// # Panics
+    /// `i` is not below [`RECV_BATCH`].
+    pub fn put(&mut self, i: usize, datagram: &[u8], src: SocketAddr) {
+        let n = datagram.len().min(DATAGRAM_BUF);
+        self.bufs[i][..n].copy_from_slice(&datagram[..n]);
+        self.lens[i] = n;
+        self.truncated[i] = n < datagram.len();
+        self.srcs[i] = Some(src);
     }
 }
 

@@ -13,6 +13,7 @@ use crate::config::Config;
 use crate::config::StoreConfig;
 use crate::control::protocol::{self, AdminEvent, PeerLive, Request, Response, StatusView};
 use crate::control::{self, server};
+use crate::dataplane::batch::DeviceTun;
 use crate::dataplane::peers::Removed;
 use crate::dataplane::timers::{self, Timers};
 use crate::dataplane::{rx, tx, udp::Udp, Device, Hooks, Shared};
@@ -342,15 +343,17 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         })?
     };
     let rx_thread = {
-        let (shared, device) = (Arc::clone(&shared), Arc::clone(&device));
+        let (shared, device, interrupt) = (
+            Arc::clone(&shared),
+            Arc::clone(&device),
+            Arc::clone(&interrupt),
+        );
         spawn_loop("sg-rx", fatal_tx.clone(), move || {
-            rx::run(
-                &shared,
-                &device.udp,
-                &device.tun,
-                device.offload,
-                initiations,
-            )
+            let tun = DeviceTun {
+                tun: &device.tun,
+                interrupt: &interrupt,
+            };
+            rx::run(&shared, &device.udp, &tun, device.offload, initiations)
         })?
     };
     let tx_thread = {
@@ -360,7 +363,11 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
             Arc::clone(&interrupt),
         );
         spawn_loop("sg-tx", fatal_tx, move || {
-            tx::run(&shared, &device.udp, &device.tun, &interrupt, mtu)
+            let tun = DeviceTun {
+                tun: &device.tun,
+                interrupt: &interrupt,
+            };
+            tx::run(&shared, &device.udp, &tun, mtu)
         })?
     };
     tracing::info!(

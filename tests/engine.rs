@@ -436,22 +436,55 @@ impl DatagramIo for ChannelUdp {
     }
 }
 
-/// A TUN stand-in that records every packet of every write pass.
+/// A TUN stand-in: records every packet of every write pass, and hands the
+/// transmit loop the packets the test puts in `inbox`, one per read.
 #[derive(Default)]
-struct RecordTun(Mutex<Vec<Vec<u8>>>);
+struct RecordTun {
+    written: Mutex<Vec<Vec<u8>>>,
+    inbox: Mutex<std::collections::VecDeque<Vec<u8>>>,
+    arrived: std::sync::Condvar,
+}
 
-impl sitegate::dataplane::batch::TunWrite for RecordTun {
+impl RecordTun {
+    fn deliver(&self, ip: &[u8]) {
+        self.inbox.lock().unwrap().push_back(ip.to_vec());
+        self.arrived.notify_all();
+    }
+}
+
+impl sitegate::dataplane::batch::TunIo for RecordTun {
     fn write_batch(
         &self,
         _: &mut tun_rs::GROTable,
         bufs: &mut [sitegate::dataplane::batch::PacketBuf],
         offset: usize,
     ) -> std::io::Result<usize> {
-        let mut written = self.0.lock().unwrap();
+        let mut written = self.written.lock().unwrap();
         for b in bufs.iter() {
             written.push(b.as_ref()[offset..].to_vec());
         }
         Ok(bufs.len())
+    }
+
+    fn read_batch(
+        &self,
+        _: &mut [u8],
+        segments: &mut [Vec<u8>],
+        sizes: &mut [usize],
+    ) -> std::io::Result<usize> {
+        let inbox = self.inbox.lock().unwrap();
+        let (mut inbox, _) = self
+            .arrived
+            .wait_timeout_while(inbox, std::time::Duration::from_millis(20), |q| {
+                q.is_empty()
+            })
+            .unwrap();
+        let Some(ip) = inbox.pop_front() else {
+            return Err(std::io::ErrorKind::WouldBlock.into());
+        };
+        segments[0][..ip.len()].copy_from_slice(&ip);
+        sizes[0] = ip.len();
+        Ok(1)
     }
 }
 
@@ -470,11 +503,13 @@ fn wait_for<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
     }
 }
 
-/// The daemon's receive loop and handshake worker, on their own threads over
-/// stand-in I/O: a site's initiation is answered by the worker, its ping is
-/// written to the TUN side, and both loops end when the gateway stops.
+/// The daemon's three loops, on their own threads over stand-in I/O: a
+/// site's initiation is answered by the handshake worker, its ping is written
+/// to the TUN side by the receive loop, the reply read from the TUN side
+/// reaches the site through the transmit loop, and all end when the gateway
+/// stops.
 #[test]
-fn receive_loop_runs_over_stand_in_io() {
+fn loops_run_over_stand_in_io() {
     let mut gw = Gateway::new();
     let mut a = Site::new(&gw, "alpha", "10.8.0.2", 40001);
     gw.load(std::slice::from_ref(&a.record));
@@ -485,6 +520,7 @@ fn receive_loop_runs_over_stand_in_io() {
     std::thread::scope(|s| {
         let rx_loop = s.spawn(|| rx::run(shared, &udp, &tun, false, queue));
         let worker = s.spawn(|| rx::run_handshakes(shared, queued, &udp));
+        let tx_loop = s.spawn(|| tx::run(shared, &udp, &tun, 1420));
         let mut buf = vec![0u8; 2048];
         let init = match a.tunn.format_handshake_initiation(&mut buf, true) {
             TunnResult::WriteToNetwork(p) => p.to_vec(),
@@ -505,13 +541,22 @@ fn receive_loop_runs_over_stand_in_io() {
         };
         udp.deliver(&data, a.addr);
         wait_for("the ping on the TUN side", || {
-            tun.0.lock().unwrap().contains(&ping).then_some(())
+            tun.written.lock().unwrap().contains(&ping).then_some(())
         });
+        let pong = icmp("10.8.0.1", "10.8.0.2");
+        tun.deliver(&pong);
+        let (datagram, to) = wait_for("the reply datagram", || udp.sent.lock().unwrap().pop());
+        assert_eq!(to, a.addr);
+        match a.tunn.decapsulate(None, &datagram, &mut buf) {
+            TunnResult::WriteToTunnelV4(ip, _) => assert_eq!(ip, &pong[..]),
+            other => panic!("the site cannot read the reply: {other:?}"),
+        }
         shared
             .stopping
             .store(true, std::sync::atomic::Ordering::Relaxed);
         rx_loop.join().unwrap().unwrap();
         worker.join().unwrap().unwrap();
+        tx_loop.join().unwrap().unwrap();
     });
 }
 

@@ -102,7 +102,7 @@ impl TunBatch {
 
     /// Writes and empties the batch. A failed write drops packets, as a full
     /// device queue would; the failure is counted in `failures`.
-    pub fn flush(&mut self, tun: &impl TunWrite, failures: &mut IoTally) {
+    pub fn flush(&mut self, tun: &impl TunIo, failures: &mut IoTally) {
         if self.len > 0 {
             if let Err(e) = tun.write_batch(&mut self.gro, &mut self.bufs[..self.len], self.offset)
             {
@@ -113,9 +113,9 @@ impl TunBatch {
     }
 }
 
-/// The TUN device's batch write, as a trait so that a failing device can
-/// stand in for it in tests.
-pub trait TunWrite {
+/// The TUN device as the loops see it: a batch write (receive loop) and a
+/// read (transmit loop), as a trait so that stand-ins take its place in tests.
+pub trait TunIo {
     /// Writes `bufs` (each with `offset` bytes of room for a virtio-net
     /// header in front), coalescing with `gro` where the device takes
     /// offloads.
@@ -128,9 +128,30 @@ pub trait TunWrite {
         bufs: &mut [PacketBuf],
         offset: usize,
     ) -> std::io::Result<usize>;
+
+    /// Reads one packet, or one offloaded super-packet cut into segments,
+    /// into `segments` with their lengths in `sizes` (`raw` is scratch space
+    /// for the super-packet); returns how many. Waits for a packet, or until
+    /// the loop is told to stop.
+    ///
+    /// # Errors
+    /// As `read(2)`; woken without a packet is `Interrupted` or `WouldBlock`.
+    fn read_batch(
+        &self,
+        raw: &mut [u8],
+        segments: &mut [Vec<u8>],
+        sizes: &mut [usize],
+    ) -> std::io::Result<usize>;
 }
 
-impl TunWrite for SyncDevice {
+/// The daemon's TUN device with the event that wakes a blocked read at
+/// shutdown.
+pub struct DeviceTun<'a> {
+    pub tun: &'a SyncDevice,
+    pub interrupt: &'a tun_rs::InterruptEvent,
+}
+
+impl TunIo for DeviceTun<'_> {
     #[inline]
     fn write_batch(
         &self,
@@ -138,7 +159,18 @@ impl TunWrite for SyncDevice {
         bufs: &mut [PacketBuf],
         offset: usize,
     ) -> std::io::Result<usize> {
-        self.send_multiple(gro, bufs, offset)
+        self.tun.send_multiple(gro, bufs, offset)
+    }
+
+    #[inline]
+    fn read_batch(
+        &self,
+        raw: &mut [u8],
+        segments: &mut [Vec<u8>],
+        sizes: &mut [usize],
+    ) -> std::io::Result<usize> {
+        self.tun
+            .recv_multiple_intr(raw, segments, sizes, 0, self.interrupt)
     }
 }
 
@@ -171,7 +203,16 @@ mod tests {
     /// A TUN device whose writes fail, counting the passes it was given.
     struct DownTun(std::cell::Cell<usize>);
 
-    impl TunWrite for DownTun {
+    impl TunIo for DownTun {
+        fn read_batch(
+            &self,
+            _: &mut [u8],
+            _: &mut [Vec<u8>],
+            _: &mut [usize],
+        ) -> std::io::Result<usize> {
+            Err(std::io::ErrorKind::WouldBlock.into())
+        }
+
         fn write_batch(
             &self,
             _: &mut GROTable,
@@ -195,7 +236,16 @@ mod tests {
     /// length after GRO, which is where every segment of one flow lands.
     struct GroTun(std::cell::Cell<usize>);
 
-    impl TunWrite for GroTun {
+    impl TunIo for GroTun {
+        fn read_batch(
+            &self,
+            _: &mut [u8],
+            _: &mut [Vec<u8>],
+            _: &mut [usize],
+        ) -> std::io::Result<usize> {
+            Err(std::io::ErrorKind::WouldBlock.into())
+        }
+
         fn write_batch(
             &self,
             gro: &mut GROTable,

@@ -11,8 +11,8 @@
 //! - [`tx::run`]: TUN read (a GSO super-packet, split) → [`crate::routing`]
 //!   lookup by destination → `Tunn::encapsulate` → UDP GSO send per endpoint.
 //!
-//! Every datagram leaves through a [`udp::DatagramIo`] and every TUN write
-//! pass through a [`batch::TunWrite`] handed to the loop, so the loops run in
+//! Every datagram comes and goes through a [`udp::DatagramIo`] and every TUN
+//! read and write through a [`batch::TunIo`] handed to the loop, so the loops run in
 //! tests over stand-ins, as they run in the daemon over the socket and device.
 //!
 //! Both read the peer set from an immutable [`peers::PeerTable`] snapshot that the

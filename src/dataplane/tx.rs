@@ -7,9 +7,10 @@ use std::time::Instant;
 
 use boringtun::noise::TunnResult;
 
+use super::batch::TunIo;
 use super::peers::PeerTable;
 use super::tally::{Direction, Tally};
-use super::udp::{DatagramIo, Udp};
+use super::udp::DatagramIo;
 use super::{packet, IoTally, LoopError, Shared, FATAL_AFTER, MAX_PACKET};
 
 /// WireGuard message type of a transport (data) message: what `encapsulate`
@@ -29,9 +30,8 @@ const MSG_TRANSPORT: u8 = 4;
 /// read: the daemon is to end rather than run with this direction dead.
 pub fn run(
     shared: &Shared,
-    udp: &Udp,
-    tun: &tun_rs::SyncDevice,
-    interrupt: &tun_rs::InterruptEvent,
+    udp: &impl DatagramIo,
+    tun: &impl TunIo,
     mtu: usize,
 ) -> std::io::Result<()> {
     let mut raw = vec![0u8; tun_rs::VIRTIO_NET_HDR_LEN + 65_535];
@@ -40,7 +40,7 @@ pub fn run(
     let mut tx = Transmitter::default();
     let mut failing_since: Option<Instant> = None;
     while !shared.is_stopping() {
-        match tun.recv_multiple_intr(&mut raw, &mut segments, &mut sizes, 0, interrupt) {
+        match tun.read_batch(&mut raw, &mut segments, &mut sizes) {
             Ok(n) => {
                 failing_since = None;
                 if n > 0 && shared.hooks.panic_tx {

@@ -380,23 +380,51 @@ fn handshake_worker_answers_queued_initiations() {
     );
 }
 
+/// What a test hands a loop's stand-in, taken as a blocking read takes it.
+struct Inbox<T> {
+    queue: Mutex<std::collections::VecDeque<T>>,
+    arrived: std::sync::Condvar,
+}
+
+impl<T> Default for Inbox<T> {
+    fn default() -> Self {
+        Inbox {
+            queue: Mutex::default(),
+            arrived: std::sync::Condvar::new(),
+        }
+    }
+}
+
+impl<T> Inbox<T> {
+    fn put(&self, item: T) {
+        self.queue.lock().unwrap().push_back(item);
+        self.arrived.notify_all();
+    }
+
+    /// Up to `max` items, waiting up to 20 ms for the first (then
+    /// `WouldBlock`, as a read with a timeout), so a loop sees its stop flag.
+    fn take(&self, max: usize) -> std::io::Result<Vec<T>> {
+        let queue = self.queue.lock().unwrap();
+        let (mut queue, _) = self
+            .arrived
+            .wait_timeout_while(queue, std::time::Duration::from_millis(20), |q| {
+                q.is_empty()
+            })
+            .unwrap();
+        let n = queue.len().min(max);
+        if n == 0 {
+            return Err(std::io::ErrorKind::WouldBlock.into());
+        }
+        Ok(queue.drain(..n).collect())
+    }
+}
+
 /// A socket stand-in fed by the test: datagrams wait in `inbox` until the
 /// loop's next receive; what the gateway sends lands in `sent`.
 #[derive(Default)]
 struct ChannelUdp {
-    inbox: Mutex<std::collections::VecDeque<(Vec<u8>, SocketAddr)>>,
-    arrived: std::sync::Condvar,
+    inbox: Inbox<(Vec<u8>, SocketAddr)>,
     sent: Mutex<Vec<(Vec<u8>, SocketAddr)>>,
-}
-
-impl ChannelUdp {
-    fn deliver(&self, datagram: &[u8], src: SocketAddr) {
-        self.inbox
-            .lock()
-            .unwrap()
-            .push_back((datagram.to_vec(), src));
-        self.arrived.notify_all();
-    }
 }
 
 impl DatagramIo for ChannelUdp {
@@ -404,25 +432,11 @@ impl DatagramIo for ChannelUdp {
         &self,
         batch: &mut sitegate::dataplane::udp::RecvBatch,
     ) -> std::io::Result<usize> {
-        let inbox = self.inbox.lock().unwrap();
-        let (mut inbox, _) = self
-            .arrived
-            .wait_timeout_while(inbox, std::time::Duration::from_millis(20), |q| {
-                q.is_empty()
-            })
-            .unwrap();
-        let mut n = 0;
-        while n < sitegate::dataplane::udp::RECV_BATCH {
-            let Some((d, src)) = inbox.pop_front() else {
-                break;
-            };
-            batch.put(n, &d, src);
-            n += 1;
+        let datagrams = self.inbox.take(sitegate::dataplane::udp::RECV_BATCH)?;
+        for (i, (d, src)) in datagrams.iter().enumerate() {
+            batch.put(i, d, *src);
         }
-        if n == 0 {
-            return Err(std::io::ErrorKind::WouldBlock.into());
-        }
-        Ok(n)
+        Ok(datagrams.len())
     }
     fn send_to(&self, datagram: &[u8], dst: SocketAddr) -> std::io::Result<usize> {
         self.sent.lock().unwrap().push((datagram.to_vec(), dst));
@@ -441,18 +455,10 @@ impl DatagramIo for ChannelUdp {
 #[derive(Default)]
 struct RecordTun {
     written: Mutex<Vec<Vec<u8>>>,
-    inbox: Mutex<std::collections::VecDeque<Vec<u8>>>,
-    arrived: std::sync::Condvar,
+    inbox: Inbox<Vec<u8>>,
 }
 
-impl RecordTun {
-    fn deliver(&self, ip: &[u8]) {
-        self.inbox.lock().unwrap().push_back(ip.to_vec());
-        self.arrived.notify_all();
-    }
-}
-
-impl sitegate::dataplane::batch::TunIo for RecordTun {
+impl sitegate::dataplane::batch::TunWrite for RecordTun {
     fn write_batch(
         &self,
         _: &mut tun_rs::GROTable,
@@ -465,23 +471,16 @@ impl sitegate::dataplane::batch::TunIo for RecordTun {
         }
         Ok(bufs.len())
     }
+}
 
+impl sitegate::dataplane::batch::TunRead for RecordTun {
     fn read_batch(
         &self,
         _: &mut [u8],
         segments: &mut [Vec<u8>],
         sizes: &mut [usize],
     ) -> std::io::Result<usize> {
-        let inbox = self.inbox.lock().unwrap();
-        let (mut inbox, _) = self
-            .arrived
-            .wait_timeout_while(inbox, std::time::Duration::from_millis(20), |q| {
-                q.is_empty()
-            })
-            .unwrap();
-        let Some(ip) = inbox.pop_front() else {
-            return Err(std::io::ErrorKind::WouldBlock.into());
-        };
+        let ip = self.inbox.take(1)?.remove(0);
         segments[0][..ip.len()].copy_from_slice(&ip);
         sizes[0] = ip.len();
         Ok(1)
@@ -526,25 +525,25 @@ fn loops_run_over_stand_in_io() {
             TunnResult::WriteToNetwork(p) => p.to_vec(),
             other => panic!("no initiation: {other:?}"),
         };
-        udp.deliver(&init, a.addr);
+        udp.inbox.put((init.clone(), a.addr));
         let (response, to) = wait_for("the response", || udp.sent.lock().unwrap().pop());
         assert_eq!(to, a.addr);
         let keepalive = match a.tunn.decapsulate(None, &response, &mut buf) {
             TunnResult::WriteToNetwork(k) => k.to_vec(),
             other => panic!("response refused: {other:?}"),
         };
-        udp.deliver(&keepalive, a.addr);
+        udp.inbox.put((keepalive, a.addr));
         let ping = icmp("10.8.0.2", "10.8.0.1");
         let data = match a.tunn.encapsulate(&ping, &mut buf) {
             TunnResult::WriteToNetwork(d) => d.to_vec(),
             other => panic!("no session: {other:?}"),
         };
-        udp.deliver(&data, a.addr);
+        udp.inbox.put((data, a.addr));
         wait_for("the ping on the TUN side", || {
             tun.written.lock().unwrap().contains(&ping).then_some(())
         });
         let pong = icmp("10.8.0.1", "10.8.0.2");
-        tun.deliver(&pong);
+        tun.inbox.put(pong.clone());
         let (datagram, to) = wait_for("the reply datagram", || udp.sent.lock().unwrap().pop());
         assert_eq!(to, a.addr);
         match a.tunn.decapsulate(None, &datagram, &mut buf) {

@@ -102,7 +102,7 @@ impl TunBatch {
 
     /// Writes and empties the batch. A failed write drops packets, as a full
     /// device queue would; the failure is counted in `failures`.
-    pub fn flush(&mut self, tun: &impl TunIo, failures: &mut IoTally) {
+    pub fn flush(&mut self, tun: &impl TunWrite, failures: &mut IoTally) {
         if self.len > 0 {
             if let Err(e) = tun.write_batch(&mut self.gro, &mut self.bufs[..self.len], self.offset)
             {
@@ -113,9 +113,9 @@ impl TunBatch {
     }
 }
 
-/// The TUN device as the loops see it: a batch write (receive loop) and a
-/// read (transmit loop), as a trait so that stand-ins take its place in tests.
-pub trait TunIo {
+/// The TUN device as the receive loop sees it: a batch write, as a trait so
+/// that stand-ins take its place in tests.
+pub trait TunWrite {
     /// Writes `bufs` (each with `offset` bytes of room for a virtio-net
     /// header in front), coalescing with `gro` where the device takes
     /// offloads.
@@ -128,7 +128,10 @@ pub trait TunIo {
         bufs: &mut [PacketBuf],
         offset: usize,
     ) -> std::io::Result<usize>;
+}
 
+/// The TUN device as the transmit loop sees it.
+pub trait TunRead {
     /// Reads one packet, or one offloaded super-packet cut into segments,
     /// into `segments` with their lengths in `sizes` (`raw` is scratch space
     /// for the super-packet); returns how many. Waits for a packet, or until
@@ -151,7 +154,7 @@ pub struct DeviceTun<'a> {
     pub interrupt: &'a tun_rs::InterruptEvent,
 }
 
-impl TunIo for DeviceTun<'_> {
+impl TunWrite for DeviceTun<'_> {
     #[inline]
     fn write_batch(
         &self,
@@ -161,7 +164,9 @@ impl TunIo for DeviceTun<'_> {
     ) -> std::io::Result<usize> {
         self.tun.send_multiple(gro, bufs, offset)
     }
+}
 
+impl TunRead for DeviceTun<'_> {
     #[inline]
     fn read_batch(
         &self,
@@ -203,16 +208,7 @@ mod tests {
     /// A TUN device whose writes fail, counting the passes it was given.
     struct DownTun(std::cell::Cell<usize>);
 
-    impl TunIo for DownTun {
-        fn read_batch(
-            &self,
-            _: &mut [u8],
-            _: &mut [Vec<u8>],
-            _: &mut [usize],
-        ) -> std::io::Result<usize> {
-            Err(std::io::ErrorKind::WouldBlock.into())
-        }
-
+    impl TunWrite for DownTun {
         fn write_batch(
             &self,
             _: &mut GROTable,
@@ -236,16 +232,7 @@ mod tests {
     /// length after GRO, which is where every segment of one flow lands.
     struct GroTun(std::cell::Cell<usize>);
 
-    impl TunIo for GroTun {
-        fn read_batch(
-            &self,
-            _: &mut [u8],
-            _: &mut [Vec<u8>],
-            _: &mut [usize],
-        ) -> std::io::Result<usize> {
-            Err(std::io::ErrorKind::WouldBlock.into())
-        }
-
+    impl TunWrite for GroTun {
         fn write_batch(
             &self,
             gro: &mut GROTable,

@@ -11,8 +11,9 @@
 //! - [`tx::run`]: TUN read (a GSO super-packet, split) → [`crate::routing`]
 //!   lookup by destination → `Tunn::encapsulate` → UDP GSO send per endpoint.
 //!
-//! Every datagram comes and goes through a [`udp::DatagramIo`] and every TUN
-//! read and write through a [`batch::TunIo`] handed to the loop, so the loops run in
+//! Every datagram comes and goes through a [`udp::DatagramIo`], and TUN reads
+//! and writes through a [`batch::TunRead`] and a [`batch::TunWrite`] handed to
+//! the loop, so the loops run in
 //! tests over stand-ins, as they run in the daemon over the socket and device.
 //!
 //! Both read the peer set from an immutable [`peers::PeerTable`] snapshot that the

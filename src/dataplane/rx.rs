@@ -11,7 +11,7 @@ use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 
-use super::batch::{TunBatch, TunIo};
+use super::batch::{TunBatch, TunWrite};
 use super::packet::Header;
 use super::peers::{PeerSlot, PeerTable};
 use super::tally::{Direction, Tally};
@@ -37,7 +37,7 @@ const MSG_TRANSPORT: u8 = 4;
 pub fn run(
     shared: &Shared,
     udp: &impl DatagramIo,
-    tun: &impl TunIo,
+    tun: &impl TunWrite,
     offload: bool,
     handshakes: SyncSender<Initiation>,
 ) -> std::io::Result<()> {

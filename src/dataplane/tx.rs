@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use boringtun::noise::TunnResult;
 
-use super::batch::TunIo;
+use super::batch::TunRead;
 use super::peers::PeerTable;
 use super::tally::{Direction, Tally};
 use super::udp::DatagramIo;
@@ -31,7 +31,7 @@ const MSG_TRANSPORT: u8 = 4;
 pub fn run(
     shared: &Shared,
     udp: &impl DatagramIo,
-    tun: &impl TunIo,
+    tun: &impl TunRead,
     mtu: usize,
 ) -> std::io::Result<()> {
     let mut raw = vec![0u8; tun_rs::VIRTIO_NET_HDR_LEN + 65_535];

@@ -16,7 +16,7 @@ use crate::control::{self, server};
 use crate::dataplane::batch::DeviceTun;
 use crate::dataplane::peers::Removed;
 use crate::dataplane::timers::{self, Timers};
-use crate::dataplane::{rx, tx, udp::Udp, Device, Hooks, Shared};
+use crate::dataplane::{rx, tx, udp::Udp, Device, Hooks, Shared, MAX_RX_WORKERS};
 use crate::events::{CloseReason, Throttle};
 use crate::keys::PrivateKey;
 use crate::privilege::{self, Plan, Target};
@@ -235,7 +235,10 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     })?;
     tun.set_nonblocking(true)
         .context("cannot make the TUN device non-blocking")?;
-    let udp = Udp::bind(iface.listen_port).with_context(|| {
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, MAX_RX_WORKERS);
+    let udp = Udp::bind_group(iface.listen_port, workers).with_context(|| {
         format!(
             "cannot bind UDP port {} (interface.listen_port)",
             iface.listen_port
@@ -339,23 +342,28 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     let handshake_thread = {
         let (shared, device) = (Arc::clone(&shared), Arc::clone(&device));
         spawn_loop("sg-handshake", fatal_tx.clone(), move || {
-            rx::run_handshakes(&shared, queued, &device.udp)
+            rx::run_handshakes(&shared, queued, device.sender())
         })?
     };
-    let rx_thread = {
-        let (shared, device, interrupt) = (
+    let mut loop_threads = Vec::with_capacity(device.udp.len() + 2);
+    for (i, name) in RX_THREAD_NAMES.iter().enumerate().take(device.udp.len()) {
+        let (shared, device, interrupt, initiations) = (
             Arc::clone(&shared),
             Arc::clone(&device),
             Arc::clone(&interrupt),
+            initiations.clone(),
         );
-        spawn_loop("sg-rx", fatal_tx.clone(), move || {
+        loop_threads.push(spawn_loop(name, fatal_tx.clone(), move || {
             let tun = DeviceTun {
                 tun: &device.tun,
                 interrupt: &interrupt,
             };
-            rx::run(&shared, &device.udp, &tun, device.offload, initiations)
-        })?
-    };
+            rx::run(&shared, &device.udp[i], &tun, device.offload, initiations)
+        })?);
+    }
+    // The workers hold the queue's senders: when they end, the handshake
+    // worker sees it closed and ends too.
+    drop(initiations);
     let tx_thread = {
         let (shared, device, interrupt) = (
             Arc::clone(&shared),
@@ -367,7 +375,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
                 tun: &device.tun,
                 interrupt: &interrupt,
             };
-            tx::run(&shared, &device.udp, &tun, mtu)
+            tx::run(&shared, device.sender(), &tun, mtu)
         })?
     };
     tracing::info!(
@@ -405,7 +413,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     let result = serve(
         &info,
         &shared,
-        &device.udp,
+        device.sender(),
         &mut registry,
         sockets,
         shutdown,
@@ -417,7 +425,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
 
     shared.stopping.store(true, Ordering::Relaxed);
     let _ = interrupt.trigger();
-    for t in [rx_thread, tx_thread, handshake_thread] {
+    loop_threads.extend([tx_thread, handshake_thread]);
+    for t in loop_threads {
         // A loop's failure was reported through the fatal channel already.
         let _ = t.join();
     }
@@ -440,6 +449,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
 /// Starts a packet loop on its own thread. If the loop panics or returns an
 /// error, the control loop hears of it through `fatal` and ends the daemon: a
 /// gateway with one direction dead must not keep answering `wg show`.
+/// Thread names of the receive workers (`top -H`, the bench's per-thread CPU).
+const RX_THREAD_NAMES: [&str; MAX_RX_WORKERS] = ["sg-rx", "sg-rx-1", "sg-rx-2", "sg-rx-3"];
+
 fn spawn_loop(
     name: &'static str,
     fatal: tokio::sync::mpsc::UnboundedSender<Fatal>,

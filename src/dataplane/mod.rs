@@ -176,11 +176,26 @@ pub trait TunSink {
 
 /// The gateway's real I/O endpoints.
 pub struct Device {
-    pub udp: udp::Udp,
+    /// The receive workers' sockets, one each, all bound to the listen port
+    /// ([`udp::Udp::bind_group`]); the first also carries the handshake
+    /// worker's, the transmit loop's and the timers' sends.
+    pub udp: Vec<udp::Udp>,
     pub tun: tun_rs::SyncDevice,
     /// The TUN device carries virtio-net headers (GSO/GRO offload).
     pub offload: bool,
 }
+
+impl Device {
+    /// The socket every loop sends from.
+    pub fn sender(&self) -> &udp::Udp {
+        &self.udp[0]
+    }
+}
+
+/// Receive workers: one per core, at most this many. A peer's datagrams all
+/// reach one worker (the socket group hashes by sender), so they stay in
+/// order; different sites are decrypted on different cores.
+pub const MAX_RX_WORKERS: usize = 4;
 
 /// Data-path output failures since start, gateway-wide: what the loops could
 /// not hand to the kernel. Lost packets are otherwise silent (the peer's

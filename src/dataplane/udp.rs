@@ -13,20 +13,35 @@ pub struct Udp {
     v6: bool,
 }
 
-fn bind_dual_stack(port: u16) -> io::Result<UdpSocket> {
+/// One UDP socket on `port`: IPv6 dual-stack (`v6`) or IPv4, with
+/// `SO_REUSEPORT` when it is to share the port with the loop's other sockets.
+fn bind_socket(port: u16, v6: bool, reuse: bool) -> io::Result<UdpSocket> {
     use nix::sys::socket::{
-        bind, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn6,
+        bind, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn,
+        SockaddrIn6,
     };
-    let fd = socket(
-        AddressFamily::Inet6,
-        SockType::Datagram,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )?;
-    setsockopt(&fd, sockopt::Ipv6V6Only, &false)?;
-    let addr = SockaddrIn6::from(SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, port, 0, 0));
-    bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr)?;
-    Ok(UdpSocket::from(fd))
+    use std::os::fd::AsRawFd;
+    let family = if v6 {
+        AddressFamily::Inet6
+    } else {
+        AddressFamily::Inet
+    };
+    let fd = socket(family, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)?;
+    if reuse {
+        setsockopt(&fd, sockopt::ReusePort, &true)?;
+    }
+    if v6 {
+        setsockopt(&fd, sockopt::Ipv6V6Only, &false)?;
+        let addr = SockaddrIn6::from(SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, port, 0, 0));
+        bind(fd.as_raw_fd(), &addr)?;
+    } else {
+        let addr = SockaddrIn::from(std::net::SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port));
+        bind(fd.as_raw_fd(), &addr)?;
+    }
+    let sock = UdpSocket::from(fd);
+    sock.set_read_timeout(Some(RECV_TIMEOUT))?;
+    grow_buffers(&sock);
+    Ok(sock)
 }
 
 impl Udp {
@@ -35,14 +50,35 @@ impl Udp {
     /// # Errors
     /// The port is in use or no socket can be made.
     pub fn bind(port: u16) -> io::Result<Udp> {
-        let (sock, v6) = match bind_dual_stack(port) {
+        Ok(Udp::bind_group(port, 1)?.remove(0))
+    }
+
+    /// Binds `n` (at least one) sockets to `port` (the first picks it when
+    /// `port` is 0) with `SO_REUSEPORT`, one per receive worker. The kernel
+    /// spreads senders over them by a hash of their address and port, so one
+    /// peer's datagrams always reach the same socket, in order. The group is
+    /// made by root before privileges are dropped, and Linux lets a socket
+    /// join it only with the same owner, so no other local user can bind the
+    /// port and take a share of the traffic.
+    ///
+    /// # Errors
+    /// The port is in use or no socket can be made.
+    pub fn bind_group(port: u16, n: usize) -> io::Result<Vec<Udp>> {
+        let reuse = n > 1;
+        let (first, v6) = match bind_socket(port, true, reuse) {
             Ok(s) => (s, true),
             Err(e) if e.kind() == io::ErrorKind::AddrInUse => return Err(e),
-            Err(_) => (UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port))?, false),
+            Err(_) => (bind_socket(port, false, reuse)?, false),
         };
-        sock.set_read_timeout(Some(RECV_TIMEOUT))?;
-        grow_buffers(&sock);
-        Ok(Udp { sock, v6 })
+        let port = first.local_addr()?.port();
+        let mut group = vec![Udp { sock: first, v6 }];
+        for _ in 1..n {
+            group.push(Udp {
+                sock: bind_socket(port, v6, true)?,
+                v6,
+            });
+        }
+        Ok(group)
     }
 
     pub fn local_port(&self) -> io::Result<u16> {
@@ -371,6 +407,47 @@ mod tests {
             .collect();
         assert_eq!(sizes, [100, 100, 50]);
         assert_eq!(&buf[..50], &payload[200..]);
+    }
+
+    /// A group shares one port; the kernel spreads senders over its sockets
+    /// and keeps each sender on one socket, its datagrams in order.
+    #[test]
+    fn group_spreads_senders_and_keeps_each_in_order() {
+        let group = Udp::bind_group(0, 2).unwrap();
+        let port = group[0].local_port().unwrap();
+        assert_eq!(group[1].local_port().unwrap(), port);
+        let senders: Vec<UdpSocket> = (0..32)
+            .map(|_| UdpSocket::bind("127.0.0.1:0").unwrap())
+            .collect();
+        for round in 0..3u8 {
+            for s in &senders {
+                s.send_to(&[round], ("127.0.0.1", port)).unwrap();
+            }
+        }
+        let mut batch = RecvBatch::default();
+        let mut seen: std::collections::HashMap<SocketAddr, (usize, Vec<u8>)> = Default::default();
+        let mut per_socket = [0usize; 2];
+        for (i, udp) in group.iter().enumerate() {
+            // Each socket: read until a receive times out with nothing queued.
+            while let Ok(n) = udp.recv_batch(&mut batch) {
+                for j in 0..n {
+                    let (d, src) = batch.datagram(j).unwrap();
+                    let entry = seen.entry(src).or_insert((i, Vec::new()));
+                    assert_eq!(entry.0, i, "{src} reached two sockets");
+                    entry.1.push(d[0]);
+                    per_socket[i] += 1;
+                }
+            }
+        }
+        assert_eq!(seen.len(), 32);
+        assert!(
+            seen.values().all(|(_, r)| r == &[0, 1, 2]),
+            "in order, none lost"
+        );
+        assert!(
+            per_socket.iter().all(|&n| n > 0),
+            "32 senders all on one socket: {per_socket:?}"
+        );
     }
 
     /// A burst arrives in one batch, in order, with canonical sources.

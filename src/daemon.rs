@@ -218,12 +218,20 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         crate::registry::store::seal_key(&cfg)?,
     )?);
 
+    // One receive and one transmit worker per core (up to MAX_RX_WORKERS),
+    // each with its own UDP socket and TUN queue.
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, MAX_RX_WORKERS);
     let mut builder = tun_rs::DeviceBuilder::new()
         .name(&iface.name)
         .ipv4(iface.address_v4.addr(), iface.address_v4.prefix_len(), None)
         .mtu(iface.mtu)
         // Virtio-net headers: GSO super-packets in, GRO-coalesced packets out.
-        .offload(true);
+        .offload(true)
+        // One queue per worker: the kernel steers each flow to one queue, so
+        // a flow's packets are read, encrypted and sent in order.
+        .multi_queue(workers > 1);
     if let Some(v6) = iface.address_v6 {
         builder = builder.ipv6(v6.addr(), v6.prefix_len());
     }
@@ -233,11 +241,17 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
             iface.name
         )
     })?;
-    tun.set_nonblocking(true)
-        .context("cannot make the TUN device non-blocking")?;
-    let workers = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .clamp(1, MAX_RX_WORKERS);
+    let mut queues = vec![tun];
+    for _ in 1..workers {
+        let queue = queues[0]
+            .try_clone()
+            .with_context(|| format!("cannot open another queue of TUN device {}", iface.name))?;
+        queues.push(queue);
+    }
+    for q in &queues {
+        q.set_nonblocking(true)
+            .context("cannot make the TUN device non-blocking")?;
+    }
     let udp = Udp::bind_group(iface.listen_port, workers).with_context(|| {
         format!(
             "cannot bind UDP port {} (interface.listen_port)",
@@ -281,9 +295,13 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     let seal = crate::registry::store::seal_key(&cfg)?;
 
     // tun-rs falls back to plain packets where the kernel refuses offload.
-    let offload = tun.tcp_gso();
+    let offload = queues[0].tcp_gso();
     let mtu = usize::from(iface.mtu);
-    let device = Arc::new(Device { udp, tun, offload });
+    let device = Arc::new(Device {
+        udp,
+        tun: queues,
+        offload,
+    });
     let interrupt =
         Arc::new(tun_rs::InterruptEvent::new().context("cannot create the shutdown event")?);
     let policy = crate::policy::Policy::from_config(&cfg);
@@ -355,7 +373,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         );
         loop_threads.push(spawn_loop(name, fatal_tx.clone(), move || {
             let tun = DeviceTun {
-                tun: &device.tun,
+                tun: &device.tun[i],
                 interrupt: &interrupt,
             };
             rx::run(&shared, &device.udp[i], &tun, device.offload, initiations)
@@ -364,20 +382,21 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     // The workers hold the queue's senders: when they end, the handshake
     // worker sees it closed and ends too.
     drop(initiations);
-    let tx_thread = {
+    for (i, name) in TX_THREAD_NAMES.iter().enumerate().take(device.tun.len()) {
         let (shared, device, interrupt) = (
             Arc::clone(&shared),
             Arc::clone(&device),
             Arc::clone(&interrupt),
         );
-        spawn_loop("sg-tx", fatal_tx, move || {
+        loop_threads.push(spawn_loop(name, fatal_tx.clone(), move || {
             let tun = DeviceTun {
-                tun: &device.tun,
+                tun: &device.tun[i],
                 interrupt: &interrupt,
             };
-            tx::run(&shared, device.sender(), &tun, mtu)
-        })?
-    };
+            tx::run(&shared, &device.udp[i], &tun, mtu)
+        })?);
+    }
+    drop(fatal_tx);
     tracing::info!(
         event = "started",
         interface = %iface.name,
@@ -425,7 +444,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
 
     shared.stopping.store(true, Ordering::Relaxed);
     let _ = interrupt.trigger();
-    loop_threads.extend([tx_thread, handshake_thread]);
+    loop_threads.push(handshake_thread);
     for t in loop_threads {
         // A loop's failure was reported through the fatal channel already.
         let _ = t.join();
@@ -451,6 +470,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
 /// gateway with one direction dead must not keep answering `wg show`.
 /// Thread names of the receive workers (`top -H`, the bench's per-thread CPU).
 const RX_THREAD_NAMES: [&str; MAX_RX_WORKERS] = ["sg-rx", "sg-rx-1", "sg-rx-2", "sg-rx-3"];
+/// Thread names of the transmit workers.
+const TX_THREAD_NAMES: [&str; MAX_RX_WORKERS] = ["sg-tx", "sg-tx-1", "sg-tx-2", "sg-tx-3"];
 
 fn spawn_loop(
     name: &'static str,

@@ -158,7 +158,8 @@ fn interop_stock_client_ping_bulk_and_wg_show() {
 }
 
 /// Two sites at once each get their own session and `handshake` event, and
-/// simultaneous pings from both are all answered (replies go to the right site).
+/// simultaneous pings from both are all answered (replies go to the right site),
+/// by a receive and a transmit worker per core, each with its own TUN queue.
 #[test]
 fn two_sites_each_own_session_and_replies() {
     if !rig_ready("two_sites") {
@@ -230,6 +231,28 @@ fn two_sites_each_own_session_and_replies() {
         );
     }
     assert!(gw.is_running(), "gateway died; log:\n{}", gw.log_tail(40));
+
+    // Both cores: a receive and a transmit worker per core (up to four), each
+    // with a TUN queue of its own.
+    let cores = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(4);
+    let pid = gw.pid();
+    let threads: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("list the gateway's threads")
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|c| c.trim().to_string())
+        .collect();
+    for kind in ["sg-rx", "sg-tx"] {
+        let n = threads.iter().filter(|t| t.starts_with(kind)).count();
+        assert_eq!(n, cores, "{kind} workers among {threads:?}");
+    }
+    let tun_fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("list the gateway's fds")
+        .filter_map(|f| std::fs::read_link(f.ok()?.path()).ok())
+        .filter(|l| l == std::path::Path::new("/dev/net/tun"))
+        .count();
+    assert_eq!(tun_fds, cores, "one TUN queue per worker pair");
 }
 
 /// A key the admin never issued (a hand-written wg-quick config with the

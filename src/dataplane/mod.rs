@@ -1,4 +1,7 @@
-//! The packet path. Three loops, each on its own thread with its own buffers:
+//! The packet path. Three kinds of loop, each on its own thread with its own
+//! buffers; receive and transmit loops run one per core
+//! ([`MAX_RX_WORKERS`]), each with its own socket of the listen port's
+//! `SO_REUSEPORT` group and its own queue of the TUN device:
 //!
 //! - [`rx::run`]: UDP datagrams (a `recvmmsg` batch) → identify the peer by
 //!   receiver index → `Tunn::decapsulate`, in place into the TUN batch's
@@ -180,7 +183,9 @@ pub struct Device {
     /// ([`udp::Udp::bind_group`]); the first also carries the handshake
     /// worker's, the transmit loop's and the timers' sends.
     pub udp: Vec<udp::Udp>,
-    pub tun: tun_rs::SyncDevice,
+    /// The TUN device's queues, one per worker pair (receive worker `i`
+    /// writes to queue `i`, transmit worker `i` reads it).
+    pub tun: Vec<tun_rs::SyncDevice>,
     /// The TUN device carries virtio-net headers (GSO/GRO offload).
     pub offload: bool,
 }
@@ -192,9 +197,11 @@ impl Device {
     }
 }
 
-/// Receive workers: one per core, at most this many. A peer's datagrams all
-/// reach one worker (the socket group hashes by sender), so they stay in
-/// order; different sites are decrypted on different cores.
+/// Receive and transmit workers: one each per core, at most this many. A
+/// peer's datagrams all reach one receive worker (the socket group hashes by
+/// sender) and a flow's packets one transmit worker (the TUN device's queues
+/// hash by flow), so they stay in order; different sites and flows are
+/// decrypted and encrypted on different cores.
 pub const MAX_RX_WORKERS: usize = 4;
 
 /// Data-path output failures since start, gateway-wide: what the loops could

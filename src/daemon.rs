@@ -16,7 +16,7 @@ use crate::control::{self, server};
 use crate::dataplane::batch::DeviceTun;
 use crate::dataplane::peers::Removed;
 use crate::dataplane::timers::{self, Timers};
-use crate::dataplane::{rx, tx, udp::Udp, Device, Hooks, Shared, MAX_RX_WORKERS};
+use crate::dataplane::{rx, tx, udp::Udp, Device, Engine, Hooks, Runtime, MAX_RX_WORKERS};
 use crate::events::{CloseReason, Throttle};
 use crate::keys::PrivateKey;
 use crate::privilege::{self, Plan, Target};
@@ -69,7 +69,7 @@ impl Registry {
     /// Re-reads the store as one snapshot and swaps in a new peer table; peers
     /// that left get their `session_closed` event. On error the table in force
     /// stays (the timer still expires its peers from memory).
-    fn reload(&mut self, shared: &Shared) -> anyhow::Result<usize> {
+    fn reload(&mut self, engine: &Engine) -> anyhow::Result<usize> {
         let store = self.open()?;
         let pause = self.pause;
         let snapshot = store
@@ -85,16 +85,16 @@ impl Registry {
                 }
             })
             .context("cannot read the peer store")?;
-        let old = shared.table.load_full();
+        let old = engine.table.load_full();
         let (table, removed) = old.rebuild(
             &snapshot.peers,
             &snapshot.revoked,
             unix_now(),
-            &shared.policy,
-            &shared.tunn_seed(),
+            &engine.policy,
+            &engine.tunn_seed(),
         );
         let active = table.peers.len();
-        shared.table.store(Arc::new(table));
+        engine.table.store(Arc::new(table));
         self.registry_version = snapshot.version;
         close_removed(removed);
         Ok(active)
@@ -102,18 +102,18 @@ impl Registry {
 
     /// Reloads when another process changed the registry since the snapshot
     /// in force (the safety net behind the control socket's notify).
-    fn poll(&mut self, shared: &Shared) {
+    fn poll(&mut self, engine: &Engine) {
         let version = self
             .open()
             .and_then(|s| s.registry_version().context("cannot read the peer store"));
         match version {
             Ok(v) if v == self.registry_version => {}
             Ok(_) => {
-                if let Err(e) = self.reload(shared) {
-                    self.failed(shared, &e);
+                if let Err(e) = self.reload(engine) {
+                    self.failed(engine, &e);
                 }
             }
-            Err(e) => self.failed(shared, &e),
+            Err(e) => self.failed(engine, &e),
         }
     }
 
@@ -123,14 +123,14 @@ impl Registry {
 
     /// Logs a failed read, throttled: the first at once, then a summary with
     /// the count at most every few seconds.
-    fn failed(&self, shared: &Shared, e: &anyhow::Error) {
-        if self.failures.hit(shared.clock.now_ms()) {
+    fn failed(&self, engine: &Engine, e: &anyhow::Error) {
+        if self.failures.hit(engine.clock.now_ms()) {
             tracing::error!(event = "reload_failed", error = %format!("{e:#}"), count = 1u64);
         }
     }
 
-    fn summarise(&self, shared: &Shared) {
-        if let Some(count) = self.failures.take_summary(shared.clock.now_ms()) {
+    fn summarise(&self, engine: &Engine) {
+        if let Some(count) = self.failures.take_summary(engine.clock.now_ms()) {
             tracing::error!(event = "reload_failed", count, summary = true);
         }
     }
@@ -138,9 +138,9 @@ impl Registry {
 
 /// Ends peers whose expiry has passed, from the table in memory: no store
 /// read is needed, so expiry holds while the store cannot be read.
-fn expire(shared: &Shared) {
-    if let Some((table, removed)) = shared.table.load().without_expired(unix_now()) {
-        shared.table.store(Arc::new(table));
+fn expire(engine: &Engine) {
+    if let Some((table, removed)) = engine.table.load().without_expired(unix_now()) {
+        engine.table.store(Arc::new(table));
         close_removed(removed);
     }
 }
@@ -305,9 +305,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     let interrupt =
         Arc::new(tun_rs::InterruptEvent::new().context("cannot create the shutdown event")?);
     let policy = crate::policy::Policy::from_config(&cfg);
-    let mut shared = Shared::new(&key, policy);
-    shared.hooks = hooks;
-    let shared = Arc::new(shared);
+    let engine = Arc::new(Engine::new(&key, policy));
+    let runtime = Arc::new(Runtime::new(hooks));
     let mut registry = Registry {
         store: cfg.store.clone(),
         seal: seal.clone(),
@@ -320,7 +319,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     // [api] section stops the start; served on this runtime until the end.
     let api_listener = crate::api::Listener::bind(
         Arc::new(cfg.clone()),
-        Arc::clone(&shared),
+        Arc::clone(&engine),
         to_loop.clone(),
         key.public_key(),
         seal.clone(),
@@ -353,20 +352,25 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
             capabilities = %d.caps,
         );
     }
-    let active = registry.reload(&shared)?;
+    let active = registry.reload(&engine)?;
 
     let (fatal_tx, fatal_rx) = tokio::sync::mpsc::unbounded_channel::<Fatal>();
     let (initiations, queued) = std::sync::mpsc::sync_channel(rx::HANDSHAKE_QUEUE);
     let handshake_thread = {
-        let (shared, device) = (Arc::clone(&shared), Arc::clone(&device));
+        let (engine, runtime, device) = (
+            Arc::clone(&engine),
+            Arc::clone(&runtime),
+            Arc::clone(&device),
+        );
         spawn_loop("sg-handshake", fatal_tx.clone(), move || {
-            rx::run_handshakes(&shared, queued, device.sender())
+            rx::run_handshakes(&engine, &runtime, queued, device.sender())
         })?
     };
     let mut loop_threads = Vec::with_capacity(device.udp.len() + 2);
     for (i, name) in RX_THREAD_NAMES.iter().enumerate().take(device.udp.len()) {
-        let (shared, device, interrupt, initiations) = (
-            Arc::clone(&shared),
+        let (engine, runtime, device, interrupt, initiations) = (
+            Arc::clone(&engine),
+            Arc::clone(&runtime),
             Arc::clone(&device),
             Arc::clone(&interrupt),
             initiations.clone(),
@@ -376,15 +380,23 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
                 tun: &device.tun[i],
                 interrupt: &interrupt,
             };
-            rx::run(&shared, &device.udp[i], &tun, device.offload, initiations)
+            rx::run(
+                &engine,
+                &runtime,
+                &device.udp[i],
+                &tun,
+                device.offload,
+                initiations,
+            )
         })?);
     }
     // The workers hold the queue's senders: when they end, the handshake
     // worker sees it closed and ends too.
     drop(initiations);
     for (i, name) in TX_THREAD_NAMES.iter().enumerate().take(device.tun.len()) {
-        let (shared, device, interrupt) = (
-            Arc::clone(&shared),
+        let (engine, runtime, device, interrupt) = (
+            Arc::clone(&engine),
+            Arc::clone(&runtime),
             Arc::clone(&device),
             Arc::clone(&interrupt),
         );
@@ -393,7 +405,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
                 tun: &device.tun[i],
                 interrupt: &interrupt,
             };
-            tx::run(&shared, &device.udp[i], &tun, mtu)
+            tx::run(&engine, &runtime, &device.udp[i], &tun, mtu)
         })?);
     }
     drop(fatal_tx);
@@ -431,7 +443,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     };
     let result = serve(
         &info,
-        &shared,
+        &engine,
+        &runtime,
         device.sender(),
         &mut registry,
         sockets,
@@ -442,20 +455,20 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         task.abort();
     }
 
-    shared.stopping.store(true, Ordering::Relaxed);
+    runtime.stopping.store(true, Ordering::Relaxed);
     let _ = interrupt.trigger();
     loop_threads.push(handshake_thread);
     for t in loop_threads {
         // A loop's failure was reported through the fatal channel already.
         let _ = t.join();
     }
-    for peer in shared.table.load().peers.iter() {
+    for peer in engine.table.load().peers.iter() {
         if peer.lock().session_up {
             timers::session_closed(peer, CloseReason::Shutdown);
         }
     }
     drop(socket_files);
-    drop(shared);
+    drop(engine);
     drop(device); // the last reference: closes the TUN fd, the kernel removes the device
     drop(firewall);
     tracing::info!(event = "stopped", interface = %cfg.interface.name);
@@ -522,7 +535,8 @@ struct Sockets {
 /// until shutdown. It alone owns the registry, so every reload is serialized.
 async fn serve(
     info: &Info,
-    shared: &Arc<Shared>,
+    engine: &Arc<Engine>,
+    runtime: &Runtime,
     udp: &Udp,
     registry: &mut Registry,
     mut sockets: Sockets,
@@ -546,24 +560,24 @@ async fn serve(
             _ = tick.tick() => {
                 // Expiry from memory, every tick (within 250 ms of the deadline),
                 // before the timers run so an expired peer gets no keepalive.
-                expire(shared);
-                timers.tick(shared, udp);
+                expire(engine);
+                engine.poll_timers(&mut timers, runtime, udp);
                 ticks += 1;
                 // Commits by other processes, once a second: the safety net
                 // behind the control socket.
                 if ticks.is_multiple_of(4) {
-                    registry.poll(shared);
-                    registry.summarise(shared);
+                    registry.poll(engine);
+                    registry.summarise(engine);
                 }
             }
             _ = hup.recv() => {
-                match registry.reload(shared) {
+                match registry.reload(engine) {
                     Ok(peers) => tracing::info!(event = "config_reloaded", trigger = "sighup", peers, actor = "signal"),
-                    Err(e) => registry.failed(shared, &e),
+                    Err(e) => registry.failed(engine, &e),
                 }
             }
             Some((request, reply)) = sockets.requests.recv() => {
-                let _ = reply.send(handle_request(info, shared, registry, request));
+                let _ = reply.send(handle_request(info, engine, registry, request));
             }
             accepted = sockets.control.accept() => {
                 if let Ok((stream, _)) = accepted {
@@ -577,10 +591,10 @@ async fn serve(
             }
             accepted = sockets.uapi.accept() => {
                 if let Ok((stream, _)) = accepted {
-                    let shared = Arc::clone(shared);
+                    let engine = Arc::clone(engine);
                     let (key, port) = (Arc::clone(&info.private_key), info.listen_port);
                     tokio::spawn(async move {
-                        if let Err(e) = control::serve_uapi_client(stream, shared, key, port).await {
+                        if let Err(e) = control::serve_uapi_client(stream, engine, key, port).await {
                             tracing::debug!(event = "uapi_error", error = %e);
                         }
                     });
@@ -592,7 +606,7 @@ async fn serve(
 
 fn handle_request(
     info: &Info,
-    shared: &Shared,
+    engine: &Engine,
     registry: &mut Registry,
     request: Request,
 ) -> Response {
@@ -601,17 +615,17 @@ fn handle_request(
             if let Some(e) = &event {
                 log_admin_event(e);
             }
-            match registry.reload(shared) {
+            match registry.reload(engine) {
                 Ok(active_peers) => Response::Reloaded { active_peers },
                 Err(e) => {
-                    registry.failed(shared, &e);
+                    registry.failed(engine, &e);
                     Response::Error {
                         message: format!("{e:#}"),
                     }
                 }
             }
         }
-        Request::Status {} => Response::Status(status_view(info, shared)),
+        Request::Status {} => Response::Status(status_view(info, engine)),
     }
 }
 
@@ -631,9 +645,9 @@ fn log_admin_event(e: &AdminEvent) {
     );
 }
 
-fn status_view(info: &Info, shared: &Shared) -> StatusView {
-    let table = shared.table.load();
-    let (now_ms, wall_now) = (shared.clock.now_ms(), unix_now());
+fn status_view(info: &Info, engine: &Engine) -> StatusView {
+    let table = engine.table.load();
+    let (now_ms, wall_now) = (engine.clock.now_ms(), unix_now());
     let peers = table
         .peers
         .iter()
@@ -668,8 +682,8 @@ fn status_view(info: &Info, shared: &Shared) -> StatusView {
         public_key: info.public_key.clone(),
         listen_port: info.listen_port,
         started_at: info.started_at,
-        udp_send_errors: shared.io_errors.udp_send_errors(),
-        tun_write_errors: shared.io_errors.tun_write_errors(),
+        udp_send_errors: engine.io_errors.udp_send_errors(),
+        tun_write_errors: engine.io_errors.tun_write_errors(),
         peers,
     }
 }

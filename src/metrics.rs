@@ -29,7 +29,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
 use crate::dataplane::tally::Direction;
-use crate::dataplane::{DropReason, Shared};
+use crate::dataplane::{DropReason, Engine};
 use crate::events::HandshakeFailure;
 use crate::policy::DenyReason;
 use crate::registry::{Lifecycle, PeerName, Store, StoreError};
@@ -141,9 +141,9 @@ pub fn peer_states(store: &Store, now: i64) -> Result<PeerStates, StoreError> {
 /// Holds no lock but, one peer at a time, the peer's own state lock for
 /// boringtun's byte counts (as `wg show` does), and the source table's lock
 /// for one load. Counts kept by the packet loops may be up to one batch behind.
-pub fn snapshot(shared: &Shared, states: PeerStates) -> MetricsSnapshot {
-    let table = shared.table.load_full();
-    let now_ms = shared.clock.now_ms();
+pub fn snapshot(engine: &Engine, states: PeerStates) -> MetricsSnapshot {
+    let table = engine.table.load_full();
+    let now_ms = engine.clock.now_ms();
     let wall_now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64);
@@ -172,7 +172,7 @@ pub fn snapshot(shared: &Shared, states: PeerStates) -> MetricsSnapshot {
     peers.sort_unstable_by(|a, b| a.name.cmp(&b.name));
     // Handshake messages ignored while their source is in backoff: the log
     // reports them as `handshake_failed` with reason `rate_limited`.
-    let ignored = shared
+    let ignored = engine
         .sources
         .lock()
         .unwrap_or_else(|e| e.into_inner())
@@ -183,16 +183,16 @@ pub fn snapshot(shared: &Shared, states: PeerStates) -> MetricsSnapshot {
         } else {
             0
         };
-        shared.anon.throttles[r.index()].total()
-            + shared.peer_failures[r.index()].load(Ordering::Relaxed)
+        engine.anon.throttles[r.index()].total()
+            + engine.peer_failures[r.index()].load(Ordering::Relaxed)
             + backoff
     });
     MetricsSnapshot {
         peers,
         handshake_failures,
-        datagrams_dropped: DropReason::ALL.map(|r| shared.anon.dropped[r.index()].total()),
-        udp_send_errors: shared.io_errors.udp_send_errors(),
-        tun_write_errors: shared.io_errors.tun_write_errors(),
+        datagrams_dropped: DropReason::ALL.map(|r| engine.anon.dropped[r.index()].total()),
+        udp_send_errors: engine.io_errors.udp_send_errors(),
+        tun_write_errors: engine.io_errors.tun_write_errors(),
         states,
     }
 }

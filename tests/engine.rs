@@ -8,8 +8,9 @@ use std::sync::{Arc, Mutex};
 use boringtun::noise::{Tunn, TunnResult};
 use sitegate::config::Config;
 use sitegate::dataplane::peers::PeerTable;
+use sitegate::dataplane::timers::Timers;
 use sitegate::dataplane::udp::DatagramIo;
-use sitegate::dataplane::{rx, tx, DropReason, Shared, TunSink};
+use sitegate::dataplane::{rx, tx, DropReason, Engine, Runtime, TunSink};
 use sitegate::events::{CloseReason, HandshakeFailure};
 use sitegate::keys::{PresharedKey, PrivateKey};
 use sitegate::policy::{DenyReason, Policy};
@@ -124,7 +125,8 @@ url = "sqlite:///nonexistent/engine.db"
 
 struct Gateway {
     key: PrivateKey,
-    shared: Shared,
+    engine: Engine,
+    rt: Runtime,
     cap: Arc<Capture>,
     wire: CaptureWire,
     tx: tx::Transmitter,
@@ -158,10 +160,11 @@ impl Gateway {
     fn new() -> Gateway {
         let key = PrivateKey::generate();
         let cap = Arc::new(Capture::default());
-        let shared = Shared::new(&key, Policy::from_config(&engine_config()));
+        let engine = Engine::new(&key, Policy::from_config(&engine_config()));
         Gateway {
             key,
-            shared,
+            engine,
+            rt: Runtime::default(),
             wire: CaptureWire(Arc::clone(&cap)),
             cap,
             tx: tx::Transmitter::default(),
@@ -172,16 +175,16 @@ impl Gateway {
 
     /// Swaps in a table built from `records`; returns who was removed and why.
     fn load(&mut self, records: &[Peer]) -> Vec<(String, CloseReason)> {
-        let old = self.shared.table.load_full();
-        let shared = &self.shared;
+        let old = self.engine.table.load_full();
+        let engine = &self.engine;
         let (table, removed): (PeerTable, _) = old.rebuild(
             records,
             &self.revoked,
             1_000,
-            &shared.policy,
-            &shared.tunn_seed(),
+            &engine.policy,
+            &engine.tunn_seed(),
         );
-        self.shared.table.store(Arc::new(table));
+        self.engine.table.store(Arc::new(table));
         removed
             .into_iter()
             .map(|r| (r.slot.name.to_string(), r.reason))
@@ -191,7 +194,7 @@ impl Gateway {
     fn receive(&mut self, datagram: &[u8], from: SocketAddr) {
         let mut sink = CaptureTun::new(&self.cap);
         rx::handle(
-            &self.shared,
+            &self.engine,
             &mut self.rx,
             &self.wire,
             datagram,
@@ -203,9 +206,9 @@ impl Gateway {
     /// One packet read from the TUN device, as a read of its own: the
     /// transmit loop's code, sending through the capture.
     fn tun_packet(&mut self, ip: &[u8]) {
-        let table = self.shared.table.load_full();
-        tx::handle_packet(&self.shared, &mut self.tx, &self.wire, &table, ip);
-        self.tx.end_batch(&self.shared, &self.wire);
+        let table = self.engine.table.load_full();
+        tx::handle_packet(&self.engine, &mut self.tx, &self.wire, &table, ip);
+        self.tx.end_batch(&self.engine, &self.wire);
     }
 }
 
@@ -301,7 +304,7 @@ fn issued_peer_delivers() {
     gw.load(&[site.record.clone()]);
     assert!(site.connect(&mut gw));
     assert!(
-        gw.shared.table.load().peers[0].lock().session_up,
+        gw.engine.table.load().peers[0].lock().session_up,
         "a shutdown now would log session_closed"
     );
     let ping = icmp("10.8.0.2", "10.8.0.1");
@@ -364,7 +367,7 @@ fn handshake_worker_answers_queued_initiations() {
 
     // The loop's receiver gone, the worker answers what was queued and ends.
     gw.rx = rx::Receiver::default();
-    rx::run_handshakes(&gw.shared, queued, &gw.wire).unwrap();
+    rx::run_handshakes(&gw.engine, &gw.rt, queued, &gw.wire).unwrap();
     let replies = gw.cap.take_datagrams();
     assert_eq!(replies.len(), 1, "beta's initiation, queued, answered");
     assert_eq!(replies[0].1, b.addr);
@@ -373,7 +376,7 @@ fn handshake_worker_answers_queued_initiations() {
             .decapsulate(None, &replies[0].0, &mut vec![0u8; 2048]),
         TunnResult::WriteToNetwork(_)
     ));
-    let failures = gw.shared.anon.throttles[HandshakeFailure::RateLimited.index()].total();
+    let failures = gw.engine.anon.throttles[HandshakeFailure::RateLimited.index()].total();
     assert_eq!(
         failures, 1,
         "gamma's, over the queue, refused as under load"
@@ -515,11 +518,11 @@ fn loops_run_over_stand_in_io() {
     let udp = ChannelUdp::default();
     let tun = RecordTun::default();
     let (queue, queued) = std::sync::mpsc::sync_channel(rx::HANDSHAKE_QUEUE);
-    let shared = &gw.shared;
+    let (engine, rt) = (&gw.engine, &gw.rt);
     std::thread::scope(|s| {
-        let rx_loop = s.spawn(|| rx::run(shared, &udp, &tun, false, queue));
-        let worker = s.spawn(|| rx::run_handshakes(shared, queued, &udp));
-        let tx_loop = s.spawn(|| tx::run(shared, &udp, &tun, 1420));
+        let rx_loop = s.spawn(|| rx::run(engine, rt, &udp, &tun, false, queue));
+        let worker = s.spawn(|| rx::run_handshakes(engine, rt, queued, &udp));
+        let tx_loop = s.spawn(|| tx::run(engine, rt, &udp, &tun, 1420));
         let mut buf = vec![0u8; 2048];
         let init = match a.tunn.format_handshake_initiation(&mut buf, true) {
             TunnResult::WriteToNetwork(p) => p.to_vec(),
@@ -550,8 +553,7 @@ fn loops_run_over_stand_in_io() {
             TunnResult::WriteToTunnelV4(ip, _) => assert_eq!(ip, &pong[..]),
             other => panic!("the site cannot read the reply: {other:?}"),
         }
-        shared
-            .stopping
+        rt.stopping
             .store(true, std::sync::atomic::Ordering::Relaxed);
         rx_loop.join().unwrap().unwrap();
         worker.join().unwrap().unwrap();
@@ -574,7 +576,7 @@ fn spoofed_source_dropped_and_counted() {
         gw.cap.take_packets().is_empty(),
         "nothing spoofed reaches the TUN"
     );
-    let table = gw.shared.table.load();
+    let table = gw.engine.table.load();
     let slot = &table.peers[0];
     assert_eq!(slot.denied[DenyReason::SpoofedSource.index()].total(), 3);
 }
@@ -588,7 +590,7 @@ fn ipv6_noise_is_not_spoofing() {
     assert!(a.connect(&mut gw));
     a.send(&mut gw, &icmp("fe80::1", "ff02::2"));
     assert!(gw.cap.take_packets().is_empty());
-    let table = gw.shared.table.load();
+    let table = gw.engine.table.load();
     assert_eq!(
         table.peers[0]
             .noise
@@ -665,7 +667,7 @@ fn policy_on_the_receive_path() {
 }
 
 fn gw_slot(gw: &Gateway, name: &str) -> Arc<sitegate::dataplane::peers::PeerSlot> {
-    let table = gw.shared.table.load();
+    let table = gw.engine.table.load();
     let slot = table
         .peers
         .iter()
@@ -684,7 +686,7 @@ fn unknown_key_gets_no_reply() {
     assert!(!stranger.connect(&mut gw));
     assert!(gw.cap.take_datagrams().is_empty());
     assert_eq!(
-        gw.shared.anon.throttles[HandshakeFailure::UnknownKey.index()].total(),
+        gw.engine.anon.throttles[HandshakeFailure::UnknownKey.index()].total(),
         1
     );
 }
@@ -707,7 +709,7 @@ fn revocation_ends_session_and_refuses() {
     // The site retries with the same, now revoked, key.
     assert!(!a.connect(&mut gw));
     assert_eq!(
-        gw.shared.anon.throttles[HandshakeFailure::Revoked.index()].total(),
+        gw.engine.anon.throttles[HandshakeFailure::Revoked.index()].total(),
         1
     );
     // The other peer's session survived the rebuild untouched.
@@ -725,7 +727,7 @@ fn expired_peer_refused() {
     gw.load(&[rec]);
     assert!(!a.connect(&mut gw));
     assert_eq!(
-        gw.shared.anon.throttles[HandshakeFailure::Expired.index()].total(),
+        gw.engine.anon.throttles[HandshakeFailure::Expired.index()].total(),
         1
     );
 }
@@ -753,7 +755,7 @@ fn transmit_routes_by_destination() {
     gw.tun_packet(&icmp("10.8.0.1", "10.8.0.77"));
     assert!(gw.cap.take_datagrams().is_empty());
     assert_eq!(
-        gw.shared
+        gw.engine
             .no_route
             .load(std::sync::atomic::Ordering::Relaxed),
         1
@@ -793,7 +795,7 @@ fn junk_is_harmless() {
     }
     assert!(gw.cap.take_packets().is_empty());
     assert!(gw.cap.take_datagrams().is_empty(), "junk gets no answer");
-    let dropped = |r: DropReason| gw.shared.anon.dropped[r.index()].total();
+    let dropped = |r: DropReason| gw.engine.anon.dropped[r.index()].total();
     assert!(dropped(DropReason::Malformed) > 0);
     assert!(
         dropped(DropReason::UnknownSession) > 0,
@@ -840,7 +842,7 @@ fn rotation_is_reported_as_rotated() {
     assert_eq!(removed, vec![("alpha".to_string(), CloseReason::Rotated)]);
     assert!(!a.connect(&mut gw), "the rotated-away key is refused");
     assert_eq!(
-        gw.shared.anon.throttles[HandshakeFailure::Revoked.index()].total(),
+        gw.engine.anon.throttles[HandshakeFailure::Revoked.index()].total(),
         1
     );
 }
@@ -986,7 +988,7 @@ fn forged_response_does_not_roam() {
         let mut a = Site::new(&gw, "alpha", "10.8.0.2", 40001);
         gw.load(std::slice::from_ref(&a.record));
         assert!(a.connect(&mut gw));
-        let index = gw.shared.table.load().peers[0].index;
+        let index = gw.engine.table.load().peers[0].index;
         let attacker: SocketAddr = "203.0.113.66:6666".parse().unwrap();
         let events = events_during(|| {
             fill_limiter(&mut gw, fill);
@@ -1141,7 +1143,7 @@ fn indices_are_random_and_unique() {
         .collect();
     let records: Vec<Peer> = sites.iter().map(|s| s.record.clone()).collect();
     gw.load(&records);
-    let table = gw.shared.table.load_full();
+    let table = gw.engine.table.load_full();
     let indices: Vec<u32> = table.peers.iter().map(|p| p.index).collect();
     let distinct: std::collections::HashSet<u32> = indices.iter().copied().collect();
     assert_eq!(distinct.len(), 1_000, "no collision");
@@ -1168,7 +1170,7 @@ fn indices_are_random_and_unique() {
         .collect();
     gw.load(&all);
     let after: Vec<u32> = gw
-        .shared
+        .engine
         .table
         .load()
         .peers
@@ -1224,7 +1226,7 @@ fn failing_source_is_backed_off() {
     assert!(b.connect(&mut gw), "beta connects from the attacker's host");
     let attacker: SocketAddr = "203.0.113.9:5000".parse().unwrap();
     let unknown_total =
-        |gw: &Gateway| gw.shared.anon.throttles[HandshakeFailure::UnknownKey.index()].total();
+        |gw: &Gateway| gw.engine.anon.throttles[HandshakeFailure::UnknownKey.index()].total();
     for _ in 0..FAILURE_THRESHOLD + 20 {
         let init = unknown_initiation(&gw);
         gw.receive(&init, attacker);
@@ -1243,7 +1245,8 @@ fn failing_source_is_backed_off() {
     // alpha has a session; the timer notes its address; forging that address
     // with failing handshakes does not block it.
     assert!(a.connect(&mut gw));
-    sitegate::dataplane::timers::Timers::default().tick(&gw.shared, &gw.wire);
+    gw.engine
+        .poll_timers(&mut Timers::default(), &gw.rt, &gw.wire);
     for _ in 0..FAILURE_THRESHOLD + 20 {
         let init = unknown_initiation(&gw);
         gw.receive(&init, a.addr);
@@ -1274,7 +1277,7 @@ fn refused_keys_are_listed() {
             }
         }
     }
-    let seen = gw.shared.anon.seen.lock().unwrap()[HandshakeFailure::UnknownKey.index()];
+    let seen = gw.engine.anon.seen.lock().unwrap()[HandshakeFailure::UnknownKey.index()];
     // The first attempt was logged at once with its key; the summary lists the
     // distinct keys tried after it in order (the first again, for its second
     // try), then counts the attempts with other keys: two each for four keys.
@@ -1294,14 +1297,14 @@ fn expiry_from_memory() {
     let b = Site::new(&gw, "beta", "10.8.0.3", 40002);
     gw.load(&[a.record.clone(), b.record.clone()]);
     assert!(a.connect(&mut gw));
-    let table = gw.shared.table.load_full();
+    let table = gw.engine.table.load_full();
     assert!(table.without_expired(1_499).is_none());
     let (next, removed) = table.without_expired(1_500).expect("alpha expired");
     assert_eq!(removed.len(), 1);
     assert_eq!(removed[0].reason, CloseReason::Expired);
     assert_eq!(next.peers.len(), 1);
     assert_eq!(next.peers[0].name.to_string(), "beta");
-    gw.shared.table.store(Arc::new(next));
+    gw.engine.table.store(Arc::new(next));
     a.send(&mut gw, &icmp("10.8.0.2", "10.8.0.1"));
     assert!(gw.cap.take_packets().is_empty(), "the session is gone");
     assert!(
@@ -1309,7 +1312,7 @@ fn expiry_from_memory() {
         "no reply to an expired key"
     );
     assert_eq!(
-        gw.shared.anon.throttles[HandshakeFailure::Expired.index()].total(),
+        gw.engine.anon.throttles[HandshakeFailure::Expired.index()].total(),
         1
     );
 }
@@ -1337,7 +1340,7 @@ fn initiator_memory_follows_key_changes() {
     assert_eq!(gw.cap.take_datagrams().len(), 1, "answered once");
     gw.receive(&init, a.addr);
     assert!(gw.cap.take_datagrams().is_empty(), "the replay is not");
-    let table = gw.shared.table.load();
+    let table = gw.engine.table.load();
     let alpha = table
         .peers
         .iter()
@@ -1362,7 +1365,7 @@ fn limiter_resets_every_second() {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(4);
     let mut answered = false;
     while !answered && std::time::Instant::now() < deadline {
-        timers.tick(&gw.shared, &gw.wire);
+        gw.engine.poll_timers(&mut timers, &gw.rt, &gw.wire);
         // The site never takes the cookie replies: no initiation carries mac2.
         answered = initiate(&mut gw, &mut a).first() == Some(&2);
         if !answered {
@@ -1381,15 +1384,16 @@ fn loop_errors_are_throttled() {
     let err = std::io::Error::other("device gone");
     let events = events_during(|| {
         for _ in 0..100 {
-            gw.shared.loop_error(LoopError::Tun, &err);
-            gw.shared.loop_error(LoopError::Udp, &err);
+            let now = gw.engine.clock.now_ms();
+            gw.rt.loop_error(now, LoopError::Tun, &err);
+            gw.rt.loop_error(now, LoopError::Udp, &err);
         }
     });
     assert_eq!(
         events,
         vec!["tun_error".to_string(), "udp_error".to_string()]
     );
-    assert_eq!(gw.shared.loop_errors[LoopError::Tun.index()].total(), 100);
+    assert_eq!(gw.rt.loop_errors[LoopError::Tun.index()].total(), 100);
 }
 
 /// A key's text form (43 base64 characters and `=`) anywhere in `line`.
@@ -1432,7 +1436,7 @@ fn metrics_follow_real_traffic() {
     let mut a = Site::new(&gw, "alpha", "10.8.0.2", 40001);
     let b = Site::new(&gw, "beta", "10.8.0.3", 40002);
     gw.load(&[a.record.clone(), b.record.clone()]);
-    let before = metrics::snapshot(&gw.shared, PeerStates::default());
+    let before = metrics::snapshot(&gw.engine, PeerStates::default());
     assert_eq!(before.peers.len(), 2);
     assert!(before
         .peers
@@ -1473,7 +1477,7 @@ fn metrics_follow_real_traffic() {
         expired: 0,
         revoked: 1,
     };
-    let snap = metrics::snapshot(&gw.shared, states);
+    let snap = metrics::snapshot(&gw.engine, states);
     let names: Vec<&str> = snap.peers.iter().map(|p| p.name.as_str()).collect();
     assert_eq!(names, ["alpha", "beta"], "sorted by name");
     let alpha = &snap.peers[0];
@@ -1582,20 +1586,20 @@ fn rx_packets_counted_per_batch() {
     let mut buf = vec![0u8; 2048];
     let mut sink = CaptureTun::new(&gw.cap);
     // The loop loads the table once per batch and hands it down.
-    let table = gw.shared.table.load_full();
+    let table = gw.engine.table.load_full();
     for _ in 0..5 {
         let d = match a.tunn.encapsulate(&icmp("10.8.0.2", "10.8.0.1"), &mut buf) {
             TunnResult::WriteToNetwork(d) => d.to_vec(),
             other => panic!("no session: {other:?}"),
         };
         rx::handle_in_batch(
-            &gw.shared, &mut gw.rx, &gw.wire, &table, &d, a.addr, &mut sink,
+            &gw.engine, &mut gw.rx, &gw.wire, &table, &d, a.addr, &mut sink,
         );
     }
     assert_eq!(gw.cap.take_packets().len(), 5, "delivered at once");
     let slot = gw_slot(&gw, "alpha");
     assert_eq!(slot.packets.get(Rx), 0, "counted at the end of the batch");
-    gw.rx.end_batch(&gw.shared);
+    gw.rx.end_batch(&gw.engine);
     assert_eq!(slot.packets.get(Rx), 5);
 }
 
@@ -1617,19 +1621,19 @@ fn table_loaded_once_per_batch() {
             TunnResult::WriteToNetwork(d) => d.to_vec(),
             other => panic!("no session: {other:?}"),
         };
-    let table = gw.shared.table.load_full();
+    let table = gw.engine.table.load_full();
     let first = datagram(&mut a);
     rx::handle_in_batch(
-        &gw.shared, &mut gw.rx, &gw.wire, &table, &first, a.addr, &mut sink,
+        &gw.engine, &mut gw.rx, &gw.wire, &table, &first, a.addr, &mut sink,
     );
     let removed = gw.load(&[]);
     assert_eq!(removed.len(), 1, "alpha left the live table");
     let second = datagram(&mut a);
     rx::handle_in_batch(
-        &gw.shared, &mut gw.rx, &gw.wire, &table, &second, a.addr, &mut sink,
+        &gw.engine, &mut gw.rx, &gw.wire, &table, &second, a.addr, &mut sink,
     );
     drop(table);
-    gw.rx.end_batch(&gw.shared);
+    gw.rx.end_batch(&gw.engine);
     assert_eq!(gw.cap.take_packets().len(), 2, "the batch kept its table");
     assert_eq!(slot.packets.get(Rx), 2);
     let third = datagram(&mut a);
@@ -1651,7 +1655,7 @@ fn failed_sends_are_counted() {
     let mut gw = Gateway::new();
     let mut a = Site::new(&gw, "alpha", "10.8.0.2", 40001);
     gw.load(std::slice::from_ref(&a.record));
-    let errors = |gw: &Gateway| gw.shared.io_errors.udp_send_errors();
+    let errors = |gw: &Gateway| gw.engine.io_errors.udp_send_errors();
     assert_eq!(errors(&gw), 0);
 
     gw.cap.unreachable.store(true, Relaxed);
@@ -1666,10 +1670,10 @@ fn failed_sends_are_counted() {
     }
     assert_eq!(errors(&gw), 4, "three packets to the site lost");
     assert!(gw.cap.take_datagrams().is_empty());
-    assert_eq!(gw.shared.io_errors.tun_write_errors(), 0);
+    assert_eq!(gw.engine.io_errors.tun_write_errors(), 0);
 
     let mut timers = sitegate::dataplane::timers::Timers::default();
-    let events = events_during(|| timers.tick(&gw.shared, &gw.wire));
+    let events = events_during(|| gw.engine.poll_timers(&mut timers, &gw.rt, &gw.wire));
     assert_eq!(
         events.iter().filter(|e| *e == "io_errors").count(),
         1,
@@ -1678,14 +1682,14 @@ fn failed_sends_are_counted() {
     for _ in 0..50 {
         gw.tun_packet(&icmp("10.8.0.1", "10.8.0.2"));
     }
-    let events = events_during(|| timers.tick(&gw.shared, &gw.wire));
+    let events = events_during(|| gw.engine.poll_timers(&mut timers, &gw.rt, &gw.wire));
     assert!(
         !events.iter().any(|e| e == "io_errors"),
         "no second line within the summary interval: {events:?}"
     );
     assert_eq!(errors(&gw), 54);
     let snapshot =
-        sitegate::metrics::snapshot(&gw.shared, sitegate::metrics::PeerStates::default());
+        sitegate::metrics::snapshot(&gw.engine, sitegate::metrics::PeerStates::default());
     assert_eq!(snapshot.udp_send_errors, 54);
     let text = sitegate::metrics::render(&snapshot);
     assert_eq!(
@@ -1747,13 +1751,13 @@ fn peer_failures_outlive_the_peer() {
     gw.receive(&init, a.addr);
     gw.receive(&init, a.addr); // a replay
     let replays = |gw: &Gateway| {
-        metrics::snapshot(&gw.shared, PeerStates::default()).handshake_failures
+        metrics::snapshot(&gw.engine, PeerStates::default()).handshake_failures
             [HandshakeFailure::Replay.index()]
     };
     assert_eq!(replays(&gw), 1);
     let mut revoked = a.record.clone();
     revoked.revoked_at = Some(500);
     gw.load(&[revoked]);
-    assert!(gw.shared.table.load().peers.is_empty());
+    assert!(gw.engine.table.load().peers.is_empty());
     assert_eq!(replays(&gw), 1, "still counted");
 }

@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 use super::{Api, ApiError, Caller, MAX_BODY};
 use crate::cli::admin::{self, IssueRequest, Issued};
 use crate::control::protocol::{Request as LoopRequest, Response as LoopResponse, StatusView};
-use crate::dataplane::Shared;
+use crate::dataplane::Engine;
 use crate::keys::PublicKey;
 use crate::registry::{PeerName, Store, StoreError};
 
@@ -56,8 +56,8 @@ pub(super) async fn healthz() -> Response {
 }
 
 /// The peer behind a tunnel source address, and whether any peer is an admin.
-pub(super) fn caller(shared: &Shared, ip: IpAddr) -> (Caller, bool) {
-    let table = shared.table.load();
+pub(super) fn caller(engine: &Engine, ip: IpAddr) -> (Caller, bool) {
+    let table = engine.table.load();
     let any_admin = table.peers.iter().any(|p| p.admin.load(Ordering::Relaxed));
     let caller = match table.routes.lookup(ip).and_then(|i| table.peers.get(*i)) {
         Some(p) => Caller::Peer {
@@ -440,7 +440,7 @@ pub(super) async fn metrics(State(api): State<Arc<Api>>) -> Answer {
         let states =
             crate::metrics::peer_states(&store, crate::cli::unix_now()).map_err(internal)?;
         Ok(crate::metrics::render(&crate::metrics::snapshot(
-            &worker.shared,
+            &worker.engine,
             states,
         )))
     })

@@ -31,7 +31,7 @@ use tokio::sync::{mpsc, Semaphore};
 
 use crate::config::Config;
 use crate::control::server::Pending;
-use crate::dataplane::Shared;
+use crate::dataplane::Engine;
 use crate::keys::PublicKey;
 
 pub(crate) use auth::{Caller, RateLimits, Token};
@@ -49,7 +49,7 @@ const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-
 /// What the handlers share.
 pub(crate) struct Api {
     pub cfg: Arc<Config>,
-    pub shared: Arc<Shared>,
+    pub engine: Arc<Engine>,
     pub to_loop: mpsc::Sender<Pending>,
     pub token: Token,
     pub server_public: PublicKey,
@@ -118,7 +118,7 @@ impl Listener {
     /// short; the TLS files unusable; the address not bindable.
     pub async fn bind(
         cfg: Arc<Config>,
-        shared: Arc<Shared>,
+        engine: Arc<Engine>,
         to_loop: mpsc::Sender<Pending>,
         server_public: PublicKey,
         seal: Option<Arc<crate::seal::SealKey>>,
@@ -136,7 +136,7 @@ impl Listener {
             .with_context(|| format!("cannot listen on api.listen {}", api_cfg.listen))?;
         let api = Arc::new(Api {
             cfg,
-            shared,
+            engine,
             to_loop,
             token,
             server_public,
@@ -262,7 +262,7 @@ async fn admit(State(api): State<Arc<Api>>, mut req: Request, next: Next) -> Res
         e.retry_after = Some(wait.as_secs().max(1));
         return e.into_response();
     }
-    let (caller, any_admin) = handlers::caller(&api.shared, remote.ip());
+    let (caller, any_admin) = handlers::caller(&api.engine, remote.ip());
     if !caller.allowed(any_admin) {
         return ApiError::new(
             StatusCode::FORBIDDEN,

@@ -16,7 +16,7 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
-use crate::dataplane::Shared;
+use crate::dataplane::Engine;
 use crate::keys::PrivateKey;
 
 /// Where wireguard-tools looks for userspace interfaces.
@@ -85,8 +85,8 @@ pub fn bind_private_socket(path: &Path, dir_mode: u32) -> io::Result<UnixListene
 }
 
 /// Builds the UAPI view of the live peers.
-pub fn view(shared: &Shared, private_key: &PrivateKey, listen_port: u16) -> uapi::InterfaceView {
-    let table = shared.table.load();
+pub fn view(engine: &Engine, private_key: &PrivateKey, listen_port: u16) -> uapi::InterfaceView {
+    let table = engine.table.load();
     let peers = table
         .peers
         .iter()
@@ -113,7 +113,7 @@ pub fn view(shared: &Shared, private_key: &PrivateKey, listen_port: u16) -> uapi
 /// Answers one UAPI client: `get=1` with the live view, `set=1` refused.
 pub async fn serve_uapi_client(
     stream: UnixStream,
-    shared: Arc<Shared>,
+    engine: Arc<Engine>,
     private_key: Arc<PrivateKey>,
     listen_port: u16,
 ) -> io::Result<()> {
@@ -134,7 +134,7 @@ pub async fn serve_uapi_client(
                 // The request ends with a blank line; read it before answering.
                 let mut blank = String::new();
                 let _ = tokio::time::timeout(io_deadline, reader.read_line(&mut blank)).await;
-                uapi::render_get(&view(&shared, &private_key, listen_port))
+                uapi::render_get(&view(&engine, &private_key, listen_port))
             }
             "set=1" => {
                 // `wg set` bodies carry keys: zeroized when dropped.

@@ -30,7 +30,7 @@
 //! read) and hands it down, so a reload applies from the next batch on.
 //!
 //! The protocol rules against abuse live here too: one handshake limiter for
-//! every `Tunn` ([`Shared::rate_limiter`]), roaming only on authenticated
+//! every `Tunn` ([`Engine::rate_limiter`]), roaming only on authenticated
 //! packets ([`rx`]), random session indices ([`peers`]) and per-source backoff
 //! of failing handshakes ([`sources`]).
 
@@ -291,8 +291,13 @@ impl IoTally {
     }
 }
 
-/// State shared by the packet loops and the control plane.
-pub struct Shared {
+/// The protocol side of the data plane, with no I/O of its own: the peer
+/// table, the gateway's keys and handshake limiter, the policy, the endpoint
+/// and backoff rules and every failure counter. The loops hand it datagrams
+/// and packets ([`Engine::handle_datagram`], [`Engine::handle_tun_packet`],
+/// [`Engine::poll_timers`]) with the I/O to answer through; the control plane
+/// swaps its table and reads its counters.
+pub struct Engine {
     pub table: ArcSwap<peers::PeerTable>,
     pub static_secret: x25519_dalek::StaticSecret,
     pub static_public: x25519_dalek::PublicKey,
@@ -316,9 +321,6 @@ pub struct Shared {
     /// Endpoint addresses of peers with a session, refreshed by the timer:
     /// never put into backoff.
     pub live_endpoints: ArcSwap<HashSet<IpAddr>>,
-    /// Errors of the packet loops (`tun_error`, `udp_error`), throttled.
-    pub loop_errors: [Throttle; LoopError::ALL.len()],
-    pub hooks: Hooks,
     /// Packets from the TUN device with no peer owning the destination.
     pub no_route: AtomicU64,
     /// UDP send and TUN write failures of the packet loops and the timer.
@@ -328,16 +330,15 @@ pub struct Shared {
     /// [`Clock::now_ms`] as of the last timer tick: a clock the packet path
     /// reads for one relaxed load (it stamps "internet seen").
     pub coarse_ms: AtomicU64,
-    pub stopping: AtomicBool,
 }
 
-impl Shared {
+impl Engine {
     /// Fresh state with no peers, answering as `key`, deciding by `policy`.
-    pub fn new(key: &crate::keys::PrivateKey, policy: crate::policy::Policy) -> Shared {
+    pub fn new(key: &crate::keys::PrivateKey, policy: crate::policy::Policy) -> Engine {
         let static_secret = key.to_x25519();
         let static_public = x25519_dalek::PublicKey::from(&static_secret);
         let rate_limiter = Arc::new(RateLimiter::new(&static_public, HANDSHAKE_RATE_LIMIT));
-        Shared {
+        Engine {
             table: ArcSwap::from_pointee(peers::PeerTable::default()),
             tunn_seed: Arc::new(peers::TunnSeed::new(
                 static_secret.clone(),
@@ -352,18 +353,11 @@ impl Shared {
             sources: Mutex::new(sources::SourceTable::default()),
             source_blocks: Throttle::default(),
             live_endpoints: ArcSwap::from_pointee(HashSet::new()),
-            loop_errors: Default::default(),
-            hooks: Hooks::default(),
             no_route: AtomicU64::new(0),
             io_errors: IoErrors::default(),
             policy,
             coarse_ms: AtomicU64::new(1),
-            stopping: AtomicBool::new(false),
         }
-    }
-
-    pub fn is_stopping(&self) -> bool {
-        self.stopping.load(Ordering::Relaxed)
     }
 
     /// What the peers' `Tunn`s are made from: the gateway's key, answering
@@ -372,9 +366,68 @@ impl Shared {
         Arc::clone(&self.tunn_seed)
     }
 
+    /// Handles one datagram of a receive batch: [`rx::handle_in_batch`].
+    #[inline]
+    pub fn handle_datagram(
+        &self,
+        rx: &mut rx::Receiver,
+        io: &impl udp::DatagramIo,
+        table: &Arc<peers::PeerTable>,
+        datagram: &[u8],
+        src: SocketAddr,
+        sink: &mut impl TunSink,
+    ) {
+        rx::handle_in_batch(self, rx, io, table, datagram, src, sink);
+    }
+
+    /// Handles one packet of a TUN read: [`tx::handle_packet`].
+    #[inline]
+    pub fn handle_tun_packet(
+        &self,
+        tx: &mut tx::Transmitter,
+        io: &impl udp::DatagramIo,
+        table: &Arc<peers::PeerTable>,
+        packet: &[u8],
+    ) {
+        tx::handle_packet(self, tx, io, table, packet);
+    }
+
+    /// Runs every peer's timers and the event summaries: [`timers::Timers::tick`].
+    pub fn poll_timers(
+        &self,
+        timers: &mut timers::Timers,
+        runtime: &Runtime,
+        io: &impl udp::DatagramIo,
+    ) {
+        timers.tick(self, runtime, io);
+    }
+}
+
+/// What the loops share besides the [`Engine`]: when to stop, their own
+/// failures, and the test hooks.
+#[derive(Default)]
+pub struct Runtime {
+    pub stopping: AtomicBool,
+    /// Errors of the packet loops (`tun_error`, `udp_error`), throttled.
+    pub loop_errors: [Throttle; LoopError::ALL.len()],
+    pub hooks: Hooks,
+}
+
+impl Runtime {
+    pub fn new(hooks: Hooks) -> Runtime {
+        Runtime {
+            hooks,
+            ..Runtime::default()
+        }
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Relaxed)
+    }
+
     /// Logs a packet loop's error, throttled like every other failure.
-    pub fn loop_error(&self, which: LoopError, error: &std::io::Error) {
-        if self.loop_errors[which.index()].hit(self.clock.now_ms()) {
+    pub fn loop_error(&self, now_ms: u64, which: LoopError, error: &std::io::Error) {
+        if self.loop_errors[which.index()].hit(now_ms) {
             tracing::error!(event = which.as_str(), error = %error, count = 1u64);
         }
     }

@@ -82,7 +82,7 @@ pub struct PeerSlot {
     pub grants: AtomicU64,
     /// `peer add --admin`: only admin peers reach the admin API when any exists.
     pub admin: std::sync::atomic::AtomicBool,
-    /// [`super::Shared::coarse_ms`] when internet-bound traffic last came
+    /// [`super::Engine::coarse_ms`] when internet-bound traffic last came
     /// through this peer's session; 0: never.
     pub internet_seen_ms: AtomicU64,
     /// Handshakes completed with this peer (sessions established or renewed,

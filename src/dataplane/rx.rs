@@ -16,7 +16,9 @@ use super::packet::Header;
 use super::peers::{PeerSlot, PeerTable};
 use super::tally::{Direction, Tally};
 use super::udp::{DatagramIo, RecvBatch};
-use super::{DropReason, IoTally, LoopError, Seen, Shared, TunSink, FATAL_AFTER, MAX_PACKET};
+use super::{
+    DropReason, Engine, IoTally, LoopError, Runtime, Seen, TunSink, FATAL_AFTER, MAX_PACKET,
+};
 use crate::events::HandshakeFailure;
 use crate::keys::PublicKey;
 use crate::policy::{self, Quiet, Verdict};
@@ -35,7 +37,8 @@ const MSG_TRANSPORT: u8 = 4;
 /// The socket has failed for [`FATAL_AFTER`] without a single successful
 /// receive: the daemon is to end rather than run half-deaf.
 pub fn run(
-    shared: &Shared,
+    engine: &Engine,
+    rt: &Runtime,
     udp: &impl DatagramIo,
     tun: &impl TunWrite,
     offload: bool,
@@ -45,20 +48,19 @@ pub fn run(
     let mut packets = TunBatch::new(offload);
     let mut rx = Receiver::with_handshakes(handshakes);
     let mut failing_since: Option<Instant> = None;
-    while !shared.is_stopping() {
+    while !rt.is_stopping() {
         match udp.recv_batch(&mut batch) {
             Ok(n) => {
                 failing_since = None;
-                if n > 0 && shared.hooks.panic_rx {
+                if n > 0 && rt.hooks.panic_rx {
                     panic!("test hook panic_rx");
                 }
                 // One table for the whole batch: a reload that lands meanwhile
                 // applies from the next batch on.
-                let table = shared.table.load();
+                let table = engine.table.load();
                 for i in 0..n {
                     match batch.datagram(i) {
-                        Some((datagram, src)) => handle_in_batch(
-                            shared,
+                        Some((datagram, src)) => engine.handle_datagram(
                             &mut rx,
                             udp,
                             &table,
@@ -68,17 +70,17 @@ pub fn run(
                         ),
                         // Longer than any tunnel MTU: not a message we sent for.
                         None => match batch.source(i) {
-                            Some(src) => dropped(shared, DropReason::Malformed, src),
+                            Some(src) => dropped(engine, DropReason::Malformed, src),
                             None => {
-                                shared.anon.dropped[DropReason::Malformed.index()]
-                                    .hit(shared.clock.now_ms());
+                                engine.anon.dropped[DropReason::Malformed.index()]
+                                    .hit(engine.clock.now_ms());
                             }
                         },
                     }
                 }
                 drop(table);
                 packets.flush(tun, &mut rx.failures);
-                rx.end_batch(shared);
+                rx.end_batch(engine);
             }
             Err(e)
                 if matches!(
@@ -91,7 +93,7 @@ pub fn run(
             // nothing about this socket's health.
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
             Err(e) => {
-                shared.loop_error(LoopError::Udp, &e);
+                rt.loop_error(engine.clock.now_ms(), LoopError::Udp, &e);
                 let since = *failing_since.get_or_insert_with(Instant::now);
                 if since.elapsed() >= FATAL_AFTER {
                     return Err(e);
@@ -207,30 +209,31 @@ const HANDSHAKE_BATCH: usize = 64;
 /// # Errors
 /// None so far; the signature matches the other loops.
 pub fn run_handshakes(
-    shared: &Shared,
+    engine: &Engine,
+    rt: &Runtime,
     queue: QueueRx<Initiation>,
     io: &impl DatagramIo,
 ) -> std::io::Result<()> {
     let mut rx = Receiver::default();
     let mut discard = NoTun(vec![0u8; MAX_PACKET]);
-    while !shared.is_stopping() {
+    while !rt.is_stopping() {
         let first = match queue.recv_timeout(super::udp::RECV_TIMEOUT) {
             Ok(i) => i,
             Err(RecvTimeoutError::Timeout) => continue,
             Err(RecvTimeoutError::Disconnected) => return Ok(()),
         };
-        let table = shared.table.load();
+        let table = engine.table.load();
         let mut next = Some(first);
         let mut handled = 0;
         while let Some(i) = next.take() {
-            handle_initiation(shared, &mut rx, io, &table, &i.bytes, i.src, &mut discard);
+            handle_initiation(engine, &mut rx, io, &table, &i.bytes, i.src, &mut discard);
             handled += 1;
             if handled < HANDSHAKE_BATCH {
                 next = queue.try_recv().ok();
             }
         }
         drop(table);
-        rx.end_batch(shared);
+        rx.end_batch(engine);
     }
     Ok(())
 }
@@ -250,26 +253,26 @@ impl Receiver {
     /// Ends a batch begun with [`handle_in_batch`]: the packets it forwarded
     /// reach their peers' counters (one atomic add per peer), and its failed
     /// sends and TUN writes the gateway's (only when there were any).
-    pub fn end_batch(&mut self, shared: &Shared) {
+    pub fn end_batch(&mut self, engine: &Engine) {
         self.forwarded.flush();
-        self.failures.flush(&shared.io_errors);
+        self.failures.flush(&engine.io_errors);
     }
 }
 
 /// Handles one datagram from `src` as a batch of its own; a decrypted packet
 /// that passes policy goes to `sink`.
 pub fn handle(
-    shared: &Shared,
+    engine: &Engine,
     rx: &mut Receiver,
     io: &impl DatagramIo,
     datagram: &[u8],
     src: SocketAddr,
     sink: &mut impl TunSink,
 ) {
-    let table = shared.table.load();
-    handle_in_batch(shared, rx, io, &table, datagram, src, sink);
+    let table = engine.table.load();
+    handle_in_batch(engine, rx, io, &table, datagram, src, sink);
     drop(table);
-    rx.end_batch(shared);
+    rx.end_batch(engine);
 }
 
 /// Handles one datagram of a batch, as [`handle`] does, except that the
@@ -277,7 +280,7 @@ pub fn handle(
 /// batch in memory it owns and touches the peers' atomics once. `table` is
 /// the batch's snapshot of the peers, loaded once by the caller.
 pub fn handle_in_batch(
-    shared: &Shared,
+    engine: &Engine,
     rx: &mut Receiver,
     io: &impl DatagramIo,
     table: &Arc<PeerTable>,
@@ -287,27 +290,27 @@ pub fn handle_in_batch(
 ) {
     // A source in backoff costs a table lookup: no MAC, no cookie reply.
     // Transport packets never wait here: a spoofed flood must not cut a session.
-    if is_handshake(datagram) && source_blocked(shared, src) {
+    if is_handshake(datagram) && source_blocked(engine, src) {
         return;
     }
     let mut cookie = [0u8; 64];
-    let packet = match shared
+    let packet = match engine
         .rate_limiter
         .verify_packet(Some(src.ip()), datagram, &mut cookie)
     {
         Ok(p) => p,
         Err(TunnResult::WriteToNetwork(reply)) => {
             send(io, &mut rx.failures, reply, src);
-            anon_failure(shared, HandshakeFailure::RateLimited, None, src);
+            anon_failure(engine, HandshakeFailure::RateLimited, None, src);
             return;
         }
         Err(TunnResult::Err(WireGuardError::InvalidMac)) => {
-            source_failed(shared, src);
-            anon_failure(shared, HandshakeFailure::BadMac, None, src);
+            source_failed(engine, src);
+            anon_failure(engine, HandshakeFailure::BadMac, None, src);
             return;
         }
         Err(_) => {
-            dropped(shared, DropReason::Malformed, src);
+            dropped(engine, DropReason::Malformed, src);
             return;
         }
     };
@@ -317,7 +320,7 @@ pub fn handle_in_batch(
                 match queue.try_send(Initiation { bytes, src }) {
                     Ok(()) => return,
                     Err(TrySendError::Full(_)) => {
-                        anon_failure(shared, HandshakeFailure::RateLimited, None, src);
+                        anon_failure(engine, HandshakeFailure::RateLimited, None, src);
                         return;
                     }
                     // The worker is gone (the daemon is stopping): answer here.
@@ -325,17 +328,17 @@ pub fn handle_in_batch(
                 }
             }
         }
-        handle_initiation(shared, rx, io, table, datagram, src, sink);
+        handle_initiation(engine, rx, io, table, datagram, src, sink);
         return;
     }
-    if let Some((pos, kind)) = identify(shared, table, &packet, src) {
-        process(shared, rx, io, table, pos, kind, false, datagram, src, sink);
+    if let Some((pos, kind)) = identify(engine, table, &packet, src) {
+        process(engine, rx, io, table, pos, kind, false, datagram, src, sink);
     }
 }
 
 /// Answers an initiation whose mac1 (and, under load, mac2) checked out.
 fn handle_initiation(
-    shared: &Shared,
+    engine: &Engine,
     rx: &mut Receiver,
     io: &impl DatagramIo,
     table: &Arc<PeerTable>,
@@ -348,7 +351,7 @@ fn handle_initiation(
     let remembered = rx.initiators.keys.get(&src).and_then(|k| table.by_key(k));
     if let Some(pos) = remembered {
         if process(
-            shared,
+            engine,
             rx,
             io,
             table,
@@ -367,34 +370,34 @@ fn handle_initiation(
     let Ok(Packet::HandshakeInit(init)) = Tunn::parse_incoming_packet(datagram) else {
         return;
     };
-    if let Some((pos, kind)) = identify(shared, table, &Packet::HandshakeInit(init), src) {
-        process(shared, rx, io, table, pos, kind, false, datagram, src, sink);
+    if let Some((pos, kind)) = identify(engine, table, &Packet::HandshakeInit(init), src) {
+        process(engine, rx, io, table, pos, kind, false, datagram, src, sink);
     }
 }
 
 /// Which peer a verified message is for, and what kind it is. Reports and
 /// returns `None` when no active peer owns it.
 fn identify(
-    shared: &Shared,
+    engine: &Engine,
     table: &PeerTable,
     packet: &Packet<'_>,
     src: SocketAddr,
 ) -> Option<(usize, Kind)> {
     let (pos, kind) = match packet {
         Packet::HandshakeInit(init) => {
-            match parse_handshake_anon(&shared.static_secret, &shared.static_public, init) {
+            match parse_handshake_anon(&engine.static_secret, &engine.static_public, init) {
                 Ok(half) => match table.by_key(&half.peer_static_public) {
                     Some(pos) => (Some(pos), Kind::Initiation),
                     None => {
                         let key = PublicKey::from_bytes(half.peer_static_public);
-                        source_failed(shared, src);
-                        refused_key(shared, table, key, src);
+                        source_failed(engine, src);
+                        refused_key(engine, table, key, src);
                         return None;
                     }
                 },
                 Err(_) => {
-                    source_failed(shared, src);
-                    anon_failure(shared, HandshakeFailure::Decrypt, None, src);
+                    source_failed(engine, src);
+                    anon_failure(engine, HandshakeFailure::Decrypt, None, src);
                     return None;
                 }
             }
@@ -404,7 +407,7 @@ fn identify(
         Packet::PacketData(d) => (table.by_receiver(d.receiver_idx), Kind::Data),
     };
     if pos.is_none() {
-        dropped(shared, DropReason::UnknownSession, src);
+        dropped(engine, DropReason::UnknownSession, src);
     }
     pos.map(|p| (p, kind))
 }
@@ -415,7 +418,7 @@ fn identify(
 /// identifies the sender the anonymous way.
 #[allow(clippy::too_many_arguments)]
 fn process(
-    shared: &Shared,
+    engine: &Engine,
     rx: &mut Receiver,
     io: &impl DatagramIo,
     table: &Arc<PeerTable>,
@@ -442,12 +445,12 @@ fn process(
     drop(state);
     match result {
         TunnResult::Done => {}
-        TunnResult::Err(e) => peer_failure(shared, peer, e, kind, src),
+        TunnResult::Err(e) => peer_failure(engine, peer, e, kind, src),
         TunnResult::WriteToNetwork(reply) => {
             if !authenticated {
                 // boringtun answered with a cookie: the gateway is under load
                 // and this handshake message carried no valid mac2 for `src`.
-                failure_event(shared, peer, HandshakeFailure::RateLimited, src);
+                failure_event(engine, peer, HandshakeFailure::RateLimited, src);
             }
             send(io, &mut rx.failures, reply, src);
             if authenticated {
@@ -457,7 +460,7 @@ fn process(
                 peer.lock().session_up = true;
                 peer.handshakes.fetch_add(1, Ordering::Relaxed);
                 peer.last_handshake_ms
-                    .store(shared.clock.now_ms(), Ordering::Relaxed);
+                    .store(engine.clock.now_ms(), Ordering::Relaxed);
                 tracing::info!(
                     event = "handshake",
                     peer = %peer.name,
@@ -469,7 +472,7 @@ fn process(
             flush_queue(io, peer, &mut rx.out, &mut rx.failures);
         }
         TunnResult::WriteToTunnelV4(ip, _) | TunnResult::WriteToTunnelV6(ip, _) => {
-            if deliver(shared, table, pos, peer, ip, &mut rx.forwarded) {
+            if deliver(engine, table, pos, peer, ip, &mut rx.forwarded) {
                 let len = ip.len();
                 sink.commit(len);
             }
@@ -515,7 +518,7 @@ fn authenticated(kind: Kind, result: &TunnResult<'_>) -> bool {
 /// reported as the verdict says).
 #[inline]
 fn deliver(
-    shared: &Shared,
+    engine: &Engine,
     table: &Arc<PeerTable>,
     pos: usize,
     peer: &PeerSlot,
@@ -525,13 +528,13 @@ fn deliver(
     let Some(header) = Header::parse(ip) else {
         return false;
     };
-    match policy::decide(&shared.policy, &pos, peer.grants(), &header, &table.routes) {
+    match policy::decide(&engine.policy, &pos, peer.grants(), &header, &table.routes) {
         Verdict::Forward => {
             forwarded.count(table, pos);
             true
         }
         Verdict::Internet => {
-            let now = shared.coarse_ms.load(Ordering::Relaxed);
+            let now = engine.coarse_ms.load(Ordering::Relaxed);
             if peer.internet_seen_ms.load(Ordering::Relaxed) != now {
                 peer.internet_seen_ms.store(now, Ordering::Relaxed);
             }
@@ -547,7 +550,7 @@ fn deliver(
             false
         }
         Verdict::Deny(reason) => {
-            if peer.denied[reason.index()].hit(shared.clock.now_ms()) {
+            if peer.denied[reason.index()].hit(engine.clock.now_ms()) {
                 tracing::warn!(
                     event = "packet_denied",
                     reason = reason.as_str(),
@@ -597,7 +600,7 @@ fn flush_queue(io: &impl DatagramIo, peer: &PeerSlot, out: &mut [u8], failures: 
 
 /// A decapsulation error for an identified peer.
 fn peer_failure(
-    shared: &Shared,
+    engine: &Engine,
     peer: &PeerSlot,
     err: WireGuardError,
     kind: Kind,
@@ -613,14 +616,14 @@ fn peer_failure(
         _ => HandshakeFailure::Decrypt,
     };
     if reason != HandshakeFailure::RateLimited {
-        source_failed(shared, src);
+        source_failed(engine, src);
     }
-    failure_event(shared, peer, reason, src);
+    failure_event(engine, peer, reason, src);
 }
 
-fn failure_event(shared: &Shared, peer: &PeerSlot, reason: HandshakeFailure, src: SocketAddr) {
-    shared.peer_failures[reason.index()].fetch_add(1, Ordering::Relaxed);
-    if peer.handshake_failures[reason.index()].hit(shared.clock.now_ms()) {
+fn failure_event(engine: &Engine, peer: &PeerSlot, reason: HandshakeFailure, src: SocketAddr) {
+    engine.peer_failures[reason.index()].fetch_add(1, Ordering::Relaxed);
+    if peer.handshake_failures[reason.index()].hit(engine.clock.now_ms()) {
         tracing::warn!(
             event = "handshake_failed",
             reason = reason.as_str(),
@@ -633,11 +636,11 @@ fn failure_event(shared: &Shared, peer: &PeerSlot, reason: HandshakeFailure, src
 }
 
 /// An initiation that authenticated a key which is not (or no longer) admitted.
-fn refused_key(shared: &Shared, table: &PeerTable, key: PublicKey, src: SocketAddr) {
+fn refused_key(engine: &Engine, table: &PeerTable, key: PublicKey, src: SocketAddr) {
     match table.inactive(key.as_bytes()) {
         Some((name, why)) => {
             let reason = why.failure();
-            if record_anon(shared, reason, Some(key), src) {
+            if record_anon(engine, reason, Some(key), src) {
                 tracing::warn!(
                     event = "handshake_failed",
                     reason = reason.as_str(),
@@ -648,18 +651,18 @@ fn refused_key(shared: &Shared, table: &PeerTable, key: PublicKey, src: SocketAd
                 );
             }
         }
-        None => anon_failure(shared, HandshakeFailure::UnknownKey, Some(key), src),
+        None => anon_failure(engine, HandshakeFailure::UnknownKey, Some(key), src),
     }
 }
 
 fn record_anon(
-    shared: &Shared,
+    engine: &Engine,
     reason: HandshakeFailure,
     key: Option<PublicKey>,
     src: SocketAddr,
 ) -> bool {
-    let log_now = shared.anon.throttles[reason.index()].hit(shared.clock.now_ms());
-    if let Ok(mut seen) = shared.anon.seen.lock() {
+    let log_now = engine.anon.throttles[reason.index()].hit(engine.clock.now_ms());
+    if let Ok(mut seen) = engine.anon.seen.lock() {
         let seen = &mut seen[reason.index()];
         if log_now {
             // This line names the key; the next summary lists what follows it.
@@ -674,9 +677,9 @@ fn record_anon(
 
 /// Whether `src` is in backoff for failing too many handshakes.
 #[inline]
-fn source_blocked(shared: &Shared, src: SocketAddr) -> bool {
-    let now_ms = shared.clock.now_ms();
-    shared
+fn source_blocked(engine: &Engine, src: SocketAddr) -> bool {
+    let now_ms = engine.clock.now_ms();
+    engine
         .sources
         .lock()
         .is_ok_and(|mut t| t.is_blocked(src.ip(), now_ms))
@@ -686,20 +689,20 @@ fn source_blocked(shared: &Shared, src: SocketAddr) -> bool {
 /// backoff (the timer summarises what it then sends). The address of a live
 /// session is never put into backoff: a sender forging it could otherwise keep
 /// that site from renewing its session.
-fn source_failed(shared: &Shared, src: SocketAddr) {
-    let now_ms = shared.clock.now_ms();
-    let blocked = match shared.sources.lock() {
+fn source_failed(engine: &Engine, src: SocketAddr) {
+    let now_ms = engine.clock.now_ms();
+    let blocked = match engine.sources.lock() {
         Ok(mut t) => t.record_failure(src.ip(), now_ms),
         Err(_) => None,
     };
     let Some(b) = blocked else { return };
-    if shared.live_endpoints.load().contains(&b.source) {
-        if let Ok(mut t) = shared.sources.lock() {
+    if engine.live_endpoints.load().contains(&b.source) {
+        if let Ok(mut t) = engine.sources.lock() {
             t.unblock(b.source);
         }
         return;
     }
-    if shared.source_blocks.hit(now_ms) {
+    if engine.source_blocks.hit(now_ms) {
         tracing::warn!(
             event = "handshake_failed",
             reason = HandshakeFailure::RateLimited.as_str(),
@@ -712,12 +715,12 @@ fn source_failed(shared: &Shared, src: SocketAddr) {
 }
 
 fn anon_failure(
-    shared: &Shared,
+    engine: &Engine,
     reason: HandshakeFailure,
     key: Option<PublicKey>,
     src: SocketAddr,
 ) {
-    if record_anon(shared, reason, key, src) {
+    if record_anon(engine, reason, key, src) {
         match key {
             Some(k) => tracing::warn!(
                 event = "handshake_failed",
@@ -736,11 +739,11 @@ fn anon_failure(
     }
 }
 
-fn dropped(shared: &Shared, reason: DropReason, src: SocketAddr) {
-    if let Ok(mut last) = shared.anon.dropped_last.lock() {
+fn dropped(engine: &Engine, reason: DropReason, src: SocketAddr) {
+    if let Ok(mut last) = engine.anon.dropped_last.lock() {
         last[reason.index()] = Some(src);
     }
-    if shared.anon.dropped[reason.index()].hit(shared.clock.now_ms()) {
+    if engine.anon.dropped[reason.index()].hit(engine.clock.now_ms()) {
         tracing::warn!(
             event = "datagram_dropped",
             reason = reason.as_str(),

@@ -11,7 +11,7 @@ use boringtun::noise::TunnResult;
 
 use super::peers::PeerSlot;
 use super::udp::DatagramIo;
-use super::{DropReason, IoTally, LoopError, Shared, MAX_PACKET};
+use super::{DropReason, Engine, IoTally, LoopError, Runtime, MAX_PACKET};
 use crate::events::{CloseReason, HandshakeFailure, SUMMARY_INTERVAL_MS};
 use crate::policy::DenyReason;
 
@@ -46,15 +46,15 @@ impl Default for Timers {
 
 impl Timers {
     /// One tick over every peer.
-    pub fn tick(&mut self, shared: &Shared, io: &impl DatagramIo) {
+    pub fn tick(&mut self, engine: &Engine, rt: &Runtime, io: &impl DatagramIo) {
         // boringtun resets the count only when a second has passed since the
         // last reset, so calling every tick resets it once a second.
-        shared.rate_limiter.reset_count();
-        let now_ms = shared.clock.now_ms();
-        shared
+        engine.rate_limiter.reset_count();
+        let now_ms = engine.clock.now_ms();
+        engine
             .coarse_ms
             .store(now_ms, std::sync::atomic::Ordering::Relaxed);
-        let table = shared.table.load();
+        let table = engine.table.load();
         let mut live = HashSet::with_capacity(table.peers.len());
         for peer in table.peers.iter() {
             if let Some(ep) = self.update(io, peer) {
@@ -62,12 +62,12 @@ impl Timers {
             }
             summarise_peer(peer, now_ms);
         }
-        shared.live_endpoints.store(Arc::new(live));
-        self.failures.flush(&shared.io_errors);
-        self.summarise_io_errors(shared, now_ms);
-        summarise_anon(shared, now_ms);
-        self.summarise_sources(shared, now_ms);
-        summarise_loop_errors(shared, now_ms);
+        engine.live_endpoints.store(Arc::new(live));
+        self.failures.flush(&engine.io_errors);
+        self.summarise_io_errors(engine, now_ms);
+        summarise_anon(engine, now_ms);
+        self.summarise_sources(engine, now_ms);
+        summarise_loop_errors(rt, now_ms);
     }
 
     /// Runs one peer's timers; returns its endpoint while it has a session.
@@ -102,8 +102,8 @@ impl Timers {
     /// last one: the first at once (within a tick), then at most one per
     /// [`SUMMARY_INTERVAL_MS`], whatever the rate of failures. The packet
     /// loops only count; the log line is made here.
-    fn summarise_io_errors(&mut self, shared: &Shared, now_ms: u64) {
-        let io = &shared.io_errors;
+    fn summarise_io_errors(&mut self, engine: &Engine, now_ms: u64) {
+        let io = &engine.io_errors;
         let totals = (io.udp_send_errors(), io.tun_write_errors());
         if totals == self.io_reported
             || (self.io_reported_ms != 0
@@ -137,12 +137,12 @@ impl Timers {
 
     /// Sources in backoff that kept sending: the worst by name, then a total.
     /// At most [`SUMMARY_SOURCES`] + 1 lines per interval, whatever the flood.
-    fn summarise_sources(&mut self, shared: &Shared, now_ms: u64) {
+    fn summarise_sources(&mut self, engine: &Engine, now_ms: u64) {
         if now_ms.saturating_sub(self.sources_summarised_ms) < SUMMARY_INTERVAL_MS {
             return;
         }
         self.sources_summarised_ms = now_ms;
-        let (others, other_count) = match shared.sources.lock() {
+        let (others, other_count) = match engine.sources.lock() {
             Ok(mut t) => t.take_ignored(SUMMARY_SOURCES, &mut self.named),
             Err(_) => return,
         };
@@ -166,7 +166,7 @@ impl Timers {
                 summary = true,
             );
         }
-        if let Some(count) = shared.source_blocks.take_summary(now_ms) {
+        if let Some(count) = engine.source_blocks.take_summary(now_ms) {
             tracing::warn!(
                 event = "handshake_failed",
                 reason = HandshakeFailure::RateLimited.as_str(),
@@ -182,9 +182,9 @@ impl Timers {
 /// Sources named one by one in a backoff summary.
 pub const SUMMARY_SOURCES: usize = 8;
 
-fn summarise_loop_errors(shared: &Shared, now_ms: u64) {
+fn summarise_loop_errors(rt: &Runtime, now_ms: u64) {
     for which in LoopError::ALL {
-        if let Some(count) = shared.loop_errors[which.index()].take_summary(now_ms) {
+        if let Some(count) = rt.loop_errors[which.index()].take_summary(now_ms) {
             tracing::error!(event = which.as_str(), count, summary = true);
         }
     }
@@ -237,12 +237,12 @@ fn summarise_peer(peer: &PeerSlot, now_ms: u64) {
     }
 }
 
-fn summarise_anon(shared: &Shared, now_ms: u64) {
+fn summarise_anon(engine: &Engine, now_ms: u64) {
     for reason in HandshakeFailure::ALL {
-        let Some(count) = shared.anon.throttles[reason.index()].take_summary(now_ms) else {
+        let Some(count) = engine.anon.throttles[reason.index()].take_summary(now_ms) else {
             continue;
         };
-        let seen = shared
+        let seen = engine
             .anon
             .seen
             .lock()
@@ -265,10 +265,10 @@ fn summarise_anon(shared: &Shared, now_ms: u64) {
         );
     }
     for reason in DropReason::ALL {
-        let Some(count) = shared.anon.dropped[reason.index()].take_summary(now_ms) else {
+        let Some(count) = engine.anon.dropped[reason.index()].take_summary(now_ms) else {
             continue;
         };
-        let endpoint = shared
+        let endpoint = engine
             .anon
             .dropped_last
             .lock()

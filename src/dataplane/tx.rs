@@ -11,7 +11,7 @@ use super::batch::TunRead;
 use super::peers::PeerTable;
 use super::tally::{Direction, Tally};
 use super::udp::DatagramIo;
-use super::{packet, IoTally, LoopError, Shared, FATAL_AFTER, MAX_PACKET};
+use super::{packet, Engine, IoTally, LoopError, Runtime, FATAL_AFTER, MAX_PACKET};
 
 /// WireGuard message type of a transport (data) message: what `encapsulate`
 /// returns for a packet sent on a session, as opposed to the handshake
@@ -29,7 +29,8 @@ const MSG_TRANSPORT: u8 = 4;
 /// The TUN device has failed for [`FATAL_AFTER`] without a single successful
 /// read: the daemon is to end rather than run with this direction dead.
 pub fn run(
-    shared: &Shared,
+    engine: &Engine,
+    rt: &Runtime,
     udp: &impl DatagramIo,
     tun: &impl TunRead,
     mtu: usize,
@@ -39,29 +40,29 @@ pub fn run(
     let mut sizes = vec![0usize; tun_rs::IDEAL_BATCH_SIZE];
     let mut tx = Transmitter::default();
     let mut failing_since: Option<Instant> = None;
-    while !shared.is_stopping() {
+    while !rt.is_stopping() {
         match tun.read_batch(&mut raw, &mut segments, &mut sizes) {
             Ok(n) => {
                 failing_since = None;
-                if n > 0 && shared.hooks.panic_tx {
+                if n > 0 && rt.hooks.panic_tx {
                     panic!("test hook panic_tx");
                 }
                 // One table for the whole read: a reload that lands meanwhile
                 // applies from the next read on.
-                let table = shared.table.load();
+                let table = engine.table.load();
                 for (seg, &len) in segments.iter().zip(&sizes).take(n) {
-                    handle_packet(shared, &mut tx, udp, &table, &seg[..len]);
+                    engine.handle_tun_packet(&mut tx, udp, &table, &seg[..len]);
                 }
                 drop(table);
-                tx.end_batch(shared, udp);
+                tx.end_batch(engine, udp);
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) => {
-                if shared.is_stopping() {
+                if rt.is_stopping() {
                     return Ok(());
                 }
-                shared.loop_error(LoopError::Tun, &e);
+                rt.loop_error(engine.clock.now_ms(), LoopError::Tun, &e);
                 let since = *failing_since.get_or_insert_with(Instant::now);
                 if since.elapsed() >= FATAL_AFTER {
                     return Err(e);
@@ -96,9 +97,9 @@ impl Transmitter {
     /// Ends a read begun with [`handle_packet`]: sends what the GSO batch
     /// holds, and adds the read's packet counts and failed sends to the
     /// peers' and the gateway's counters (one atomic add each).
-    pub fn end_batch(&mut self, shared: &Shared, io: &impl DatagramIo) {
+    pub fn end_batch(&mut self, engine: &Engine, io: &impl DatagramIo) {
         self.gso.flush(io);
-        self.gso.failures.flush(&shared.io_errors);
+        self.gso.failures.flush(&engine.io_errors);
         self.sent.flush();
     }
 }
@@ -109,7 +110,7 @@ impl Transmitter {
 /// endpoint changes). `table` is the read's snapshot of the peers.
 #[inline]
 pub fn handle_packet(
-    shared: &Shared,
+    engine: &Engine,
     tx: &mut Transmitter,
     io: &impl DatagramIo,
     table: &Arc<PeerTable>,
@@ -117,7 +118,7 @@ pub fn handle_packet(
 ) {
     let sent = &mut tx.sent;
     let count = |table: &Arc<PeerTable>, pos| sent.count(table, pos);
-    if let Some((datagram, ep)) = encrypt(shared, table, ip, &mut tx.out, count) {
+    if let Some((datagram, ep)) = encrypt(engine, table, ip, &mut tx.out, count) {
         tx.gso.push(datagram, ep, io);
     }
 }
@@ -130,7 +131,7 @@ pub fn handle_packet(
 /// is the batch's snapshot, loaded once by the caller.
 #[inline]
 fn encrypt<'a>(
-    shared: &Shared,
+    engine: &Engine,
     table: &Arc<PeerTable>,
     ip: &[u8],
     out: &'a mut [u8],
@@ -138,7 +139,7 @@ fn encrypt<'a>(
 ) -> Option<(&'a [u8], SocketAddr)> {
     let dst = packet::destination(ip)?;
     let Some(&pos) = table.routes.lookup(dst) else {
-        shared.no_route.fetch_add(1, Ordering::Relaxed);
+        engine.no_route.fetch_add(1, Ordering::Relaxed);
         return None;
     };
     let peer = &table.peers[pos];

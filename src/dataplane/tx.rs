@@ -74,11 +74,9 @@ pub fn run(
     Ok(())
 }
 
-/// What the transmit loop owns between reads: the buffer packets are
-/// encrypted into, the GSO batch they leave in, and the packet counts of the
-/// read in hand.
+/// What the transmit loop owns between reads: the GSO batch packets are
+/// encrypted into, and the packet counts of the read in hand.
 pub struct Transmitter {
-    out: Vec<u8>,
     gso: GsoBatch,
     sent: Tally,
 }
@@ -86,7 +84,6 @@ pub struct Transmitter {
 impl Default for Transmitter {
     fn default() -> Self {
         Transmitter {
-            out: vec![0u8; MAX_PACKET],
             gso: GsoBatch::new(),
             sent: Tally::new(Direction::Tx),
         }
@@ -104,10 +101,10 @@ impl Transmitter {
     }
 }
 
-/// Encrypts one IP packet of a TUN read for the peer owning its destination
-/// and queues the datagram in the read's GSO batch (sent by
-/// [`Transmitter::end_batch`], or earlier when the batch fills or the
-/// endpoint changes). `table` is the read's snapshot of the peers.
+/// Encrypts one IP packet of a TUN read for the peer owning its destination,
+/// in place at the end of the read's GSO batch, where the datagram joins the
+/// batch (sent by [`Transmitter::end_batch`], or earlier when the batch fills
+/// or the endpoint changes). `table` is the read's snapshot of the peers.
 #[inline]
 pub fn handle_packet(
     engine: &Engine,
@@ -118,31 +115,33 @@ pub fn handle_packet(
 ) {
     let sent = &mut tx.sent;
     let count = |table: &Arc<PeerTable>, pos| sent.count(table, pos);
-    if let Some((datagram, ep)) = encrypt(engine, table, ip, &mut tx.out, count) {
-        tx.gso.push(datagram, ep, io);
+    if let Some((at, len, ep)) = encrypt(engine, table, ip, tx.gso.spare(), count) {
+        tx.gso.commit(at, len, ep, io);
     }
 }
 
-/// Encrypts one IP packet for the peer owning its destination: the datagram
-/// (in `out`) and where it goes, or `None` when no peer owns the destination or
-/// the peer has no session or endpoint yet (boringtun then queues the packet
-/// and starts a handshake). A packet that leaves as a transport message is
-/// passed to `count` with the table and the peer's position in it. `table`
-/// is the batch's snapshot, loaded once by the caller.
+/// Encrypts one IP packet for the peer owning its destination into `out`:
+/// where the datagram starts in `out`, its length and where it goes, or
+/// `None` when no peer owns the destination or the peer has no session or
+/// endpoint yet (boringtun then queues the packet and starts a handshake). A
+/// packet that leaves as a transport message is passed to `count` with the
+/// table and the peer's position in it. `table` is the batch's snapshot,
+/// loaded once by the caller.
 #[inline]
-fn encrypt<'a>(
+fn encrypt(
     engine: &Engine,
     table: &Arc<PeerTable>,
     ip: &[u8],
-    out: &'a mut [u8],
+    out: &mut [u8],
     count: impl FnOnce(&Arc<PeerTable>, usize),
-) -> Option<(&'a [u8], SocketAddr)> {
+) -> Option<(usize, usize, SocketAddr)> {
     let dst = packet::destination(ip)?;
     let Some(&pos) = table.routes.lookup(dst) else {
         engine.no_route.fetch_add(1, Ordering::Relaxed);
         return None;
     };
     let peer = &table.peers[pos];
+    let base = out.as_ptr() as usize;
     let mut state = peer.lock();
     let result = peer.tunn(&mut state).encapsulate(ip, out);
     let endpoint = state.endpoint;
@@ -152,7 +151,9 @@ fn encrypt<'a>(
             if datagram.first() == Some(&MSG_TRANSPORT) {
                 count(table, pos);
             }
-            Some((datagram, ep))
+            // boringtun writes at the start of `out`; the offset keeps that
+            // an observation rather than an assumption.
+            Some((datagram.as_ptr() as usize - base, datagram.len(), ep))
         }
         _ => None,
     }
@@ -164,12 +165,19 @@ const GSO_MAX_SEGMENTS: usize = 64;
 const GSO_MAX_BYTES: usize = 65_000;
 
 /// Consecutive datagrams to one endpoint, all of one size but the last, sent
-/// with one UDP GSO `sendmsg(2)`. Falls back to one send per datagram if the
-/// GSO send fails; datagrams that fail alone too are counted in `failures`.
+/// with one UDP GSO `sendmsg(2)`. Datagrams are encrypted straight into the
+/// batch's buffer, after the ones already there ([`GsoBatch::spare`], then
+/// [`GsoBatch::commit`]); only one that cannot join (another endpoint or
+/// size, or a full batch) moves, to the front, once the batch before it is
+/// sent. Falls back to one send per datagram if the GSO send fails;
+/// datagrams that fail alone too are counted in `failures`.
 struct GsoBatch {
     /// Send failures since the loop last flushed them to the shared counters.
     failures: IoTally,
-    buf: Vec<u8>,
+    /// Initialised once; the batch is `buf[..len]`. Room for a full batch
+    /// plus one more datagram of any size after it.
+    buf: Box<[u8]>,
+    len: usize,
     segment: usize,
     count: usize,
     /// The last datagram was shorter than `segment`: nothing may follow it.
@@ -182,7 +190,8 @@ impl GsoBatch {
     fn new() -> GsoBatch {
         GsoBatch {
             failures: IoTally::default(),
-            buf: Vec::with_capacity(GSO_MAX_BYTES + MAX_PACKET),
+            buf: vec![0u8; GSO_MAX_BYTES + 2 * MAX_PACKET].into_boxed_slice(),
+            len: 0,
             segment: 0,
             count: 0,
             closed: false,
@@ -191,32 +200,55 @@ impl GsoBatch {
         }
     }
 
+    /// Room for the next datagram, right after the batch: at least
+    /// [`MAX_PACKET`] bytes, since the batch never holds more than
+    /// `GSO_MAX_BYTES` plus one datagram.
     #[inline]
-    fn push(&mut self, datagram: &[u8], dst: SocketAddr, udp: &impl DatagramIo) {
+    fn spare(&mut self) -> &mut [u8] {
+        &mut self.buf[self.len..]
+    }
+
+    /// The `len` bytes at `at` in [`GsoBatch::spare`] are a datagram for
+    /// `dst`: it joins the batch, or the batch is sent first and the
+    /// datagram starts the next one.
+    #[inline]
+    fn commit(&mut self, at: usize, len: usize, dst: SocketAddr, udp: &impl DatagramIo) {
+        let start = self.len + at;
         if self.count > 0
             && (self.dst != Some(dst)
                 || self.closed
-                || datagram.len() > self.segment
-                || self.buf.len() + datagram.len() > GSO_MAX_BYTES
+                || len > self.segment
+                || self.len + len > GSO_MAX_BYTES
                 || self.count == GSO_MAX_SEGMENTS)
         {
             self.flush(udp);
         }
+        if start != self.len {
+            self.buf.copy_within(start..start + len, self.len);
+        }
         if self.count == 0 {
-            self.segment = datagram.len();
+            self.segment = len;
             self.dst = Some(dst);
         }
-        self.closed = datagram.len() < self.segment;
-        self.buf.extend_from_slice(datagram);
+        self.closed = len < self.segment;
+        self.len += len;
         self.count += 1;
+    }
+
+    /// Adds a datagram that was not encrypted in place (a copy).
+    #[cfg(test)]
+    fn push(&mut self, datagram: &[u8], dst: SocketAddr, udp: &impl DatagramIo) {
+        self.spare()[..datagram.len()].copy_from_slice(datagram);
+        self.commit(0, datagram.len(), dst, udp);
     }
 
     fn flush(&mut self, udp: &impl DatagramIo) {
         if let Some(dst) = self.dst {
+            let batch = &self.buf[..self.len];
             let mut gso_error = None;
             if self.count > 1 && self.enabled {
                 if let Ok(seg) = u16::try_from(self.segment) {
-                    if let Err(e) = udp.send_segments(&self.buf, seg, dst) {
+                    if let Err(e) = udp.send_segments(batch, seg, dst) {
                         gso_error = e.raw_os_error();
                     } else {
                         self.reset();
@@ -225,7 +257,7 @@ impl GsoBatch {
                 }
             }
             let mut delivered = false;
-            for chunk in self.buf.chunks(self.segment.max(1)) {
+            for chunk in batch.chunks(self.segment.max(1)) {
                 match udp.send_to(chunk, dst) {
                     Ok(_) => delivered = true,
                     Err(e) => self.failures.udp_failed(&e),
@@ -247,8 +279,10 @@ impl GsoBatch {
         self.reset();
     }
 
+    /// Empties the batch; the bytes stay (a datagram committed after it may
+    /// still be moved from there).
     fn reset(&mut self) {
-        self.buf.clear();
+        self.len = 0;
         self.count = 0;
         self.closed = false;
         self.dst = None;
@@ -351,6 +385,54 @@ mod tests {
         }
         gso.flush(&udp);
         assert_eq!(udp.gso_sends.get(), 1, "GSO tried once");
+    }
+
+    /// Datagrams encrypted in place join the batch where they were written;
+    /// one for another endpoint moves to the front once the batch before it
+    /// is sent, bytes intact, and an offset from the encryptor is honoured.
+    #[test]
+    fn in_place_datagrams_join_or_start_the_next_batch() {
+        #[derive(Default)]
+        struct Record(RefCell<Vec<(Vec<u8>, SocketAddr)>>);
+        impl DatagramIo for Record {
+            fn recv_batch(
+                &self,
+                _: &mut crate::dataplane::udp::RecvBatch,
+            ) -> std::io::Result<usize> {
+                Err(std::io::ErrorKind::WouldBlock.into())
+            }
+            fn send_segments(&self, buf: &[u8], seg: u16, dst: SocketAddr) -> std::io::Result<()> {
+                for d in buf.chunks(usize::from(seg)) {
+                    self.0.borrow_mut().push((d.to_vec(), dst));
+                }
+                Ok(())
+            }
+            fn send_to(&self, buf: &[u8], dst: SocketAddr) -> std::io::Result<usize> {
+                self.0.borrow_mut().push((buf.to_vec(), dst));
+                Ok(buf.len())
+            }
+        }
+        let other: SocketAddr = "198.51.100.9:4000".parse().unwrap();
+        let udp = Record::default();
+        let mut gso = GsoBatch::new();
+        for i in 0..3u8 {
+            gso.spare()[..100].fill(i);
+            gso.commit(0, 100, dst(), &udp);
+        }
+        assert!(
+            udp.0.borrow().is_empty(),
+            "nothing sent while the batch grows"
+        );
+        // Written 7 bytes into the spare room, for another endpoint.
+        gso.spare()[7..107].fill(9);
+        gso.commit(7, 100, other, &udp);
+        gso.flush(&udp);
+        let sent = udp.0.borrow();
+        let expect: Vec<(Vec<u8>, SocketAddr)> = (0..3u8)
+            .map(|i| (vec![i; 100], dst()))
+            .chain([(vec![9u8; 100], other)])
+            .collect();
+        assert_eq!(*sent, expect);
     }
 
     /// Partial failure: the GSO send fails with a transient error (a full

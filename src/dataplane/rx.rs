@@ -189,10 +189,17 @@ impl Default for Receiver {
 impl Receiver {
     /// A receiver that hands initiations to [`run_handshakes`] through `queue`
     /// instead of answering them itself.
+    /// It never answers an initiation itself, so it reserves no memory of
+    /// initiators (the worker's [`Receiver`] has that).
     pub fn with_handshakes(queue: SyncSender<Initiation>) -> Receiver {
         Receiver {
+            out: vec![0u8; MAX_PACKET],
+            initiators: Initiators {
+                keys: HashMap::new(),
+            },
+            forwarded: Tally::new(Direction::Rx),
+            failures: IoTally::default(),
             handshakes: Some(queue),
-            ..Receiver::default()
         }
     }
 }

@@ -31,7 +31,7 @@ use std::sync::Arc;
 
 use serde_json::{Map, Value};
 
-use super::chain::{seal, AuditKey, Head};
+use super::chain::{seal, AuditKey, Head, Sealed};
 use super::verify::{check_line, Fault};
 
 /// Rotate when the live file grows past this many bytes.
@@ -45,9 +45,13 @@ pub trait HeadStore {
     /// # Errors
     /// The store cannot be read.
     fn audit_head(&self) -> Result<Option<Head>, String>;
+    /// Records `head`, the head after `appended` (the lines just made
+    /// durable in the file, in order): a store that keeps the lines themselves
+    /// (the shared registry's audit table) takes them from there.
+    ///
     /// # Errors
     /// The store cannot be written.
-    fn set_audit_head(&self, head: &Head) -> Result<(), String>;
+    fn set_audit_head(&self, head: &Head, appended: &[Sealed]) -> Result<(), String>;
 }
 
 /// No store: the file alone carries the chain (tests, `verify FILE`).
@@ -57,7 +61,7 @@ impl HeadStore for NoStore {
     fn audit_head(&self) -> Result<Option<Head>, String> {
         Ok(None)
     }
-    fn set_audit_head(&self, _: &Head) -> Result<(), String> {
+    fn set_audit_head(&self, _: &Head, _: &[Sealed]) -> Result<(), String> {
         Ok(())
     }
 }
@@ -237,6 +241,7 @@ impl AuditWriter {
         };
         let key = self.key.as_deref();
         let mut lines = String::new();
+        let mut appended = Vec::with_capacity(records.len() + 1);
         let repair = repair
             .as_ref()
             .map(|(ts, f)| (ts.as_str(), "audit_tail_repaired", f));
@@ -244,7 +249,8 @@ impl AuditWriter {
             let sealed = seal(&head, ts, event, fields, key);
             lines.push_str(&sealed.line);
             lines.push('\n');
-            head = sealed.head;
+            head = sealed.head.clone();
+            appended.push(sealed);
         }
         file.write_all(lines.as_bytes()).map_err(|e| self.io(e))?;
         // Durable before the store names it: a head in the store is a promise
@@ -254,7 +260,9 @@ impl AuditWriter {
             // A new (or emptied) file: its directory entry must survive too.
             sync_parent(&self.path).map_err(|e| self.io(e))?;
         }
-        heads.set_audit_head(&head).map_err(AuditError::Store)?;
+        heads
+            .set_audit_head(&head, &appended)
+            .map_err(AuditError::Store)?;
         let size = file.metadata().map_err(|e| self.io(e))?.len();
         if size >= self.rotate_bytes {
             rotate(&self.path).map_err(|e| self.io(e))?;
@@ -432,7 +440,7 @@ mod tests {
         fn audit_head(&self) -> Result<Option<Head>, String> {
             Ok(self.0.borrow().clone())
         }
-        fn set_audit_head(&self, head: &Head) -> Result<(), String> {
+        fn set_audit_head(&self, head: &Head, _: &[Sealed]) -> Result<(), String> {
             *self.0.borrow_mut() = Some(head.clone());
             Ok(())
         }
@@ -744,7 +752,7 @@ mod tests {
             fn audit_head(&self) -> Result<Option<Head>, String> {
                 Ok(self.0.borrow().clone())
             }
-            fn set_audit_head(&self, head: &Head) -> Result<(), String> {
+            fn set_audit_head(&self, head: &Head, _: &[Sealed]) -> Result<(), String> {
                 if *self.1.borrow() {
                     return Err("store down".into());
                 }

@@ -86,6 +86,7 @@ pub struct ApiRaw {
 pub struct StoreRaw {
     pub url: String,
     pub pool: Option<String>,
+    pub gateway: Option<String>,
 }
 
 /// `[log]`.

@@ -299,7 +299,7 @@ impl Validator<'_> {
             }
             None => None,
         };
-        let store = self.store(&interface, &raw.store.url, raw.store.pool.as_deref())?;
+        let store = self.store(&interface, &raw.store)?;
         let log = match &raw.log {
             Some(l) => LogConfig {
                 format: match l.format.as_deref() {
@@ -553,9 +553,9 @@ impl Validator<'_> {
     fn store(
         &self,
         iface: &InterfaceConfig,
-        url: &str,
-        pool: Option<&str>,
+        raw: &super::raw::StoreRaw,
     ) -> Result<StoreConfig, ConfigError> {
+        let (url, pool) = (raw.url.as_str(), raw.pool.as_deref());
         if let Some(rest) = url.strip_prefix("sqlite://") {
             if rest.is_empty() {
                 return Err(self.bad("store.url", url, "names no database file"));
@@ -563,11 +563,17 @@ impl Validator<'_> {
             if pool.is_some() {
                 return Err(self.bad("store.pool", pool, "applies only to a postgres:// store"));
             }
+            if let Some(g) = &raw.gateway {
+                return Err(self.bad("store.gateway", g, "applies only to a postgres:// store"));
+            }
             return Ok(StoreConfig::Sqlite {
                 path: self.dir.join(rest),
             });
         }
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            if let Err(e) = url.parse::<postgres::Config>() {
+                return Err(self.bad("store.url", redact_url(url), format!("does not parse: {e}")));
+            }
             let pool = match pool {
                 None => None,
                 Some(p) => {
@@ -584,12 +590,31 @@ impl Validator<'_> {
                             ),
                         ));
                     }
+                    if net.contains(&iface.address_v4.addr()) && net.hosts().count() <= 1 {
+                        return Err(self.bad(
+                            "store.pool",
+                            p,
+                            "holds no address but the gateway's",
+                        ));
+                    }
                     Some(net)
                 }
+            };
+            let gateway = match &raw.gateway {
+                Some(g) if valid_gateway_name(g) => g.clone(),
+                Some(g) => {
+                    return Err(self.bad(
+                        "store.gateway",
+                        g,
+                        "must be 1-64 characters of letters, digits, `.`, `-`, `_`, `/` or `:`",
+                    ))
+                }
+                None => format!("{}/{}", host_name(), iface.name),
             };
             return Ok(StoreConfig::Postgres {
                 url: url.to_string(),
                 pool,
+                gateway,
             });
         }
         Err(self.bad(
@@ -598,6 +623,22 @@ impl Validator<'_> {
             "is neither sqlite:///PATH nor postgres://...",
         ))
     }
+}
+
+/// `[store] gateway`: printable, short, no spaces (it appears in audit rows and logs).
+fn valid_gateway_name(g: &str) -> bool {
+    (1..=64).contains(&g.len())
+        && g.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '/' | ':'))
+}
+
+/// The kernel's host name (the default gateway name's first half).
+fn host_name() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .filter(|h| valid_gateway_name(h))
+        .unwrap_or_else(|| "localhost".to_string())
 }
 
 /// Most `[[service]]` sections: each peer's grants are one bitmask word
@@ -686,14 +727,29 @@ fn valid_user(u: &str) -> bool {
 }
 
 /// A URL with any password replaced, so errors never echo secrets.
-fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => {
+/// `url` without its password (in the user part or a `password=` parameter),
+/// for messages and logs.
+pub(crate) fn redact_url(url: &str) -> String {
+    let base = match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s && url[s + 3..at].contains(':') => {
             let userinfo = &url[s + 3..at];
             let user = userinfo.split(':').next().unwrap_or("");
             format!("{}://{user}:***{}", &url[..s], &url[at..])
         }
         _ => url.to_string(),
+    };
+    match base.split_once('?') {
+        Some((head, query)) => {
+            let params: Vec<String> = query
+                .split('&')
+                .map(|p| match p.split_once('=') {
+                    Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                    _ => p.to_string(),
+                })
+                .collect();
+            format!("{head}?{}", params.join("&"))
+        }
+        None => base,
     }
 }
 
@@ -1004,10 +1060,23 @@ seal_key_file = "seal.key"
         );
         let c = parse_with("sqlite://sitegate.db", "postgres://u@db/reg").unwrap();
         assert!(
-            matches!(&c.store, StoreConfig::Postgres { url, pool: None } if url == "postgres://u@db/reg")
+            matches!(&c.store, StoreConfig::Postgres { url, pool: None, gateway } if url == "postgres://u@db/reg" && gateway.ends_with("/sg0"))
         );
         let e = err_with("sqlite://sitegate.db", "pg://u:hunter2@db/x");
         assert!(!e.contains("hunter2"), "{e}");
+        let e = err_with(
+            "sqlite://sitegate.db",
+            "postgres://u:hunter2@db/x?sslmode=sometimes",
+        );
+        assert!(
+            !e.contains("hunter2") && e.contains("does not parse"),
+            "{e}"
+        );
+        assert_eq!(
+            redact_url("postgres://u:pw@h/db?host=/run&password=pw2"),
+            "postgres://u:***@h/db?host=/run&password=***"
+        );
+        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
     }
 
     /// `load` refuses a key file readable by group or others, naming the file.
@@ -1040,7 +1109,7 @@ seal_key_file = "seal.key"
         assert!(c.api.is_some() && c.daemon.user.is_some());
     }
 
-    /// Every key whose feature is not built yet is listed, and only when present.
+    /// No key is listed: every key parsed is enforced (PostgreSQL stores included).
     #[test]
     fn unenforced_keys_listed() {
         let keys =
@@ -1053,10 +1122,7 @@ seal_key_file = "seal.key"
             "'sqlite:///d.db'",
             "'postgres://u@db/sg'\npool='10.8.0.0/25'",
         );
-        assert_eq!(
-            keys(&parse(path(), &pg).unwrap()),
-            ["store.url", "store.pool"]
-        );
+        assert!(keys(&parse(path(), &pg).unwrap()).is_empty());
         // `daemon.user` is enforced (the privilege drop): never listed.
         let user_only = parse_with("seal_key_file = \"seal.key\"\n", "").unwrap();
         assert!(keys(&user_only).is_empty());

@@ -91,6 +91,55 @@ pub fn check_explicit(
     Ok(())
 }
 
+/// The addresses of a new peer: `explicit` (either family) checked against
+/// the whole subnet, and the lowest free address of every family it does not
+/// cover. IPv4 comes from `pool` when this gateway has one (`[store] pool`),
+/// so gateways that allocate from disjoint pools never compete. Sorted.
+///
+/// # Errors
+/// As [`check_explicit`] and [`next_free`] ([`AllocError::Exhausted`] names
+/// the pool when it is the pool that is full).
+pub fn assign(
+    v4: IpNet,
+    v6: Option<IpNet>,
+    pool: Option<ipnet::Ipv4Net>,
+    explicit: Option<IpAddr>,
+    used: &BTreeSet<IpAddr>,
+) -> Result<Vec<IpAddr>, AllocError> {
+    let nets: Vec<IpNet> = std::iter::once(v4).chain(v6).collect();
+    let mut addresses = Vec::new();
+    if let Some(addr) = explicit {
+        let net = nets
+            .iter()
+            .find(|n| n.addr().is_ipv4() == addr.is_ipv4())
+            .copied()
+            .unwrap_or(v4);
+        check_explicit(net, addr, used)?;
+        addresses.push(addr);
+    }
+    for net in &nets {
+        if addresses
+            .iter()
+            .any(|a| a.is_ipv4() == net.addr().is_ipv4())
+        {
+            continue;
+        }
+        let next = match (net, pool) {
+            (IpNet::V4(gw), Some(pool)) => pool
+                .hosts()
+                .map(IpAddr::V4)
+                .find(|a| *a != IpAddr::V4(gw.addr()) && !used.contains(a))
+                .ok_or(AllocError::Exhausted {
+                    subnet: IpNet::V4(pool),
+                })?,
+            _ => next_free(*net, used)?,
+        };
+        addresses.push(next);
+    }
+    addresses.sort();
+    Ok(addresses)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -183,5 +232,41 @@ mod tests {
                 want
             );
         }
+    }
+
+    /// A pool confines IPv4 allocation to its slice; an explicit address may lie
+    /// anywhere in the subnet; a full pool is named.
+    #[test]
+    fn pools() {
+        let pool: ipnet::Ipv4Net = "10.8.0.128/30".parse().unwrap();
+        let v4 = net("10.8.0.1/24");
+        let got = assign(v4, None, Some(pool), None, &set(&[])).unwrap();
+        assert_eq!(got, [ip("10.8.0.129")]);
+        let got = assign(v4, None, Some(pool), None, &set(&["10.8.0.129"])).unwrap();
+        assert_eq!(got, [ip("10.8.0.130")]);
+        let e = assign(
+            v4,
+            None,
+            Some(pool),
+            None,
+            &set(&["10.8.0.129", "10.8.0.130"]),
+        );
+        assert_eq!(
+            e,
+            Err(AllocError::Exhausted {
+                subnet: net("10.8.0.128/30").trunc()
+            })
+        );
+        let got = assign(v4, None, Some(pool), Some(ip("10.8.0.9")), &set(&[])).unwrap();
+        assert_eq!(got, [ip("10.8.0.9")]);
+        // A pool holding the gateway's address skips it.
+        let low: ipnet::Ipv4Net = "10.8.0.0/30".parse().unwrap();
+        assert_eq!(
+            assign(v4, None, Some(low), None, &set(&[])).unwrap(),
+            [ip("10.8.0.2")]
+        );
+        let v6 = net("fd00:8::1/64");
+        let got = assign(v4, Some(v6), Some(pool), None, &set(&[])).unwrap();
+        assert_eq!(got, [ip("10.8.0.129"), ip("fd00:8::2")]);
     }
 }

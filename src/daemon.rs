@@ -20,7 +20,7 @@ use crate::dataplane::{rx, tx, udp::Udp, Device, Engine, Hooks, Runtime, MAX_RX_
 use crate::events::{CloseReason, Throttle};
 use crate::keys::PrivateKey;
 use crate::privilege::{self, Plan, Target};
-use crate::registry::Store;
+use crate::registry::{follow, Snapshot, Store};
 
 fn unix_now() -> i64 {
     SystemTime::now()
@@ -51,10 +51,35 @@ pub fn run_until_signal(cfg: Config) -> anyhow::Result<()> {
     })
 }
 
-/// The daemon's view of the peer store. It opens the store afresh for every
+/// The daemon's view of the peer store: a SQLite file it polls, or a shared
+/// PostgreSQL registry that a follower thread watches for it.
+enum Registry {
+    Local(LocalRegistry),
+    Shared(SharedRegistry),
+}
+
+/// Who waits for a resync of the shared registry.
+enum Waiter {
+    /// SIGHUP: logs `config_reloaded` when done.
+    Signal,
+    /// A control client or the API: answered when done.
+    Client(tokio::sync::oneshot::Sender<Response>),
+}
+
+type Updates = tokio::sync::mpsc::UnboundedReceiver<follow::Update<Waiter>>;
+
+/// A shared registry, followed by [`follow::Follower`] on its own thread, so
+/// that a slow or vanished database never stalls the control loop's timers.
+struct SharedRegistry {
+    follower: follow::Follower<Waiter>,
+    /// `store_unavailable`, throttled.
+    outage: Throttle,
+}
+
+/// The SQLite registry. It opens the store afresh for every
 /// read, so that a database file that was moved, replaced or made unreadable
 /// shows as a failed read instead of a stale connection that still works.
-struct Registry {
+struct LocalRegistry {
     store: StoreConfig,
     seal: Option<Arc<crate::seal::SealKey>>,
     /// `Store::registry_version` of the snapshot in force.
@@ -65,7 +90,142 @@ struct Registry {
     failures: Throttle,
 }
 
+/// Swaps in a new peer table built from `snapshot`; peers that left get their
+/// `session_closed` event. Returns the number of active peers.
+fn apply(engine: &Engine, snapshot: &Snapshot) -> usize {
+    let old = engine.table.load_full();
+    let (table, removed) = old.rebuild(
+        &snapshot.peers,
+        &snapshot.revoked,
+        unix_now(),
+        &engine.policy,
+        &engine.tunn_seed(),
+    );
+    let active = table.peers.len();
+    engine.table.store(Arc::new(table));
+    close_removed(removed);
+    active
+}
+
 impl Registry {
+    /// Reloads on SIGHUP: now for SQLite, when the follower's snapshot
+    /// arrives for a shared registry.
+    fn reload_signal(&mut self, engine: &Engine) {
+        match self {
+            Registry::Local(r) => match r.reload(engine) {
+                Ok(peers) => tracing::info!(
+                    event = "config_reloaded",
+                    trigger = "sighup",
+                    peers,
+                    actor = "signal"
+                ),
+                Err(e) => r.failed(engine, &e),
+            },
+            Registry::Shared(r) => r.resync(Waiter::Signal),
+        }
+    }
+
+    /// A reload request from a control client or the API, answered on `reply`.
+    fn reload_request(&mut self, engine: &Engine, reply: tokio::sync::oneshot::Sender<Response>) {
+        match self {
+            Registry::Local(r) => {
+                let _ = reply.send(match r.reload(engine) {
+                    Ok(active_peers) => Response::Reloaded { active_peers },
+                    Err(e) => {
+                        r.failed(engine, &e);
+                        Response::Error {
+                            message: format!("{e:#}"),
+                        }
+                    }
+                });
+            }
+            Registry::Shared(r) => r.resync(Waiter::Client(reply)),
+        }
+    }
+
+    /// Once a second: SQLite's version poll; for both, the throttled summaries.
+    fn tick(&mut self, engine: &Engine) {
+        match self {
+            Registry::Local(r) => {
+                r.poll(engine);
+                r.summarise(engine);
+            }
+            Registry::Shared(r) => {
+                if let Some(count) = r.outage.take_summary(engine.clock.now_ms()) {
+                    tracing::error!(event = "store_unavailable", count, summary = true);
+                }
+            }
+        }
+    }
+}
+
+impl SharedRegistry {
+    fn resync(&self, waiter: Waiter) {
+        // The follower ended only if the daemon is ending.
+        if let Err(std::sync::mpsc::SendError(follow::Command::Resync(w))) =
+            self.follower.commands.send(follow::Command::Resync(waiter))
+        {
+            answer(w, Err("the registry follower has stopped".into()));
+        }
+    }
+
+    /// Applies what the follower reports.
+    fn update(&self, engine: &Engine, update: follow::Update<Waiter>) {
+        match update {
+            follow::Update::Snapshot(snapshot, waiting) => {
+                let active = apply(engine, &snapshot);
+                for w in waiting {
+                    answer(w, Ok(active));
+                }
+            }
+            follow::Update::Down { error, waiting } => {
+                if self.outage.hit(engine.clock.now_ms()) {
+                    // Every peer known stays served; nothing is forgotten.
+                    tracing::error!(
+                        event = "store_unavailable",
+                        error = %error,
+                        count = 1u64,
+                        peers = engine.table.load().peers.len(),
+                    );
+                }
+                for w in waiting {
+                    answer(w, Err(error.clone()));
+                }
+            }
+            follow::Update::Up { down_for } => {
+                tracing::info!(
+                    event = "store_reconnected",
+                    down_ms = down_for.as_millis() as u64,
+                );
+            }
+        }
+    }
+}
+
+/// Tells a waiter how its resync went.
+fn answer(w: Waiter, result: Result<usize, String>) {
+    match (w, result) {
+        (Waiter::Signal, Ok(peers)) => {
+            tracing::info!(
+                event = "config_reloaded",
+                trigger = "sighup",
+                peers,
+                actor = "signal"
+            );
+        }
+        (Waiter::Signal, Err(_)) => {} // logged as store_unavailable
+        (Waiter::Client(reply), Ok(active_peers)) => {
+            let _ = reply.send(Response::Reloaded { active_peers });
+        }
+        (Waiter::Client(reply), Err(message)) => {
+            let _ = reply.send(Response::Error {
+                message: format!("cannot read the peer store: {message}"),
+            });
+        }
+    }
+}
+
+impl LocalRegistry {
     /// Re-reads the store as one snapshot and swaps in a new peer table; peers
     /// that left get their `session_closed` event. On error the table in force
     /// stays (the timer still expires its peers from memory).
@@ -85,18 +245,8 @@ impl Registry {
                 }
             })
             .context("cannot read the peer store")?;
-        let old = engine.table.load_full();
-        let (table, removed) = old.rebuild(
-            &snapshot.peers,
-            &snapshot.revoked,
-            unix_now(),
-            &engine.policy,
-            &engine.tunn_seed(),
-        );
-        let active = table.peers.len();
-        engine.table.store(Arc::new(table));
+        let active = apply(engine, &snapshot);
         self.registry_version = snapshot.version;
-        close_removed(removed);
         Ok(active)
     }
 
@@ -177,6 +327,15 @@ impl Drop for SocketFiles {
     }
 }
 
+/// Runs blocking store work (the PostgreSQL driver runs its own runtime,
+/// which must not nest in the daemon's) on a scoped thread.
+fn off_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| match s.spawn(f).join() {
+        Ok(v) => v,
+        Err(panic) => std::panic::resume_unwind(panic),
+    })
+}
+
 /// A packet loop that ended on its own: a panic or an error it cannot survive.
 #[derive(Debug)]
 struct Fatal {
@@ -213,10 +372,13 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     // an unreadable seal key, stops the start before anything is created (and
     // clear secrets left from before sealing get sealed). The key is dropped
     // (zeroized) again so the cleanup helper forked below holds no copy.
-    drop(Store::open_sealed(
-        &cfg.store,
-        crate::registry::store::seal_key(&cfg)?,
-    )?);
+    off_runtime(|| -> anyhow::Result<()> {
+        drop(Store::open_sealed(
+            &cfg.store,
+            crate::registry::store::seal_key(&cfg)?,
+        )?);
+        Ok(())
+    })?;
 
     // One receive and one transmit worker per core (up to MAX_RX_WORKERS),
     // each with its own UDP socket and TUN queue.
@@ -307,7 +469,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     let policy = crate::policy::Policy::from_config(&cfg);
     let engine = Arc::new(Engine::new(&key, policy));
     let runtime = Arc::new(Runtime::new(hooks));
-    let mut registry = Registry {
+    let local = || LocalRegistry {
         store: cfg.store.clone(),
         seal: seal.clone(),
         registry_version: -1,
@@ -335,10 +497,20 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     // Keyed with the seal key read before the drop: never an unkeyed fallback.
     let audit_sink = match audit::writer_sealed(&cfg, seal.as_deref()) {
         Some(writer) => {
-            // The writer thread keeps its own connection: SQLite serializes it
-            // against admin commands and the registry reads.
-            let heads = Store::open_sealed(&cfg.store, seal.clone())?;
-            Some(audit::sink::start(writer, heads).context("cannot start the audit writer")?)
+            let sink = match &cfg.store {
+                // The writer thread keeps its own connection: SQLite serializes it
+                // against admin commands and the registry reads.
+                StoreConfig::Sqlite { .. } => {
+                    let heads = Store::open_sealed(&cfg.store, seal.clone())?;
+                    audit::sink::start(writer, heads)
+                }
+                // Connects on its thread, and outlives database outages.
+                StoreConfig::Postgres { .. } => audit::sink::start(
+                    writer,
+                    crate::registry::postgres::AuditTable::new(&cfg.store),
+                ),
+            };
+            Some(sink.context("cannot start the audit writer")?)
         }
         None => None,
     };
@@ -352,7 +524,34 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
             capabilities = %d.caps,
         );
     }
-    let active = registry.reload(&engine)?;
+    // The channel of the shared registry's follower; a SQLite registry keeps
+    // the sender so that the control loop's receive simply never fires.
+    let (updates_tx, updates) = tokio::sync::mpsc::unbounded_channel();
+    let (mut registry, active) = match &cfg.store {
+        StoreConfig::Sqlite { .. } => {
+            let mut r = local();
+            let active = r.reload(&engine)?;
+            (Registry::Local(r), active)
+        }
+        StoreConfig::Postgres { .. } => {
+            let public = key.public_key();
+            let (follower, first) = off_runtime(|| -> anyhow::Result<_> {
+                // Every gateway of one registry answers with one server key.
+                Store::open_sealed(&cfg.store, seal.clone())?.bind_server_key(&public)?;
+                Ok(follow::Follower::start(
+                    &cfg.store,
+                    seal.clone(),
+                    updates_tx.clone(),
+                )?)
+            })?;
+            let active = apply(&engine, &first);
+            let shared = SharedRegistry {
+                follower,
+                outage: Throttle::default(),
+            };
+            (Registry::Shared(shared), active)
+        }
+    };
 
     let (fatal_tx, fatal_rx) = tokio::sync::mpsc::unbounded_channel::<Fatal>();
     let (initiations, queued) = std::sync::mpsc::sync_channel(rx::HANDSHAKE_QUEUE);
@@ -446,11 +645,17 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         &engine,
         &runtime,
         device.sender(),
-        &mut registry,
+        (&mut registry, updates),
         sockets,
         shutdown,
     )
     .await;
+    drop(updates_tx);
+    if let Registry::Shared(shared) = registry {
+        // Without a receiver the follower ends at its next wait; not joined,
+        // because a connect in progress may take its full timeout.
+        drop(shared.follower.commands);
+    }
     if let Some(task) = api_task {
         task.abort();
     }
@@ -538,7 +743,7 @@ async fn serve(
     engine: &Arc<Engine>,
     runtime: &Runtime,
     udp: &Udp,
-    registry: &mut Registry,
+    (registry, mut updates): (&mut Registry, Updates),
     mut sockets: Sockets,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
@@ -566,18 +771,27 @@ async fn serve(
                 // Commits by other processes, once a second: the safety net
                 // behind the control socket.
                 if ticks.is_multiple_of(4) {
-                    registry.poll(engine);
-                    registry.summarise(engine);
+                    registry.tick(engine);
                 }
             }
-            _ = hup.recv() => {
-                match registry.reload(engine) {
-                    Ok(peers) => tracing::info!(event = "config_reloaded", trigger = "sighup", peers, actor = "signal"),
-                    Err(e) => registry.failed(engine, &e),
+            _ = hup.recv() => registry.reload_signal(engine),
+            Some(update) = updates.recv() => {
+                if let Registry::Shared(r) = registry {
+                    r.update(engine, update);
                 }
             }
             Some((request, reply)) = sockets.requests.recv() => {
-                let _ = reply.send(handle_request(info, engine, registry, request));
+                match request {
+                    Request::Reload { event } => {
+                        if let Some(e) = &event {
+                            log_admin_event(e);
+                        }
+                        registry.reload_request(engine, reply);
+                    }
+                    Request::Status {} => {
+                        let _ = reply.send(Response::Status(status_view(info, engine)));
+                    }
+                }
             }
             accepted = sockets.control.accept() => {
                 if let Ok((stream, _)) = accepted {
@@ -601,31 +815,6 @@ async fn serve(
                 }
             }
         }
-    }
-}
-
-fn handle_request(
-    info: &Info,
-    engine: &Engine,
-    registry: &mut Registry,
-    request: Request,
-) -> Response {
-    match request {
-        Request::Reload { event } => {
-            if let Some(e) = &event {
-                log_admin_event(e);
-            }
-            match registry.reload(engine) {
-                Ok(active_peers) => Response::Reloaded { active_peers },
-                Err(e) => {
-                    registry.failed(engine, &e);
-                    Response::Error {
-                        message: format!("{e:#}"),
-                    }
-                }
-            }
-        }
-        Request::Status {} => Response::Status(status_view(info, engine)),
     }
 }
 

@@ -808,6 +808,7 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
 mod tests {
     use super::*;
     use crate::config::Config;
+    use crate::seal;
 
     fn iface(addr: &str) -> InterfaceConfig {
         let text = format!(
@@ -1106,7 +1107,7 @@ mod tests {
                 seq,
                 hash: format!("{seq:064}"),
             };
-            s.set_audit_head(&h).unwrap();
+            s.set_audit_head(&h, &[]).unwrap();
             assert_eq!(s.audit_head().unwrap(), Some(h));
         }
         std::fs::remove_dir_all(dir).unwrap();
@@ -1124,7 +1125,7 @@ mod tests {
         let store = SqliteStore::create(&cfg).unwrap();
         let v0 = store.registry_version().unwrap();
         store
-            .set_audit_head(&crate::audit::chain::Head::genesis())
+            .set_audit_head(&crate::audit::chain::Head::genesis(), &[])
             .unwrap();
         assert_eq!(
             store.registry_version().unwrap(),

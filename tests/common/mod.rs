@@ -14,6 +14,8 @@
 
 #![allow(dead_code)]
 
+pub mod postgres;
+
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};

@@ -1,0 +1,444 @@
+//! Several gateways on one PostgreSQL registry (SPEC, Scale-out), with a real
+//! PostgreSQL from Debian's package started per test in a temp dir, reached
+//! over its unix socket from every namespace.
+//!
+//! Each gateway has its own namespace, and its site reaches it as
+//! `192.168.1.1:51820`: the address every issued config names. A config issued
+//! on one gateway therefore works against the other by its `Endpoint` alone,
+//! as it would behind DNS round robin or failover.
+
+mod common;
+
+use std::fs;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::postgres::{postgres_ready, Postgres};
+use common::*;
+
+/// How soon a change on one gateway must be live on every other (SPEC).
+const LIVE_WITHIN: Duration = Duration::from_secs(1);
+
+/// Points `gw`'s config at the shared registry, with further `[store]` lines.
+fn use_registry(gw: &Gateway, url: &str, extra: &str) {
+    let text = fs::read_to_string(&gw.config).expect("read config");
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("url = "))
+        .expect("init writes a [store] url line")
+        .to_string();
+    let to = format!("url = \"{url}\"\n{extra}");
+    fs::write(&gw.config, text.replacen(&line, to.trim_end(), 1)).expect("write config");
+}
+
+/// Gives `to` the server key and seal key of `from`: the gateways of one
+/// registry share them (the README's setup step).
+fn share_keys(from: &Gateway, to: &Gateway) {
+    for f in ["server.key", "seal.key"] {
+        fs::copy(from.dir.path.join(f), to.dir.path.join(f)).expect("copy key file");
+    }
+}
+
+/// A gateway namespace with one site namespace linked to it as
+/// `192.168.1.2` → `192.168.1.1`, veth names from `role`.
+fn linked_pair(names: &Names, role: &str) -> (Netns, Netns) {
+    let gw = Netns::new(&names.netns(&format!("g{role}")));
+    let site = Netns::new(&names.netns(&format!("s{role}")));
+    veth(
+        &gw,
+        &names.name(&format!("v{role}")),
+        "192.168.1.1/24",
+        &site,
+        &names.name(&format!("w{role}")),
+        "192.168.1.2/24",
+    );
+    site.run_ok(&["ip", "route", "add", "default", "via", "192.168.1.1"]);
+    (gw, site)
+}
+
+/// The base64 public key of the peer a client config was issued for.
+fn config_public_key(conf: &str) -> String {
+    let private = conf_value(conf, "PrivateKey").expect("PrivateKey in issued config");
+    let mut c = Command::new(sitegate_bin());
+    c.arg("pubkey");
+    use std::io::Write;
+    let mut child = c
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn sitegate pubkey");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(format!("{private}\n").as_bytes())
+        .expect("write private key");
+    let out = child.wait_with_output().expect("sitegate pubkey");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Whether `gw`'s daemon serves a peer with this key (stock `wg show`).
+fn serves(gw: &Gateway, key: &str) -> bool {
+    String::from_utf8_lossy(&gw.wg_show().stdout).contains(key)
+}
+
+/// Two gateways set up on one fresh registry: `init` each, share A's keys
+/// with B, point both at `url` (B with `b_extra` [store] lines).
+fn two_gateways(a_ns: &Netns, b_ns: &Netns, names: &Names, url: &str) -> (Gateway, Gateway) {
+    let a = Gateway::init(a_ns, &names.name("ga"));
+    let b = Gateway::init(b_ns, &names.name("gb"));
+    share_keys(&a, &b);
+    use_registry(&a, url, "");
+    use_registry(&b, url, "");
+    (a, b)
+}
+
+/// Runs `sitegate run` for `gw` and asserts that it refuses to start (exit 1,
+/// stderr naming every one of `parts`, no TUN device left); returns stderr.
+fn refused(gw: &Gateway, parts: &[&str]) -> String {
+    let out = run(Command::new("timeout")
+        .args([
+            "15",
+            "ip",
+            "netns",
+            "exec",
+            &gw.ns,
+            sitegate_bin(),
+            "--config",
+        ])
+        .arg(&gw.config)
+        .arg("run"));
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "expected a refusal to start:\n{err}"
+    );
+    for p in parts {
+        assert!(err.contains(p), "refusal does not mention `{p}`:\n{err}");
+    }
+    assert!(
+        !link_exists(&gw.ns, &gw.ifname),
+        "a refused start left its TUN device"
+    );
+    err
+}
+
+/// A peer issued on gateway A connects through gateway B, and a peer issued on
+/// B connects through A; revoking the latter on B cuts its session on A within
+/// one second (the figure is printed).
+#[test]
+fn peer_from_one_gateway_connects_through_the_other_and_revocation_crosses() {
+    if !rig_ready("scaleout cross") || !postgres_ready("scaleout cross") {
+        return;
+    }
+    let pg = Postgres::start("cross");
+    let names = names("so");
+    let (a_ns, site_a_ns) = linked_pair(&names, "a");
+    let (b_ns, site_b_ns) = linked_pair(&names, "b");
+    let (mut a, mut b) = two_gateways(&a_ns, &b_ns, &names, &pg.url());
+    a.start();
+    b.start();
+
+    // Issued on A, served by B within a second.
+    let clinic = a.add_peer("clinic");
+    let clinic_key = config_public_key(&clinic);
+    let t0 = Instant::now();
+    assert!(
+        poll_until(Duration::from_secs(5), || serves(&b, &clinic_key)),
+        "gateway B never learned of the peer issued on A; B log:\n{}",
+        b.log_tail(30)
+    );
+    let seen = t0.elapsed();
+    assert!(
+        seen <= LIVE_WITHIN + Duration::from_millis(300),
+        "peer issued on A took {seen:?} to be served by B"
+    );
+    let site_b = Site::up(&site_b_ns, &names.name("sb"), &clinic);
+    assert!(
+        site_b_ns.ping_until(GATEWAY_TUNNEL_ADDR, CONNECT_DEADLINE),
+        "site with A's config got no answer through gateway B; B log:\n{}",
+        b.log_tail(30)
+    );
+
+    // Issued on B, connected through A; revoked on B.
+    let lab = b.add_peer("lab");
+    let lab_key = config_public_key(&lab);
+    assert!(poll_until(Duration::from_secs(5), || serves(&a, &lab_key)));
+    let site_a = Site::up(&site_a_ns, &names.name("sa"), &lab);
+    assert!(
+        site_a_ns.ping_until(GATEWAY_TUNNEL_ADDR, CONNECT_DEADLINE),
+        "site with B's config got no answer through gateway A; A log:\n{}",
+        a.log_tail(30)
+    );
+    a.wait_event("handshake of lab on A", Duration::from_secs(5), |e| {
+        field_str(e, "event") == "handshake" && field_str(e, "peer") == "lab"
+    });
+
+    let revoked_at = now_unix();
+    b.cli_ok(&["peer", "revoke", "lab", "--reason", "cross-gateway test"]);
+    let closed = a.wait_event("session_closed of lab on A", Duration::from_secs(5), |e| {
+        is_event(e, "session_closed", "revoked") && field_str(e, "peer") == "lab"
+    });
+    let took = event_time(&closed) - revoked_at;
+    println!(
+        "cross-gateway revoke: revoked on B, session closed on A after {:.0} ms",
+        took * 1000.0
+    );
+    assert!(
+        took <= LIVE_WITHIN.as_secs_f64(),
+        "revocation on B took {took:.3} s to close the session on A"
+    );
+    assert!(!serves(&a, &lab_key), "A still serves the revoked peer");
+    assert!(
+        !site_a_ns.ping_once(GATEWAY_TUNNEL_ADDR, None),
+        "the revoked site still reaches A"
+    );
+    // The other gateway's site is untouched.
+    assert!(site_b_ns.ping_once(GATEWAY_TUNNEL_ADDR, None));
+    drop((site_a, site_b));
+}
+
+/// 24 `peer add` at once, split across two hosts' configs on one registry,
+/// give 24 distinct addresses; a gateway with `[store] pool` allocates only
+/// from its slice.
+#[test]
+fn concurrent_adds_across_gateways_get_distinct_addresses() {
+    if !postgres_ready("scaleout concurrent adds") {
+        return;
+    }
+    let pg = Postgres::start("adds");
+    let url = pg.url();
+    let dir = TempDir::new(&format!("so-adds-{}", std::process::id()));
+    let init = |host: &str, pool: &str| {
+        let config = dir.path.join(host).join("sitegate.toml");
+        fs::create_dir_all(config.parent().unwrap()).unwrap();
+        run_ok(
+            Command::new(sitegate_bin())
+                .arg("--config")
+                .arg(&config)
+                .args([
+                    "init",
+                    "--endpoint",
+                    "vpn.example.org:51820",
+                    "--egress",
+                    "eth0",
+                    "--interface",
+                    &format!("sgx{host}"),
+                    "--subnet",
+                    "10.8.0.0/24",
+                ]),
+        );
+        let text = fs::read_to_string(&config).unwrap();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("url = "))
+            .unwrap()
+            .to_string();
+        fs::write(
+            &config,
+            text.replacen(&line, &format!("url = \"{url}\"\n{pool}"), 1),
+        )
+        .unwrap();
+        config
+    };
+    let a = init("a", "");
+    let b = init("b", "pool = \"10.8.0.128/25\"");
+    fs::copy(a.with_file_name("seal.key"), b.with_file_name("seal.key")).unwrap();
+    let handles: Vec<_> = (0..24)
+        .map(|i| {
+            let config = if i % 2 == 0 { a.clone() } else { b.clone() };
+            std::thread::spawn(move || {
+                let out = run(Command::new(sitegate_bin())
+                    .arg("--config")
+                    .arg(&config)
+                    .args(["peer", "add", &format!("site{i}")]));
+                assert!(
+                    out.status.success(),
+                    "peer add site{i}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                let conf = String::from_utf8_lossy(&out.stdout).to_string();
+                let addr = conf_value(&conf, "Address").expect("Address");
+                (i, addr.split('/').next().unwrap().to_string())
+            })
+        })
+        .collect();
+    let mut seen = std::collections::BTreeSet::new();
+    for h in handles {
+        let (i, addr) = h.join().expect("peer add thread");
+        let ip: std::net::Ipv4Addr = addr.parse().expect("IPv4 address");
+        if i % 2 == 1 {
+            assert!(
+                ip.octets()[3] >= 128,
+                "site{i} was added on the gateway with pool 10.8.0.128/25 but got {ip}"
+            );
+        }
+        assert!(seen.insert(ip), "address {ip} issued twice");
+    }
+    assert_eq!(seen.len(), 24);
+    // Every add is in the registry, whichever host made it.
+    let list = run_ok(
+        Command::new(sitegate_bin())
+            .arg("--config")
+            .arg(&b)
+            .args(["peer", "list", "--json"]),
+    );
+    let peers: serde_json::Value = serde_json::from_str(&list).expect("peer list --json");
+    assert_eq!(peers.as_array().map(Vec::len), Some(24), "{list}");
+}
+
+/// With the database stopped, both gateways keep serving the peers they know
+/// and a peer revoked just before the outage stays refused; admin commands fail
+/// clearly and write nothing; once the database is back, a peer added on one
+/// gateway is live on the other.
+#[test]
+fn database_outage_keeps_known_peers_and_revocations() {
+    if !rig_ready("scaleout outage") || !postgres_ready("scaleout outage") {
+        return;
+    }
+    let pg = Postgres::start("outage");
+    let names = names("sq");
+    let (a_ns, site_a_ns) = linked_pair(&names, "a");
+    let (b_ns, site_b_ns) = linked_pair(&names, "b");
+    let (mut a, mut b) = two_gateways(&a_ns, &b_ns, &names, &pg.url());
+    a.start();
+    b.start();
+
+    let one = a.add_peer("one");
+    let two = a.add_peer("two");
+    let gone = a.add_peer("gone");
+    let gone_key = config_public_key(&gone);
+    for key in [
+        config_public_key(&one),
+        config_public_key(&two),
+        gone_key.clone(),
+    ] {
+        assert!(poll_until(Duration::from_secs(5), || serves(&a, &key)
+            && serves(&b, &key)));
+    }
+    let site_one = Site::up(&site_a_ns, &names.name("sa"), &one);
+    let site_two = Site::up(&site_b_ns, &names.name("sb"), &two);
+    assert!(site_a_ns.ping_until(GATEWAY_TUNNEL_ADDR, CONNECT_DEADLINE));
+    assert!(site_b_ns.ping_until(GATEWAY_TUNNEL_ADDR, CONNECT_DEADLINE));
+
+    // Revoked just before the outage: both gateways drop it.
+    b.cli_ok(&["peer", "revoke", "gone"]);
+    assert!(poll_until(Duration::from_secs(5), || {
+        !serves(&a, &gone_key) && !serves(&b, &gone_key)
+    }));
+    pg.stop();
+    for gw in [&a, &b] {
+        gw.wait_event("store_unavailable", Duration::from_secs(10), |e| {
+            field_str(e, "event") == "store_unavailable"
+        });
+    }
+    // Known peers are still served, through fresh pings.
+    assert!(site_a_ns.ping_until(GATEWAY_TUNNEL_ADDR, Duration::from_secs(5)));
+    assert!(site_b_ns.ping_until(GATEWAY_TUNNEL_ADDR, Duration::from_secs(5)));
+    assert!(a.is_running() && b.is_running());
+    // The revoked peer stays refused: its stock client dials A and is turned away.
+    let site_gone = Site::up(&site_a_ns, &names.name("sg"), &gone);
+    a.wait_event(
+        "refusal of the revoked peer",
+        Duration::from_secs(30),
+        |e| is_event(e, "handshake_failed", "revoked") && field_str(e, "public_key") == gone_key,
+    );
+    drop(site_gone);
+    // Admin commands fail with a clear error and write nothing.
+    let out = run(&mut a.cli(&["peer", "add", "during"]));
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot connect to peer store"), "{err}");
+    assert!(!err.contains(pg.password()), "{err}");
+
+    pg.start_again();
+    for gw in [&a, &b] {
+        gw.wait_event("store_reconnected", Duration::from_secs(15), |e| {
+            field_str(e, "event") == "store_reconnected"
+        });
+    }
+    let out = run(&mut a.cli(&["peer", "show", "during"]));
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a failed add left a peer behind"
+    );
+    let late = a.add_peer("late");
+    let late_key = config_public_key(&late);
+    let t0 = Instant::now();
+    assert!(
+        poll_until(Duration::from_secs(5), || serves(&b, &late_key)),
+        "B never learned of a peer added after the outage; B log:\n{}",
+        b.log_tail(30)
+    );
+    println!(
+        "after the outage, a peer added on A was live on B after {:?}",
+        t0.elapsed()
+    );
+    assert!(t0.elapsed() <= LIVE_WITHIN + Duration::from_millis(300));
+    // Nothing revoked came back with the catch-up.
+    assert!(!serves(&a, &gone_key) && !serves(&b, &gone_key));
+    drop((site_one, site_two));
+}
+
+/// Bad registries give a clear error at start naming the URL without its
+/// password: unreachable, wrong credentials, a newer schema, another server key.
+#[test]
+fn bad_registry_refused_at_start() {
+    if !rig_ready("scaleout bad input") || !postgres_ready("scaleout bad input") {
+        return;
+    }
+    let pg = Postgres::start("bad");
+    let names = names("sr");
+    let ns = Netns::new(&names.netns("gw"));
+    let gw = Gateway::init(&ns, &names.name("gw"));
+
+    // Nothing listens on 127.0.0.1:1 in a fresh namespace.
+    use_registry(&gw, "postgres://sitegate:hunter2@127.0.0.1:1/sitegate", "");
+    let err = refused(
+        &gw,
+        &["cannot connect to peer store postgres://sitegate:***@127.0.0.1:1/sitegate"],
+    );
+    assert!(!err.contains("hunter2"), "{err}");
+
+    let wrong = pg.url_for("sitegate", "not-the-password");
+    use_registry(&gw, &wrong, "");
+    let err = refused(
+        &gw,
+        &[
+            "cannot connect to peer store",
+            "password authentication failed",
+        ],
+    );
+    assert!(!err.contains("not-the-password"), "{err}");
+
+    // A registry written by a newer sitegate.
+    use_registry(&gw, &pg.url(), "");
+    gw.cli_ok(&["peer", "list"]);
+    pg.psql("sitegate", "UPDATE sitegate_schema SET version = 99");
+    refused(
+        &gw,
+        &["schema version 99, newer than this sitegate supports"],
+    );
+    let out = run(&mut gw.cli(&["peer", "list"]));
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "an admin command used a too-new schema"
+    );
+    pg.psql("sitegate", "UPDATE sitegate_schema SET version = 1");
+
+    // A registry whose gateways answer with another server key (same seal key).
+    let other_ns = Netns::new(&names.netns("ot"));
+    let mut other = Gateway::init(&other_ns, &names.name("ot"));
+    fs::copy(
+        gw.dir.path.join("seal.key"),
+        other.dir.path.join("seal.key"),
+    )
+    .unwrap();
+    use_registry(&other, &pg.url(), "");
+    other.start();
+    drop(other);
+    refused(&gw, &["copy the shared server key"]);
+}

@@ -438,8 +438,9 @@ fn broken_audit_chain_fails() {
 }
 
 /// The keys `init` writes are all enforced: `[daemon] user` (a root user only
-/// warns), `[api]`, and `seal_key_file` (the sealing line passes). A key no
-/// code enforces yet (a PostgreSQL `store.url`) fails, named.
+/// warns), `[api]`, and `seal_key_file` (the sealing line passes). A
+/// PostgreSQL `store.url` is enforced too; one that cannot be reached fails
+/// the check, named without its password.
 #[test]
 fn unenforced_key_fails() {
     if !rig_ready("check_unenforced_key") {
@@ -493,11 +494,22 @@ fn unenforced_key_fails() {
         .expect("store url line");
     fs::write(
         &gw.config,
-        sound.replace(url, "url = \"postgres://sg@db.invalid/sitegate\""),
+        sound.replace(url, "url = \"postgres://sg:hunter2@db.invalid/sitegate\""),
     )
     .expect("write");
     let c = check(&ns, &gw);
-    c.one("FAIL", "unenforced-keys", &["`store.url`", "PostgreSQL"]);
+    c.one("PASS", "unenforced-keys", &["every key"]);
+    let text = format!("{}\n{}", c.lines.join("\n"), c.stderr);
+    assert_ne!(
+        c.code,
+        Some(0),
+        "check passed with an unreachable store:\n{text}"
+    );
+    assert!(
+        text.contains("cannot connect to peer store postgres://sg:***@db.invalid/sitegate"),
+        "{text}"
+    );
+    assert!(!text.contains("hunter2"), "{text}");
 }
 
 /// `manage = false` is a warning that the host's firewall is not managed; on an

@@ -196,7 +196,61 @@ fn peer_from_one_gateway_connects_through_the_other_and_revocation_crosses() {
     );
     // The other gateway's site is untouched.
     assert!(site_b_ns.ping_once(GATEWAY_TUNNEL_ADDR, None));
+
+    // Both gateways' audit events are in the table, each its own chain.
+    let gw_a = format!("{}/{}", hostname(), a.ifname);
+    let rows_of = |gw: &str, like: &str| {
+        pg.psql(
+            "sitegate",
+            &format!(
+                "SELECT count(*) FROM audit_events WHERE gateway = '{gw}' AND line LIKE '{like}'"
+            ),
+        )
+        .trim()
+        .parse::<u64>()
+        .unwrap_or(0)
+    };
+    assert!(
+        poll_until(Duration::from_secs(5), || {
+            rows_of(&gw_a, "%\"event\":\"session_closed\"%\"lab\"%") == 1
+        }),
+        "A's session_closed never reached the audit table"
+    );
+    let gw_b = format!("{}/{}", hostname(), b.ifname);
+    assert!(rows_of(&gw_b, "%\"event\":\"handshake\"%\"clinic\"%") >= 1);
+    let report = a.cli_ok(&["audit", "verify"]);
+    assert!(
+        report.contains(&format!("audit table, gateway {gw_a}: intact")),
+        "{report}"
+    );
+    // An edited row is named by its seq.
+    pg.psql(
+        "sitegate",
+        &format!(
+            "UPDATE audit_events SET line = replace(line, 'lab', 'lbb') \
+             WHERE gateway = '{gw_a}' AND line LIKE '%\"event\":\"handshake\"%\"lab\"%'"
+        ),
+    );
+    let out = run(&mut a.cli(&["audit", "verify"]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "an edited audit row verified:\n{err}"
+    );
+    assert!(
+        err.contains(&format!("audit table, gateway {gw_a}: row seq")) && err.contains("edited"),
+        "{err}"
+    );
     drop((site_a, site_b));
+}
+
+/// The kernel's host name: the first half of the default `[store] gateway`.
+fn hostname() -> String {
+    fs::read_to_string("/proc/sys/kernel/hostname")
+        .expect("read hostname")
+        .trim()
+        .to_string()
 }
 
 /// 24 `peer add` at once, split across two hosts' configs on one registry,

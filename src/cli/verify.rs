@@ -24,7 +24,8 @@ use super::write_stdout;
 use crate::audit::chain::{AuditKey, Head};
 use crate::audit::verify::{split_records, ChainError, Fault, Verified, Verifier};
 use crate::audit::writer::{chain_files, rotated_path, KEEP_ROTATED};
-use crate::config::Config;
+use crate::config::{Config, StoreConfig};
+use crate::registry::postgres::PgStore;
 use crate::registry::Store;
 
 /// `sitegate audit verify [FILE]`.
@@ -186,11 +187,55 @@ pub(crate) fn verify_chain(cfg: &Config) -> Result<String> {
         );
     };
     let recorded = Store::recorded_audit_head(&cfg.store)?;
+    // A shared registry also holds this gateway's lines: their chain is
+    // checked on its own (the file may have rotated away its oldest lines).
+    let table = match &cfg.store {
+        StoreConfig::Postgres { gateway, .. } => Some((
+            gateway.clone(),
+            PgStore::open_unsealed(&cfg.store)?.audit_lines()?,
+        )),
+        StoreConfig::Sqlite { .. } => None,
+    };
     let files = chain_files(&path);
     let load = || -> Result<Option<AuditKey>> { Ok(crate::audit::chain_key(cfg)?) };
     with_chain_key(load, &cfg.path, |key| {
-        verify_files(&path, &files, recorded.as_ref(), key)
+        let mut report = verify_files(&path, &files, recorded.as_ref(), key)?;
+        if let Some((gateway, rows)) = &table {
+            report.push_str(&verify_table(gateway, rows, key)?);
+        }
+        Ok(report)
     })
+}
+
+/// The audit table's rows of one gateway, in seq order, as one chain: every
+/// line's hash (or HMAC), and each `prev` and `seq` following the row before,
+/// so a deleted, edited or inserted row is named by its seq.
+fn verify_table(
+    gateway: &str,
+    rows: &[(i64, String)],
+    key: Option<&AuditKey>,
+) -> Result<String, Stop> {
+    let place = PathBuf::from(format!("audit table, gateway {gateway}"));
+    let mut ver = Verifier::new(key, None);
+    for (i, (seq, line)) in rows.iter().enumerate() {
+        ver.push(line.as_bytes(), i + 1)
+            .map_err(|e| match e.fault {
+                Fault::KeyNeeded => stop(&place, e),
+                fault => Stop::Failed(anyhow!("{}: row seq {seq}: {fault}", place.display())),
+            })?;
+    }
+    let v = ver.result();
+    if v.lines == 0 {
+        return Ok(format!("{}: no rows yet\n", place.display()));
+    }
+    Ok(format!(
+        "{}: intact: {} rows, seq {}..{}, head {}\n",
+        place.display(),
+        v.lines,
+        v.start.seq + 1,
+        v.end.seq,
+        v.end.hash
+    ))
 }
 
 /// One pass over the chain's files, one file in memory at a time.

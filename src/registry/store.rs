@@ -196,7 +196,8 @@ pub struct Snapshot {
 /// An open peer store, whichever database holds it.
 pub enum Store {
     Sqlite(SqliteStore),
-    Postgres(PgStore),
+    /// Boxed: a connection is several times the size of a SQLite handle.
+    Postgres(Box<PgStore>),
 }
 
 /// Calls the same method on whichever backend `self` is.
@@ -232,7 +233,9 @@ impl Store {
     pub fn open_sealed(cfg: &StoreConfig, seal: Option<Arc<SealKey>>) -> Result<Store, StoreError> {
         Ok(match cfg {
             StoreConfig::Sqlite { .. } => Store::Sqlite(SqliteStore::open_sealed(cfg, seal)?),
-            StoreConfig::Postgres { .. } => Store::Postgres(PgStore::open_sealed(cfg, seal)?),
+            StoreConfig::Postgres { .. } => {
+                Store::Postgres(Box::new(PgStore::open_sealed(cfg, seal)?))
+            }
         })
     }
 
@@ -266,7 +269,9 @@ impl Store {
     ) -> Result<Store, StoreError> {
         Ok(match cfg {
             StoreConfig::Sqlite { .. } => Store::Sqlite(SqliteStore::create_sealed(cfg, seal)?),
-            StoreConfig::Postgres { .. } => Store::Postgres(PgStore::open_sealed(cfg, seal)?),
+            StoreConfig::Postgres { .. } => {
+                Store::Postgres(Box::new(PgStore::open_sealed(cfg, seal)?))
+            }
         })
     }
 

@@ -1051,6 +1051,58 @@ seal_key_file = "seal.key"
         assert!(e.contains("`interface.mtu` = 1000"), "{e}");
     }
 
+    /// `[store] pool` and `gateway`: only with postgres, a pool inside the tunnel
+    /// subnet, a gateway name of safe characters; each refusal names its key.
+    #[test]
+    fn store_pool_and_gateway() {
+        let pg = |extra: &str| {
+            parse_with(
+                "url = \"sqlite://sitegate.db\"",
+                &format!("url = \"postgres://u@db/reg\"\n{extra}"),
+            )
+        };
+        let c = pg("pool = \"10.8.0.128/25\"\ngateway = \"gw-1.eu:a/b\"").unwrap();
+        assert!(matches!(
+            &c.store,
+            StoreConfig::Postgres { pool: Some(p), gateway, .. }
+                if p.to_string() == "10.8.0.128/25" && gateway == "gw-1.eu:a/b"
+        ));
+        for (extra, key, why) in [
+            (
+                "pool = \"10.9.0.0/25\"",
+                "store.pool",
+                "outside the tunnel subnet",
+            ),
+            ("pool = \"fd00::/64\"", "store.pool", "not an IPv4 CIDR"),
+            (
+                "pool = \"10.8.0.1/32\"",
+                "store.pool",
+                "no address but the gateway's",
+            ),
+            (
+                "gateway = \"two words\"",
+                "store.gateway",
+                "1-64 characters",
+            ),
+            ("gateway = \"\"", "store.gateway", "1-64 characters"),
+        ] {
+            let e = pg(extra).expect_err(extra).to_string();
+            assert!(
+                e.contains(&format!("`{key}`")) && e.contains(why),
+                "{extra}: {e}"
+            );
+        }
+        for extra in ["pool = \"10.8.0.0/25\"", "gateway = \"a\""] {
+            let e = parse_with(
+                "url = \"sqlite://sitegate.db\"",
+                &format!("url = \"sqlite://sitegate.db\"\n{extra}"),
+            )
+            .expect_err(extra)
+            .to_string();
+            assert!(e.contains("applies only to a postgres:// store"), "{e}");
+        }
+    }
+
     /// Store URLs: absolute and relative sqlite paths, postgres parsed, password never echoed.
     #[test]
     fn store_urls() {

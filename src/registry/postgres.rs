@@ -692,23 +692,40 @@ impl PgStore {
         &self.gateway
     }
 
-    /// Inserts audit lines of this gateway in one transaction; a line already
-    /// there (a retry after an outage) is kept as it was.
+    /// Inserts audit lines of this gateway in one transaction. A line already
+    /// there with the same hash (a retry after an outage) is kept as it was;
+    /// one with another hash means two gateways write under one name, which
+    /// would interleave two chains: refused, naming `[store] gateway`.
     fn insert_audit(&self, lines: &[Sealed]) -> Result<(), String> {
         let mut client = self.client.borrow_mut();
-        let run = |client: &mut Client| -> Result<(), postgres::Error> {
+        let run = |client: &mut Client| -> Result<Option<i64>, postgres::Error> {
             let mut tx = client.transaction()?;
-            let stmt = tx.prepare(
+            let insert = tx.prepare(
                 "INSERT INTO audit_events (gateway, seq, hash, line) VALUES ($1, $2, $3, $4)
-                 ON CONFLICT DO NOTHING",
+                 ON CONFLICT (gateway, seq) DO NOTHING",
             )?;
+            let existing =
+                tx.prepare("SELECT hash FROM audit_events WHERE gateway = $1 AND seq = $2")?;
             for s in lines {
                 let seq = i64::try_from(s.head.seq).unwrap_or(i64::MAX);
-                tx.execute(&stmt, &[&self.gateway, &seq, &s.head.hash, &s.line])?;
+                if tx.execute(&insert, &[&self.gateway, &seq, &s.head.hash, &s.line])? == 0 {
+                    let hash: String = tx.query_one(&existing, &[&self.gateway, &seq])?.get(0);
+                    if hash != s.head.hash {
+                        return Ok(Some(seq));
+                    }
+                }
             }
-            tx.commit()
+            tx.commit()?;
+            Ok(None)
         };
-        run(&mut client).map_err(|e| format!("{}: {}", self.url, error_text(&e)))
+        match run(&mut client) {
+            Ok(None) => Ok(()),
+            Ok(Some(seq)) => Err(format!(
+                "{}: the audit table already holds seq {seq} of gateway `{}` with another hash: two gateways write under one name; give each its own `[store] gateway`",
+                self.url, self.gateway
+            )),
+            Err(e) => Err(format!("{}: {}", self.url, error_text(&e))),
+        }
     }
 }
 
@@ -776,8 +793,8 @@ impl AuditTable {
             }
             match PgStore::open_unsealed(&self.cfg) {
                 Ok(s) => *self.store.borrow_mut() = Some(s),
-                Err(_) => {
-                    self.backoff();
+                Err(e) => {
+                    self.backoff(&e.to_string());
                     return None;
                 }
             }
@@ -788,16 +805,28 @@ impl AuditTable {
                 *self.failures.borrow_mut() = 0;
                 Some(v)
             }
-            _ => {
+            Some(Err(e)) => {
                 *self.store.borrow_mut() = None;
-                self.backoff();
+                self.backoff(&e);
                 None
             }
+            None => None,
         }
     }
 
-    fn backoff(&self) {
+    /// Backs off after a failure; the first of a run is logged (the audit
+    /// layer does not re-audit `audit_error`), the rest are summarised by the
+    /// outage events of the registry follower.
+    fn backoff(&self, error: &str) {
         let mut n = self.failures.borrow_mut();
+        if *n == 0 {
+            tracing::error!(
+                event = "audit_error",
+                error = %error,
+                pending = self.backlog.borrow().len() as u64,
+                target_table = "audit_events",
+            );
+        }
         *n = n.saturating_add(1);
         let secs = 1u64 << (*n - 1).min(5);
         *self.retry_at.borrow_mut() = Some(Instant::now() + Duration::from_secs(secs.min(30)));

@@ -340,6 +340,24 @@ fn concurrent_adds_across_gateways_get_distinct_addresses() {
     );
     let peers: serde_json::Value = serde_json::from_str(&list).expect("peer list --json");
     assert_eq!(peers.as_array().map(Vec::len), Some(24), "{list}");
+
+    // The admin API reads the store from tokio's blocking pool, next to the
+    // daemon's runtime: the PostgreSQL driver (which runs its own) works there.
+    let cfg = sitegate::config::Config::load(&b).expect("load config B");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let n = rt.block_on(async move {
+        tokio::task::spawn_blocking(move || {
+            sitegate::registry::Store::open_config(&cfg)
+                .and_then(|s| s.peers())
+                .map(|p| p.len())
+        })
+        .await
+        .expect("blocking task")
+    });
+    assert_eq!(n.expect("read the registry from the blocking pool"), 24);
 }
 
 /// With the database stopped, both gateways keep serving the peers they know

@@ -170,8 +170,16 @@ impl<W> Following<W> {
         let mut last_full = Instant::now();
         loop {
             if need || !waiting.is_empty() {
+                let started = Instant::now();
                 match store.snapshot(|| {}) {
                     Ok(s) => {
+                        // Debug level: what a change costs each gateway (benches/registry.sh).
+                        tracing::debug!(
+                            event = "registry_synced",
+                            version = s.version,
+                            peers = s.peers.len() as u64,
+                            read_ms = started.elapsed().as_millis() as u64,
+                        );
                         self.version = s.version;
                         if self
                             .updates

@@ -135,14 +135,7 @@ impl SqliteStore {
         Self::open_sealed(cfg, None)
     }
 
-    /// Opens an existing store with the seal key (`[daemon] seal_key_file`).
-    /// With a key, a store sealed under another key is refused, and preshared
-    /// keys still in clear are sealed in one transaction (the migration of a store
-    /// from before sealing); without one, a sealed store is refused.
-    ///
-    /// # Errors
-    /// As [`Store::open`], plus [`StoreError::WrongSealKey`] and
-    /// [`StoreError::SealKeyMissing`]. Nothing is written on error.
+    /// See [`crate::registry::Store::open_sealed`].
     pub fn open_sealed(
         cfg: &StoreConfig,
         seal: Option<Arc<SealKey>>,
@@ -152,10 +145,7 @@ impl SqliteStore {
         Ok(store)
     }
 
-    /// Creates a new, empty store sealed under `seal` (when given).
-    ///
-    /// # Errors
-    /// As [`Store::create`].
+    /// See [`crate::registry::Store::create_sealed`].
     pub fn create_sealed(
         cfg: &StoreConfig,
         seal: Option<Arc<SealKey>>,
@@ -165,11 +155,7 @@ impl SqliteStore {
         Ok(store)
     }
 
-    /// Counts sealed and clear preshared keys of the store `cfg` names, opening
-    /// none and sealing none (what `sitegate check` reports).
-    ///
-    /// # Errors
-    /// As [`Store::open`] without the seal checks.
+    /// See [`crate::registry::Store::inspect_secrets`].
     pub fn inspect_secrets(cfg: &StoreConfig) -> Result<SecretCounts, StoreError> {
         Self::open_locked(cfg)?.secret_counts()
     }
@@ -200,10 +186,7 @@ impl SqliteStore {
         Self::setup(conn, path)
     }
 
-    /// Counts sealed and clear preshared keys without opening any.
-    ///
-    /// # Errors
-    /// Database errors.
+    /// See [`crate::registry::Store::secret_counts`].
     pub fn secret_counts(&self) -> Result<SecretCounts, StoreError> {
         let (sealed, clear): (i64, i64) = self.conn.query_row(
             "SELECT COALESCE(SUM(preshared_key LIKE 'sealed:%'), 0),
@@ -353,12 +336,7 @@ impl SqliteStore {
         self.seal.as_deref().map(|k| (k, self.at.as_str()))
     }
 
-    /// A number that changes with every change to peers, their addresses and
-    /// services, or the revocation list (kept by triggers), and with nothing
-    /// else: audit head updates do not move it.
-    ///
-    /// # Errors
-    /// Database errors.
+    /// See [`crate::registry::Store::registry_version`].
     pub fn registry_version(&self) -> Result<i64, StoreError> {
         Ok(self
             .conn
@@ -367,11 +345,7 @@ impl SqliteStore {
             })?)
     }
 
-    /// Every peer, revoked and expired included, ordered by id; addresses sorted
-    /// IPv4 first, services by name. Read in one snapshot.
-    ///
-    /// # Errors
-    /// Database errors; [`StoreError::Corrupt`] for values that do not parse.
+    /// See [`crate::registry::Store::peers`].
     pub fn peers(&self) -> Result<Vec<Peer>, StoreError> {
         let tx = self.conn.unchecked_transaction()?;
         let peers = read_peers(&tx, None, self.seal())?;
@@ -379,15 +353,7 @@ impl SqliteStore {
         Ok(peers)
     }
 
-    /// The registry as the daemon needs it, read in one transaction so that the
-    /// three parts agree: a change committed while this runs is either wholly
-    /// in the snapshot or shows as a newer version at the next poll, never half
-    /// seen and then forgotten. `mid` runs inside the transaction after the
-    /// peers are read (the daemon's test hook pauses there).
-    ///
-    /// # Errors
-    /// Database errors; [`StoreError::Corrupt`] and
-    /// [`StoreError::CorruptRevoked`] for values that do not parse.
+    /// See [`crate::registry::Store::snapshot`].
     pub fn snapshot(&self, mid: impl FnOnce()) -> Result<Snapshot, StoreError> {
         let tx = self.conn.unchecked_transaction()?;
         let peers = read_peers(&tx, None, self.seal())?;
@@ -402,13 +368,7 @@ impl SqliteStore {
         })
     }
 
-    /// Issues a peer in one transaction: checks name and key are unused (and the
-    /// key not revoked), allocates or checks its address(es) in the tunnel subnets
-    /// of `iface`, inserts it with its services.
-    ///
-    /// # Errors
-    /// [`StoreError::NameTaken`], [`StoreError::NameRetired`], [`StoreError::KeyTaken`], [`StoreError::KeyRevoked`],
-    /// [`StoreError::Address`]; database errors. On error nothing is written.
+    /// See [`crate::registry::Store::add_peer`].
     pub fn add_peer(&mut self, iface: &InterfaceConfig, new: NewPeer) -> Result<Peer, StoreError> {
         let seal = self.seal.clone();
         let tx = self
@@ -473,10 +433,7 @@ impl SqliteStore {
         Ok(new.issued(id, addresses, services))
     }
 
-    /// One peer by name, revoked or not.
-    ///
-    /// # Errors
-    /// Database errors; [`StoreError::Corrupt`].
+    /// See [`crate::registry::Store::peer`].
     pub fn peer(&self, name: &PeerName) -> Result<Option<Peer>, StoreError> {
         let tx = self.conn.unchecked_transaction()?;
         let peer = match peer_row(&tx, name)? {
@@ -487,11 +444,7 @@ impl SqliteStore {
         Ok(peer)
     }
 
-    /// The tunnel addresses a revoked peer held before revocation freed them
-    /// (empty for a peer that is not revoked).
-    ///
-    /// # Errors
-    /// [`StoreError::UnknownPeer`]; database errors; [`StoreError::Corrupt`].
+    /// See [`crate::registry::Store::former_addresses`].
     pub fn former_addresses(&self, name: &PeerName) -> Result<Vec<IpAddr>, StoreError> {
         let (id, text): (i64, Option<String>) = self
             .conn
@@ -505,14 +458,7 @@ impl SqliteStore {
         parse_former(id, text.as_deref())
     }
 
-    /// Revokes a peer in one transaction: marks it revoked (`now`, `reason`), puts
-    /// its key on the revocation list for good, and frees its tunnel addresses for
-    /// reuse (kept in `former_addresses` for history). Returns the revoked peer,
-    /// whose `addresses` are now empty.
-    ///
-    /// # Errors
-    /// [`StoreError::UnknownPeer`], [`StoreError::AlreadyRevoked`]; database
-    /// errors. On error nothing is written.
+    /// See [`crate::registry::Store::revoke_peer`].
     pub fn revoke_peer(
         &mut self,
         name: &PeerName,
@@ -553,14 +499,7 @@ impl SqliteStore {
         Ok(peer)
     }
 
-    /// Replaces a peer's key and preshared key in one transaction. The row keeps
-    /// its name, addresses, services, admin flag and expiry; the old key goes on
-    /// the revocation list with reason `rotated`. Returns the peer and its old key.
-    ///
-    /// # Errors
-    /// [`StoreError::UnknownPeer`], [`StoreError::RotateRevoked`],
-    /// [`StoreError::KeyRevoked`], [`StoreError::KeyTaken`] (also for the peer's
-    /// current key); database errors. On error nothing is written.
+    /// See [`crate::registry::Store::rotate_peer`].
     pub fn rotate_peer(
         &mut self,
         name: &PeerName,
@@ -600,11 +539,7 @@ impl SqliteStore {
         Ok((peer, old))
     }
 
-    /// The revocation list, oldest first: keys the daemon must refuse
-    /// (`handshake_failed reason=revoked`) and `peer add` must not issue.
-    ///
-    /// # Errors
-    /// Database errors; [`StoreError::CorruptRevoked`] for a key that does not parse.
+    /// See [`crate::registry::Store::revoked_keys`].
     pub fn revoked_keys(&self) -> Result<Vec<RevokedKey>, StoreError> {
         let mut stmt = self.conn.prepare(
             "SELECT public_key, peer_name, reason, revoked_at FROM revoked_keys

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The shared registry at scale (README, "The path to internet scale"). As root:
 #
-#   sudo benches/registry.sh [--peers N]      (default 100000)
+#   sudo benches/registry.sh [--peers N] [--changes N]   (default 100000, 5)
 #
 # Starts a throwaway PostgreSQL cluster (Debian's initdb/pg_ctl, unix socket
 # only, in a temp dir), creates the schema with sitegate, fills it with N peers
@@ -10,15 +10,18 @@
 #   - a full registry read through the CLI (`peer list --json`);
 #   - `sitegate run` on the registry, in its own namespace: start time, RSS,
 #     and the follower's read of a whole snapshot after a change
-#     (`registry_synced read_ms`), median of 5 changes.
+#     (`registry_synced read_ms`), median over the changes, and the RSS after
+#     them (a reload builds the new table beside the old one).
 # Everything it made is removed on exit, also on failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 peers=100000
+changes=5
 while [ $# -gt 0 ]; do
   case "$1" in
     --peers) peers="$2"; shift 2 ;;
+    --changes) changes="$2"; shift 2 ;;
     -h|--help) sed -n 2,14p "$0"; exit 0 ;;
     *) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -31,6 +34,7 @@ cargo build --release --quiet
 bin=$PWD/target/release/sitegate
 work=$(mktemp -d /tmp/sgreg.XXXXXX)
 chmod 0755 "$work"
+chown postgres "$work"   # the server writes its socket and log here
 ns=sgreg-$$
 gwpid=""
 cleanup() {
@@ -77,7 +81,7 @@ fill=$(echo "$(date +%s.%N) - $t0" | bc)
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 ms_of() { local t0 t1; t0=$(date +%s%N); "$@" >/dev/null; t1=$(date +%s%N); echo $(( (t1 - t0) / 1000000 )); }
 
-adds=$(for i in 1 2 3 4 5; do ms_of "$bin" --config "$cfg" peer add "bench$i"; done | median)
+adds=$(for i in 1 2 3 4 5; do ms_of "$bin" --config "$cfg" peer add "bench$i" 2>/dev/null; done | median)
 list=$(ms_of "$bin" --config "$cfg" peer list --json)
 size=$(sql -c "SELECT pg_size_pretty(pg_database_size('sitegate'))")
 
@@ -94,15 +98,15 @@ for _ in $(seq 600); do
 done
 start_ms=$(( ($(date +%s%N) - t0) / 1000000 ))
 rss_kib=$(awk '/^VmRSS/ {print $2}' "/proc/$gwpid/status")
-for i in 1 2 3 4 5; do
+for i in $(seq "$changes"); do
   before=$(grep -c '"registry_synced"' "$work/gw.log" || true)
-  "$bin" --config "$cfg" peer add "live$i" >/dev/null
+  "$bin" --config "$cfg" peer add "live$i" >/dev/null 2>&1
   for _ in $(seq 300); do
     [ "$(grep -c '"registry_synced"' "$work/gw.log" || true)" -gt "$before" ] && break
     sleep 0.1
   done
 done
-reads=$(grep '"registry_synced"' "$work/gw.log" | tail -5 | sed 's/.*"read_ms":\([0-9]*\).*/\1/' | median)
+reads=$(grep '"registry_synced"' "$work/gw.log" | tail -n "$changes" | sed 's/.*"read_ms":\([0-9]*\).*/\1/' | median)
 rss_after=$(awk '/^VmRSS/ {print $2}' "/proc/$gwpid/status")
 
 printf '| what (%s peers) | figure |\n|---|---|\n' "$peers"
@@ -111,5 +115,5 @@ printf '| database size | %s |\n' "$size"
 printf '| `peer add`, median of 5 | %s ms |\n' "$adds"
 printf '| `peer list --json` (a full read plus JSON) | %s ms |\n' "$list"
 printf '| `sitegate run` start to `started` | %s ms |\n' "$start_ms"
-printf '| daemon RSS after start / after 5 changes | %s / %s MiB |\n' "$((rss_kib / 1024))" "$((rss_after / 1024))"
-printf '| follower snapshot read per change, median of 5 | %s ms |\n' "$reads"
+printf '| daemon RSS after start / after %s changes | %s / %s MiB |\n' "$changes" "$((rss_kib / 1024))" "$((rss_after / 1024))"
+printf '| follower snapshot read per change, median of %s | %s ms |\n' "$changes" "$reads"

@@ -131,26 +131,34 @@ impl PrivateKey {
     /// # Errors
     /// The file is unreadable, readable by group/others, or not a key.
     pub fn from_file(path: &Path) -> Result<Self, KeyError> {
-        let meta = std::fs::metadata(path).map_err(|source| KeyError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let mode = meta.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
-            return Err(KeyError::LoosePermissions {
-                path: path.to_path_buf(),
-                mode,
-            });
-        }
-        let mut text = std::fs::read_to_string(path).map_err(|source| KeyError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let mut text = read_secret_file(path)?;
         let key = decode32(&text)
             .map_err(|_| KeyError::Malformed(format!("contents of {}", path.display())));
         text.zeroize();
         key.map(Self)
     }
+}
+
+/// Reads a file that holds a secret, refusing one that group or others may read.
+///
+/// # Errors
+/// [`KeyError::Read`], [`KeyError::LoosePermissions`].
+pub fn read_secret_file(path: &Path) -> Result<String, KeyError> {
+    let meta = std::fs::metadata(path).map_err(|source| KeyError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(KeyError::LoosePermissions {
+            path: path.to_path_buf(),
+            mode,
+        });
+    }
+    std::fs::read_to_string(path).map_err(|source| KeyError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 impl fmt::Debug for PrivateKey {

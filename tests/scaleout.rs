@@ -255,7 +255,7 @@ fn hostname() -> String {
 
 /// 24 `peer add` at once, split across two hosts' configs on one registry,
 /// give 24 distinct addresses; a gateway with `[store] pool` allocates only
-/// from its slice.
+/// from its slice; a host may keep its password in `[store] password_file`.
 #[test]
 fn concurrent_adds_across_gateways_get_distinct_addresses() {
     if !postgres_ready("scaleout concurrent adds") {
@@ -298,6 +298,18 @@ fn concurrent_adds_across_gateways_get_distinct_addresses() {
     };
     let a = init("a", "");
     let b = init("b", "pool = \"10.8.0.128/25\"");
+    // Host B logs in with the password in `[store] password_file` (0600), not in its URL.
+    let secret = b.with_file_name("db.password");
+    fs::write(&secret, format!("{}\n", pg.password())).unwrap();
+    fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let text = fs::read_to_string(&b).unwrap();
+    fs::write(
+        &b,
+        text.replace(&url, &url.replace(&format!(":{}@", pg.password()), "@"))
+            .replace("pool = ", "password_file = \"db.password\"\npool = "),
+    )
+    .unwrap();
+    assert!(!fs::read_to_string(&b).unwrap().contains(pg.password()));
     fs::copy(a.with_file_name("seal.key"), b.with_file_name("seal.key")).unwrap();
     let handles: Vec<_> = (0..24)
         .map(|i| {

@@ -107,7 +107,22 @@ pub enum StoreConfig {
         /// Names this gateway's audit chain in the shared table
         /// (`[store] gateway`; default `HOSTNAME/INTERFACE`).
         gateway: String,
+        /// `[store] password_file`: the database password, kept out of the config.
+        password_file: Option<PathBuf>,
+        /// Its contents, read by [`Config::load`] (as root, before any
+        /// privilege drop), so that a daemon that reconnects later can log in.
+        password: Option<DbPassword>,
     },
+}
+
+/// A database password: zeroized on drop, never printed.
+#[derive(Clone)]
+pub struct DbPassword(pub std::sync::Arc<zeroize::Zeroizing<String>>);
+
+impl std::fmt::Debug for DbPassword {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DbPassword(<redacted>)")
+    }
 }
 
 impl StoreConfig {

@@ -87,6 +87,7 @@ pub struct StoreRaw {
     pub url: String,
     pub pool: Option<String>,
     pub gateway: Option<String>,
+    pub password_file: Option<String>,
 }
 
 /// `[log]`.

@@ -10,8 +10,8 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use super::raw::{ConfigRaw, ServiceRaw};
 use super::{
-    ApiConfig, Config, DaemonConfig, EgressConfig, FirewallConfig, InterfaceConfig, LogConfig,
-    LogFormat, Protocol, ServiceConfig, StoreConfig,
+    ApiConfig, Config, DaemonConfig, DbPassword, EgressConfig, FirewallConfig, InterfaceConfig,
+    LogConfig, LogFormat, Protocol, ServiceConfig, StoreConfig,
 };
 use crate::keys::{KeyError, PrivateKey};
 
@@ -77,14 +77,74 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         path: path.clone(),
         source,
     })?;
-    let cfg = parse(&path, &text)?;
+    let mut cfg = parse(&path, &text)?;
     PrivateKey::from_file(&cfg.interface.private_key_file).map_err(|source| {
         ConfigError::KeyFile {
             path: path.clone(),
             source,
         }
     })?;
+    load_store_secret(&path, &mut cfg.store)?;
     Ok(cfg)
+}
+
+/// A database password belongs in a file only root (or the daemon) reads:
+/// `[store] password_file` is read here, under the rules of key files, and a
+/// password inline in `store.url` is refused when the config file is readable
+/// by others.
+fn load_store_secret(config: &Path, store: &mut StoreConfig) -> Result<(), ConfigError> {
+    let StoreConfig::Postgres {
+        url,
+        password_file,
+        password,
+        ..
+    } = store
+    else {
+        return Ok(());
+    };
+    let bad = |key: &str, value: String, reason: String| ConfigError::Invalid {
+        path: config.to_path_buf(),
+        key: key.to_string(),
+        value: format!("{value:?}"),
+        reason,
+    };
+    if let Some(file) = password_file {
+        let read = crate::keys::read_secret_file(file).map_err(|e| {
+            bad(
+                "store.password_file",
+                file.display().to_string(),
+                e.to_string(),
+            )
+        })?;
+        let line = read.trim_end_matches(['\n', '\r']);
+        if line.is_empty() || line.contains('\n') {
+            return Err(bad(
+                "store.password_file",
+                file.display().to_string(),
+                "must hold the password on one line".into(),
+            ));
+        }
+        *password = Some(DbPassword(std::sync::Arc::new(zeroize::Zeroizing::new(
+            line.to_string(),
+        ))));
+    } else if url
+        .parse::<postgres::Config>()
+        .is_ok_and(|c| c.get_password().is_some())
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(config).map_or(0, |m| m.permissions().mode() & 0o777);
+        if mode & 0o004 != 0 {
+            return Err(bad(
+                "store.url",
+                redact_url(url),
+                format!(
+                    "carries a database password, but {} is readable by others (mode {mode:o}); run `chmod o-r` on it, or move the password to `store.password_file`",
+                    config.display()
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Validates `text` as if read from `path` (relative paths in it resolve against
@@ -566,14 +626,32 @@ impl Validator<'_> {
             if let Some(g) = &raw.gateway {
                 return Err(self.bad("store.gateway", g, "applies only to a postgres:// store"));
             }
+            if let Some(f) = &raw.password_file {
+                return Err(self.bad(
+                    "store.password_file",
+                    f,
+                    "applies only to a postgres:// store",
+                ));
+            }
             return Ok(StoreConfig::Sqlite {
                 path: self.dir.join(rest),
             });
         }
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            if let Err(e) = url.parse::<postgres::Config>() {
-                return Err(self.bad("store.url", redact_url(url), format!("does not parse: {e}")));
-            }
+            let parsed = url.parse::<postgres::Config>().map_err(|e| {
+                self.bad("store.url", redact_url(url), format!("does not parse: {e}"))
+            })?;
+            let password_file = match &raw.password_file {
+                Some(_) if parsed.get_password().is_some() => {
+                    return Err(self.bad(
+                        "store.password_file",
+                        raw.password_file.as_deref(),
+                        "is set, but `store.url` carries a password too; give it once",
+                    ))
+                }
+                Some(f) => Some(self.file("store.password_file", f)?),
+                None => None,
+            };
             let pool = match pool {
                 None => None,
                 Some(p) => {
@@ -615,6 +693,8 @@ impl Validator<'_> {
                 url: url.to_string(),
                 pool,
                 gateway,
+                password_file,
+                password: None,
             });
         }
         Err(self.bad(
@@ -1112,7 +1192,7 @@ seal_key_file = "seal.key"
         );
         let c = parse_with("sqlite://sitegate.db", "postgres://u@db/reg").unwrap();
         assert!(
-            matches!(&c.store, StoreConfig::Postgres { url, pool: None, gateway } if url == "postgres://u@db/reg" && gateway.ends_with("/sg0"))
+            matches!(&c.store, StoreConfig::Postgres { url, pool: None, gateway, .. } if url == "postgres://u@db/reg" && gateway.ends_with("/sg0"))
         );
         let e = err_with("sqlite://sitegate.db", "pg://u:hunter2@db/x");
         assert!(!e.contains("hunter2"), "{e}");
@@ -1129,6 +1209,70 @@ seal_key_file = "seal.key"
             "postgres://u:***@h/db?host=/run&password=***"
         );
         assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+    }
+
+    /// A database password stays out of reach of other users: an inline one
+    /// needs a config file others cannot read, `store.password_file` follows the
+    /// key-file rules and is read by `load`, and the two together are refused.
+    #[test]
+    fn database_password_rules() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path, m: u32| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+        };
+        let dir = std::env::temp_dir().join(format!("sitegate-cfgpw-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = dir.join("server.key");
+        std::fs::write(&key, format!("{}\n", PrivateKey::generate().to_base64())).unwrap();
+        mode(&key, 0o600);
+        let cfg = dir.join("sitegate.toml");
+        let with = |store: &str| {
+            std::fs::write(&cfg, BASE.replace("url = \"sqlite://sitegate.db\"", store)).unwrap();
+        };
+
+        with("url = \"postgres://u:hunter2@db/reg\"");
+        mode(&cfg, 0o644);
+        let e = load(&cfg).unwrap_err().to_string();
+        assert!(
+            e.contains("readable by others") && e.contains("store.password_file"),
+            "{e}"
+        );
+        assert!(!e.contains("hunter2"), "{e}");
+        mode(&cfg, 0o640);
+        assert!(load(&cfg).is_ok());
+
+        let pw = dir.join("db.password");
+        std::fs::write(&pw, "s3cret\n").unwrap();
+        mode(&pw, 0o640);
+        with("url = \"postgres://u@db/reg\"\npassword_file = \"db.password\"");
+        mode(&cfg, 0o644);
+        let e = load(&cfg).unwrap_err().to_string();
+        assert!(
+            e.contains("`store.password_file`") && e.contains("readable by group or others"),
+            "{e}"
+        );
+        mode(&pw, 0o600);
+        let c = load(&cfg).unwrap();
+        match &c.store {
+            StoreConfig::Postgres {
+                password: Some(p), ..
+            } => {
+                assert_eq!(p.0.as_str(), "s3cret");
+                assert_eq!(format!("{p:?}"), "DbPassword(<redacted>)");
+            }
+            other => panic!("password not loaded: {other:?}"),
+        }
+        std::fs::write(&pw, "").unwrap();
+        assert!(load(&cfg).unwrap_err().to_string().contains("on one line"));
+
+        with("url = \"postgres://u:pw@db/reg\"\npassword_file = \"db.password\"");
+        assert!(load(&cfg).unwrap_err().to_string().contains("give it once"));
+        with("url = \"sqlite://s.db\"\npassword_file = \"db.password\"");
+        assert!(load(&cfg)
+            .unwrap_err()
+            .to_string()
+            .contains("applies only to a postgres:// store"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// `load` refuses a key file readable by group or others, naming the file.

@@ -140,11 +140,12 @@ pub struct PgStore {
     seal: Option<Arc<SealKey>>,
 }
 
-/// Connects to the database `url` names, with the timeouts above.
+/// Connects to the database `url` names (logging in with `password` from
+/// `[store] password_file` when given), with the timeouts above.
 ///
 /// # Errors
 /// [`StoreError::Connect`] naming the URL without its password.
-fn connect(url: &str) -> Result<Client, StoreError> {
+fn connect(url: &str, password: Option<&str>) -> Result<Client, StoreError> {
     let redacted = crate::config::validate::redact_url(url);
     let fail = |reason: String| StoreError::Connect {
         url: redacted.clone(),
@@ -153,6 +154,9 @@ fn connect(url: &str) -> Result<Client, StoreError> {
     let mut config: postgres::Config = url
         .parse()
         .map_err(|e| fail(format!("the URL does not parse: {e}")))?;
+    if let Some(p) = password {
+        config.password(p);
+    }
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(CONNECT_TIMEOUT);
     }
@@ -191,13 +195,37 @@ impl PgStore {
     /// # Errors
     /// [`StoreError::Connect`], [`StoreError::TooNew`]; database errors.
     pub(crate) fn open_unsealed(cfg: &StoreConfig) -> Result<PgStore, StoreError> {
-        let StoreConfig::Postgres { url, pool, gateway } = cfg else {
+        let StoreConfig::Postgres {
+            url,
+            pool,
+            gateway,
+            password_file,
+            password,
+        } = cfg
+        else {
             return Err(StoreError::Connect {
                 url: cfg.location(),
                 reason: "not a postgres:// store".into(),
             });
         };
-        let mut client = connect(url)?;
+        // A config from `Config::parse` has not read the file yet.
+        let from_file = match (password, password_file) {
+            (None, Some(f)) => Some(zeroize::Zeroizing::new(
+                crate::keys::read_secret_file(f)
+                    .map_err(|e| StoreError::Connect {
+                        url: crate::config::validate::redact_url(url),
+                        reason: e.to_string(),
+                    })?
+                    .trim_end()
+                    .to_string(),
+            )),
+            _ => None,
+        };
+        let password = password
+            .as_ref()
+            .map(|p| p.0.as_str())
+            .or(from_file.as_ref().map(|p| p.as_str()));
+        let mut client = connect(url, password)?;
         let redacted = crate::config::validate::redact_url(url);
         migrate(&mut client, &redacted)?;
         Ok(PgStore {

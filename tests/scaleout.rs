@@ -526,3 +526,102 @@ fn bad_registry_refused_at_start() {
     drop(other);
     refused(&gw, &["copy the shared server key"]);
 }
+
+/// With `[store] ca_file` the registry is reached over TLS only and the
+/// server's certificate must chain to that CA: the database accepts TCP
+/// logins only over TLS (`hostssl`), a certificate from another CA is refused,
+/// and so is a plain connection or `sslmode=require` without a CA.
+#[test]
+fn registry_over_tls_checks_the_server_certificate() {
+    if !postgres_ready("scaleout tls") {
+        return;
+    }
+    let pg = Postgres::start("tls");
+    let tls = pg.enable_tls();
+    let dir = TempDir::new(&format!("so-tls-{}", std::process::id()));
+    let config = dir.path.join("sitegate.toml");
+    let sg = |args: &[&str]| {
+        run(Command::new(sitegate_bin())
+            .arg("--config")
+            .arg(&config)
+            .args(args))
+    };
+    let out = sg(&[
+        "init",
+        "--endpoint",
+        "vpn.example.org:51820",
+        "--egress",
+        "eth0",
+        "--interface",
+        "sgxtls",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let secret = dir.path.join("db.password");
+    fs::write(&secret, pg.password()).unwrap();
+    fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let sqlite = fs::read_to_string(&config).unwrap();
+    let line = sqlite
+        .lines()
+        .find(|l| l.starts_with("url = "))
+        .unwrap()
+        .to_string();
+    let store = |url_tail: &str, ca: Option<&std::path::Path>| {
+        let mut lines = format!(
+            "url = \"postgres://sitegate@127.0.0.1:{}/sitegate{url_tail}\"\npassword_file = \"db.password\"",
+            tls.port
+        );
+        if let Some(ca) = ca {
+            lines.push_str(&format!("\nca_file = \"{}\"", ca.display()));
+        }
+        fs::write(&config, sqlite.replacen(&line, &lines, 1)).unwrap();
+    };
+
+    store("", Some(&tls.ca));
+    let out = sg(&["peer", "add", "over-tls"]);
+    assert!(
+        out.status.success(),
+        "peer add over TLS: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    store("", Some(&tls.other_ca));
+    let out = sg(&["peer", "add", "wrong-ca"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("cannot connect to peer store") && err.contains("certificate"),
+        "{err}"
+    );
+
+    store("", None);
+    let out = sg(&["peer", "add", "plain"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a plain login was accepted: {err}"
+    );
+    assert!(err.contains("no encryption"), "{err}");
+
+    store("?sslmode=require", None);
+    let out = sg(&["peer", "list"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("`store.ca_file`"), "{err}");
+
+    // Only the first add reached the registry.
+    store("", Some(&tls.ca));
+    let list = sg(&["peer", "list", "--json"]);
+    let peers: serde_json::Value = serde_json::from_slice(&list.stdout).expect("peer list --json");
+    let names: Vec<&str> = peers
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    assert_eq!(names, ["over-tls"]);
+}

@@ -112,6 +112,11 @@ pub enum StoreConfig {
         /// Its contents, read by [`Config::load`] (as root, before any
         /// privilege drop), so that a daemon that reconnects later can log in.
         password: Option<DbPassword>,
+        /// `[store] ca_file`: TLS to the database is required and its
+        /// certificate must chain to these roots (PEM).
+        ca_file: Option<PathBuf>,
+        /// Its contents, read by [`Config::load`] for the same reason.
+        ca_pem: Option<std::sync::Arc<Vec<u8>>>,
     },
 }
 

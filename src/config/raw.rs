@@ -88,6 +88,7 @@ pub struct StoreRaw {
     pub pool: Option<String>,
     pub gateway: Option<String>,
     pub password_file: Option<String>,
+    pub ca_file: Option<String>,
 }
 
 /// `[log]`.

@@ -97,11 +97,22 @@ fn load_store_secret(config: &Path, store: &mut StoreConfig) -> Result<(), Confi
         url,
         password_file,
         password,
+        ca_file,
+        ca_pem,
         ..
     } = store
     else {
         return Ok(());
     };
+    if let Some(file) = ca_file {
+        let pem = std::fs::read(&*file).map_err(|e| ConfigError::Invalid {
+            path: config.to_path_buf(),
+            key: "store.ca_file".into(),
+            value: format!("{:?}", file.display().to_string()),
+            reason: format!("cannot be read: {e}"),
+        })?;
+        *ca_pem = Some(std::sync::Arc::new(pem));
+    }
     let bad = |key: &str, value: String, reason: String| ConfigError::Invalid {
         path: config.to_path_buf(),
         key: key.to_string(),
@@ -626,12 +637,13 @@ impl Validator<'_> {
             if let Some(g) = &raw.gateway {
                 return Err(self.bad("store.gateway", g, "applies only to a postgres:// store"));
             }
-            if let Some(f) = &raw.password_file {
-                return Err(self.bad(
-                    "store.password_file",
-                    f,
-                    "applies only to a postgres:// store",
-                ));
+            for (key, value) in [
+                ("store.password_file", &raw.password_file),
+                ("store.ca_file", &raw.ca_file),
+            ] {
+                if let Some(v) = value {
+                    return Err(self.bad(key, v, "applies only to a postgres:// store"));
+                }
             }
             return Ok(StoreConfig::Sqlite {
                 path: self.dir.join(rest),
@@ -650,6 +662,30 @@ impl Validator<'_> {
                     ))
                 }
                 Some(f) => Some(self.file("store.password_file", f)?),
+                None => None,
+            };
+            let ca_file = match &raw.ca_file {
+                Some(f) => {
+                    if parsed.get_ssl_mode() == postgres::config::SslMode::Disable {
+                        return Err(self.bad(
+                            "store.ca_file",
+                            f,
+                            "is set, but `store.url` says sslmode=disable",
+                        ));
+                    }
+                    Some(self.file("store.ca_file", f)?)
+                }
+                // Without roots to check the server against, TLS would be
+                // encryption to anyone: refused rather than pretended.
+                None if parsed.get_ssl_mode() != postgres::config::SslMode::Disable
+                    && parsed.get_ssl_mode() != postgres::config::SslMode::Prefer =>
+                {
+                    return Err(self.bad(
+                        "store.url",
+                        redact_url(url),
+                        "asks for TLS (sslmode); set `store.ca_file` to the CA that signed the database server's certificate",
+                    ))
+                }
                 None => None,
             };
             let pool = match pool {
@@ -695,6 +731,8 @@ impl Validator<'_> {
                 gateway,
                 password_file,
                 password: None,
+                ca_file,
+                ca_pem: None,
             });
         }
         Err(self.bad(
@@ -1131,8 +1169,9 @@ seal_key_file = "seal.key"
         assert!(e.contains("`interface.mtu` = 1000"), "{e}");
     }
 
-    /// `[store] pool` and `gateway`: only with postgres, a pool inside the tunnel
-    /// subnet, a gateway name of safe characters; each refusal names its key.
+    /// `[store] pool`, `gateway` and `ca_file`: only with postgres, a pool inside
+    /// the tunnel subnet, a gateway name of safe characters, TLS only with a CA;
+    /// each refusal names its key.
     #[test]
     fn store_pool_and_gateway() {
         let pg = |extra: &str| {
@@ -1172,7 +1211,43 @@ seal_key_file = "seal.key"
                 "{extra}: {e}"
             );
         }
-        for extra in ["pool = \"10.8.0.0/25\"", "gateway = \"a\""] {
+        // TLS needs roots to check the server against, and roots need TLS.
+        let tls = |url: &str, extra: &str| {
+            parse_with(
+                "url = \"sqlite://sitegate.db\"",
+                &format!("url = \"{url}\"\n{extra}"),
+            )
+        };
+        let e = tls("postgres://u@db/reg?sslmode=require", "")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`store.url`") && e.contains("`store.ca_file`"),
+            "{e}"
+        );
+        let e = tls(
+            "postgres://u@db/reg?sslmode=disable",
+            "ca_file = \"ca.pem\"",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("`store.ca_file`") && e.contains("sslmode=disable"),
+            "{e}"
+        );
+        let c = tls(
+            "postgres://u@db/reg?sslmode=require",
+            "ca_file = \"ca.pem\"",
+        )
+        .unwrap();
+        assert!(
+            matches!(&c.store, StoreConfig::Postgres { ca_file: Some(p), .. } if p == Path::new("/x/ca.pem"))
+        );
+        for extra in [
+            "pool = \"10.8.0.0/25\"",
+            "gateway = \"a\"",
+            "ca_file = \"ca.pem\"",
+        ] {
             let e = parse_with(
                 "url = \"sqlite://sitegate.db\"",
                 &format!("url = \"sqlite://sitegate.db\"\n{extra}"),

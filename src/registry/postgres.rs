@@ -141,11 +141,14 @@ pub struct PgStore {
 }
 
 /// Connects to the database `url` names (logging in with `password` from
-/// `[store] password_file` when given), with the timeouts above.
+/// `[store] password_file` when given), with the timeouts above. With `ca`
+/// (the PEM roots of `[store] ca_file`) TLS is required and the server's
+/// certificate must chain to them and name the host; without, the
+/// connection is plain (a unix socket or a private network).
 ///
 /// # Errors
 /// [`StoreError::Connect`] naming the URL without its password.
-fn connect(url: &str, password: Option<&str>) -> Result<Client, StoreError> {
+fn connect(url: &str, password: Option<&str>, ca: Option<&[u8]>) -> Result<Client, StoreError> {
     let redacted = crate::config::validate::redact_url(url);
     let fail = |reason: String| StoreError::Connect {
         url: redacted.clone(),
@@ -171,7 +174,17 @@ fn connect(url: &str, password: Option<&str>) -> Result<Client, StoreError> {
         .application_name("sitegate")
         // Notices (`relation already exists`) are not for the operator.
         .notice_callback(|_| {});
-    let mut client = config.connect(NoTls).map_err(|e| fail(error_text(&e)))?;
+    let connected = match ca {
+        None => config.connect(NoTls),
+        Some(pem) => {
+            let tls = tls_connector(pem).map_err(|e| fail(format!("store.ca_file: {e}")))?;
+            // Never `prefer`: a server (or a man in the middle) that declines
+            // TLS must not get a plain session.
+            config.ssl_mode(postgres::config::SslMode::Require);
+            config.connect(tls)
+        }
+    };
+    let mut client = connected.map_err(|e| fail(error_text(&e)))?;
     client
         .batch_execute(&format!(
             "SET statement_timeout = {STATEMENT_TIMEOUT_MS}; SET lock_timeout = {STATEMENT_TIMEOUT_MS}"
@@ -180,12 +193,47 @@ fn connect(url: &str, password: Option<&str>) -> Result<Client, StoreError> {
     Ok(client)
 }
 
+/// A TLS connector that trusts only the roots in `pem`.
+fn tls_connector(pem: &[u8]) -> Result<tokio_postgres_rustls::MakeRustlsConnect, String> {
+    use tokio_rustls::rustls;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut &pem[..]) {
+        let cert = cert.map_err(|e| format!("not PEM certificates: {e}"))?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("a certificate does not parse: {e}"))?;
+    }
+    if roots.is_empty() {
+        return Err("holds no PEM certificate".into());
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+}
+
 /// The driver's error with its cause (the server's message, or the OS error).
 fn error_text(e: &postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => format!("{}: {}", db.severity(), db.message()),
-        None => e.to_string(),
+    if let Some(db) = e.as_db_error() {
+        return format!("{}: {}", db.severity(), db.message());
     }
+    // The driver's own text names the step ("error performing TLS
+    // handshake"); the why is in its sources.
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        let more = s.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = s.source();
+    }
+    text
 }
 
 impl PgStore {
@@ -201,6 +249,8 @@ impl PgStore {
             gateway,
             password_file,
             password,
+            ca_file,
+            ca_pem,
         } = cfg
         else {
             return Err(StoreError::Connect {
@@ -225,7 +275,15 @@ impl PgStore {
             .as_ref()
             .map(|p| p.0.as_str())
             .or(from_file.as_ref().map(|p| p.as_str()));
-        let mut client = connect(url, password)?;
+        let ca_read = match (ca_pem, ca_file) {
+            (None, Some(f)) => Some(std::fs::read(f).map_err(|e| StoreError::Connect {
+                url: crate::config::validate::redact_url(url),
+                reason: format!("cannot read store.ca_file {}: {e}", f.display()),
+            })?),
+            _ => None,
+        };
+        let ca = ca_pem.as_deref().map(Vec::as_slice).or(ca_read.as_deref());
+        let mut client = connect(url, password, ca)?;
         let redacted = crate::config::validate::redact_url(url);
         migrate(&mut client, &redacted)?;
         Ok(PgStore {

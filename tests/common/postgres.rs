@@ -32,9 +32,6 @@ use rand::Rng;
 
 use super::{ready_or_skip, run};
 
-/// The port number; with no TCP listener it only names the socket file
-/// (`.s.PGSQL.5432`), and every cluster has its own socket directory.
-const PORT: u16 = 5432;
 /// The login role and database that [`Postgres::start`] creates.
 const ROLE: &str = "sitegate";
 /// How long `pg_ctl` may wait for the server to start or stop.
@@ -44,6 +41,16 @@ const PG_CTL_DEADLINE: Duration = Duration::from_secs(60);
 /// pid, so two clusters with one tag would share (and delete) one directory.
 static LIVE_TAGS: Mutex<Vec<String>> = Mutex::new(Vec::new());
 
+/// Where [`Postgres::enable_tls`] serves TLS.
+pub struct TlsEndpoint {
+    /// TCP port on 127.0.0.1.
+    pub port: u16,
+    /// The CA that signed the server certificate (PEM).
+    pub ca: PathBuf,
+    /// A CA that signed nothing the server shows (PEM).
+    pub other_ca: PathBuf,
+}
+
 /// One throwaway cluster with role and database `sitegate`; stopped and deleted on drop.
 pub struct Postgres {
     tag: String,
@@ -51,6 +58,9 @@ pub struct Postgres {
     data: PathBuf,
     bin: PathBuf,
     password: String,
+    /// The server's port: it names the socket file, and the TCP listener
+    /// of [`Postgres::enable_tls`] uses it too.
+    port: u16,
 }
 
 impl Postgres {
@@ -94,6 +104,11 @@ impl Postgres {
                 .take(24)
                 .map(char::from)
                 .collect(),
+            // Free on 127.0.0.1 now, so that enable_tls can listen there too.
+            port: std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("a free TCP port")
+                .port(),
         };
         sweep_stale(&pg.bin);
         pg.make_dir();
@@ -115,7 +130,7 @@ impl Postgres {
     ///
     /// The socket directory is the percent-encoded host, as libpq (`psql`) and
     /// the `postgres` crate's `Config::from_str` both read it:
-    /// `postgres://sitegate:PW@%2Ftmp%2Fsgpg-TAG-PID:5432/sitegate`.
+    /// `postgres://sitegate:PW@%2Ftmp%2Fsgpg-TAG-PID:PORT/sitegate`.
     pub fn url(&self) -> String {
         self.url_for(ROLE, &self.password)
     }
@@ -123,9 +138,10 @@ impl Postgres {
     /// The URL of database `db` as role `sitegate` with `password` (right or wrong).
     pub fn url_for(&self, db: &str, password: &str) -> String {
         format!(
-            "postgres://{ROLE}:{}@{}:{PORT}/{}",
+            "postgres://{ROLE}:{}@{}:{}/{}",
             percent_encode(password),
             percent_encode(&self.dir.to_string_lossy()),
+            self.port,
             percent_encode(db)
         )
     }
@@ -160,7 +176,7 @@ impl Postgres {
         cmd.args(["-X", "-w", "-v", "ON_ERROR_STOP=1", "-At", "-f", "-"])
             .arg("-h")
             .arg(&self.dir)
-            .args(["-p", &PORT.to_string(), "-U", "postgres", "-d", db]);
+            .args(["-p", &self.port.to_string(), "-U", "postgres", "-d", db]);
         without_pg_env(&mut cmd);
         let mut child = cmd
             .stdin(Stdio::piped())
@@ -223,7 +239,99 @@ impl Postgres {
         }
     }
 
-    /// The directory holding the server's unix socket (`.s.PGSQL.5432`).
+    /// Adds a TLS listener on `127.0.0.1` (the cluster's port, free when it
+    /// started) with a server
+    /// certificate for `IP:127.0.0.1` signed by a fresh test CA, accepting
+    /// password logins there only over TLS (`hostssl`), and restarts the
+    /// server. Also makes a second, unrelated CA for refusal tests.
+    pub fn enable_tls(&self) -> TlsEndpoint {
+        let tls = self.dir.join("tls");
+        fs::create_dir_all(&tls).expect("create tls dir");
+        let openssl = |args: &[&str]| {
+            let out = run(Command::new("openssl").args(args).current_dir(&tls));
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                output_text(&out)
+            );
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        for ca in ["ca", "other-ca"] {
+            let mut args = vec!["req", "-x509", "-days", "2", "-subj"];
+            let subject = format!("/CN=sitegate test {ca}");
+            args.push(&subject);
+            args.extend_from_slice(&ec);
+            let (key, pem) = (format!("{ca}.key"), format!("{ca}.pem"));
+            args.extend_from_slice(&["-keyout", &key, "-out", &pem]);
+            openssl(&args);
+        }
+        let mut args = vec!["req", "-subj", "/CN=127.0.0.1"];
+        args.extend_from_slice(&ec);
+        args.extend_from_slice(&["-keyout", "server.key", "-out", "server.csr"]);
+        openssl(&args);
+        fs::write(
+            tls.join("ext"),
+            "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+        )
+        .expect("write ext");
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "ext",
+            "-out",
+            "server.crt",
+        ]);
+        let (uid, gid) = postgres_ids().expect("system user `postgres`");
+        for f in ["server.key", "server.crt"] {
+            std::os::unix::fs::chown(tls.join(f), Some(uid), Some(gid)).expect("chown");
+        }
+        fs::set_permissions(tls.join("server.key"), fs::Permissions::from_mode(0o600))
+            .expect("chmod server.key");
+        let conf = format!(
+            "\n# sitegate test harness: TLS\n\
+             listen_addresses = '127.0.0.1'\n\
+             ssl = on\n\
+             ssl_cert_file = '{}'\n\
+             ssl_key_file = '{}'\n",
+            tls.join("server.crt").display(),
+            tls.join("server.key").display()
+        );
+        let path = self.data.join("postgresql.conf");
+        fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| f.write_all(conf.as_bytes()))
+            .unwrap_or_else(|e| panic!("cannot append to {}: {e}", path.display()));
+        let hba = self.data.join("pg_hba.conf");
+        let mut rules = fs::read_to_string(&hba).expect("read pg_hba.conf");
+        rules.push_str("hostssl all all 127.0.0.1/32 scram-sha-256\n");
+        fs::write(&hba, rules).expect("write pg_hba.conf");
+        self.stop();
+        self.start_again();
+        TlsEndpoint {
+            port: self.port,
+            ca: tls.join("ca.pem"),
+            other_ca: tls.join("other-ca.pem"),
+        }
+    }
+
+    /// The directory holding the server's unix socket (`.s.PGSQL.PORT`).
     pub fn socket_dir(&self) -> &Path {
         &self.dir
     }
@@ -291,7 +399,7 @@ impl Postgres {
         let conf = format!(
             "\n# sitegate test harness\n\
              listen_addresses = ''\n\
-             port = {PORT}\n\
+             port = {}\n\
              unix_socket_directories = '{}'\n\
              unix_socket_permissions = 0777\n\
              password_encryption = 'scram-sha-256'\n\
@@ -300,6 +408,7 @@ impl Postgres {
              full_page_writes = off\n\
              shared_buffers = 16MB\n\
              max_connections = 50\n",
+            self.port,
             self.dir.display()
         );
         let path = self.data.join("postgresql.conf");

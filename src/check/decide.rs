@@ -34,6 +34,8 @@ pub enum FileRole {
     Store,
     /// The store's `-wal` or `-shm` file: it holds the same secrets.
     StoreJournal,
+    /// `[store] password_file`: the shared registry's login.
+    StorePassword,
     AuditLog,
 }
 
@@ -47,6 +49,7 @@ impl FileRole {
             FileRole::ApiToken => "api.token_file",
             FileRole::ApiTlsKey => "api.tls_key_file",
             FileRole::Store | FileRole::StoreJournal => "store.url",
+            FileRole::StorePassword => "store.password_file",
             FileRole::AuditLog => "log.audit_file",
         }
     }
@@ -58,6 +61,7 @@ impl FileRole {
             FileRole::ApiToken => "the API token",
             FileRole::ApiTlsKey => "the API's TLS private key",
             FileRole::Store | FileRole::StoreJournal => "the peer store (preshared keys)",
+            FileRole::StorePassword => "the peer store's database password",
             FileRole::AuditLog => "the audit log",
         }
     }
@@ -80,6 +84,7 @@ impl FileRole {
                 | FileRole::ApiToken
                 | FileRole::ApiTlsKey
                 | FileRole::Store
+                | FileRole::StorePassword
         )
     }
 }
@@ -886,6 +891,18 @@ mod tests {
             l[4].detail.contains("can write the audit log"),
             "{}",
             l[4].detail
+        );
+        // The shared registry's password is a secret like a key.
+        let l = file_permissions(&[
+            f(FileRole::StorePassword, present(0o600)),
+            f(FileRole::StorePassword, present(0o640)),
+            f(FileRole::StorePassword, FileState::Missing),
+        ]);
+        assert_eq!(statuses(&l), [Status::Pass, Status::Fail, Status::Fail]);
+        assert!(
+            l[1].detail.contains("store.password_file"),
+            "{}",
+            l[1].detail
         );
         let l = file_permissions(&[
             f(FileRole::Config, present(0o640)),

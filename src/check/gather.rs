@@ -193,6 +193,13 @@ fn files(cfg: &Config) -> Vec<FileFacts> {
             out.push(stat(FileRole::StoreJournal, Path::new(&p)));
         }
     }
+    if let StoreConfig::Postgres {
+        password_file: Some(p),
+        ..
+    } = &cfg.store
+    {
+        out.push(stat(FileRole::StorePassword, p));
+    }
     if let Some(p) = &cfg.log.audit_file {
         out.push(stat(FileRole::AuditLog, p));
     }

@@ -421,6 +421,19 @@ fn database_outage_keeps_known_peers_and_revocations() {
     assert!(site_a_ns.ping_until(GATEWAY_TUNNEL_ADDR, Duration::from_secs(5)));
     assert!(site_b_ns.ping_until(GATEWAY_TUNNEL_ADDR, Duration::from_secs(5)));
     assert!(a.is_running() && b.is_running());
+    // ... and through a new session: a site that comes back is let in.
+    drop(site_two);
+    let site_two = Site::up(&site_b_ns, &names.name("sb"), &two);
+    assert!(
+        site_b_ns.ping_until(GATEWAY_TUNNEL_ADDR, CONNECT_DEADLINE),
+        "a known peer's new handshake was refused during the outage; B log:\n{}",
+        b.log_tail(30)
+    );
+    let handshakes = b.events_named("handshake");
+    assert!(
+        handshakes.iter().filter(|e| field_str(e, "peer") == "two").count() >= 2,
+        "no second handshake of `two` on B: {handshakes:?}"
+    );
     // The revoked peer stays refused: its stock client dials A and is turned away.
     let site_gone = Site::up(&site_a_ns, &names.name("sg"), &gone);
     a.wait_event(

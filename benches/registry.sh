@@ -88,7 +88,7 @@ size=$(sql -c "SELECT pg_size_pretty(pg_database_size('sitegate'))")
 ip netns add "$ns"
 ip -n "$ns" link set lo up
 t0=$(date +%s%N)
-ip netns exec "$ns" env RUST_LOG=info,sitegate::registry::follow=debug \
+ip netns exec "$ns" env RUST_LOG=info,sitegate::registry::follow=debug,sitegate::daemon=debug \
   "$bin" --config "$cfg" run 2>"$work/gw.log" >/dev/null &
 gwpid=$!
 for _ in $(seq 600); do
@@ -107,6 +107,7 @@ for i in $(seq "$changes"); do
   done
 done
 reads=$(grep '"registry_synced"' "$work/gw.log" | tail -n "$changes" | sed 's/.*"read_ms":\([0-9]*\).*/\1/' | median)
+applies=$(grep '"registry_applied"' "$work/gw.log" | tail -n "$changes" | sed 's/.*"apply_ms":\([0-9]*\).*/\1/' | median)
 rss_after=$(awk '/^VmRSS/ {print $2}' "/proc/$gwpid/status")
 
 printf '| what (%s peers) | figure |\n|---|---|\n' "$peers"
@@ -117,3 +118,4 @@ printf '| `peer list --json` (a full read plus JSON) | %s ms |\n' "$list"
 printf '| `sitegate run` start to `started` | %s ms |\n' "$start_ms"
 printf '| daemon RSS after start / after %s changes | %s / %s MiB |\n' "$changes" "$((rss_kib / 1024))" "$((rss_after / 1024))"
 printf '| follower snapshot read per change, median of %s | %s ms |\n' "$changes" "$reads"
+printf '| control loop applying it (table rebuild), median of %s | %s ms |\n' "$changes" "$applies"

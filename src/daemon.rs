@@ -173,7 +173,14 @@ impl SharedRegistry {
     fn update(&self, engine: &Engine, update: follow::Update<Waiter>) {
         match update {
             follow::Update::Snapshot(snapshot, waiting) => {
+                let started = std::time::Instant::now();
                 let active = apply(engine, &snapshot);
+                tracing::debug!(
+                    event = "registry_applied",
+                    version = snapshot.version,
+                    active,
+                    apply_ms = started.elapsed().as_millis() as u64,
+                );
                 for w in waiting {
                     answer(w, Ok(active));
                 }

@@ -431,7 +431,11 @@ fn database_outage_keeps_known_peers_and_revocations() {
     );
     let handshakes = b.events_named("handshake");
     assert!(
-        handshakes.iter().filter(|e| field_str(e, "peer") == "two").count() >= 2,
+        handshakes
+            .iter()
+            .filter(|e| field_str(e, "peer") == "two")
+            .count()
+            >= 2,
         "no second handshake of `two` on B: {handshakes:?}"
     );
     // The revoked peer stays refused: its stock client dials A and is turned away.

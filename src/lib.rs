@@ -6,7 +6,10 @@
 //! - [`config`]: `sitegate.toml` → validated [`config::Config`].
 //! - [`keys`]: WireGuard key codec, redacted secrets, key-file loading.
 //! - [`seal`]: the seal key: secrets sealed at rest, the audit chain's MAC key.
-//! - [`registry`]: peer names, records, address allocation; the SQLite store.
+//! - [`registry`]: peer names, records, address allocation (pure), and the
+//!   store behind one interface ([`registry::Store`]): SQLite for one gateway,
+//!   PostgreSQL for several ([`registry::postgres`]), with the daemon's
+//!   `LISTEN` follower ([`registry::follow`]).
 //! - [`clientconf`]: the wg-quick client config an issued peer receives.
 //! - [`routing`]: allowed-IPs table, longest prefix → peer slot.
 //! - [`policy`]: the verdict on each decrypted packet (anti-spoof first).

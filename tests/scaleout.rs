@@ -517,6 +517,7 @@ fn bad_registry_refused_at_start() {
     // A registry written by a newer sitegate.
     use_registry(&gw, &pg.url(), "");
     gw.cli_ok(&["peer", "list"]);
+    let current = pg.psql("sitegate", "SELECT version FROM sitegate_schema");
     pg.psql("sitegate", "UPDATE sitegate_schema SET version = 99");
     refused(
         &gw,
@@ -528,7 +529,10 @@ fn bad_registry_refused_at_start() {
         Some(1),
         "an admin command used a too-new schema"
     );
-    pg.psql("sitegate", "UPDATE sitegate_schema SET version = 1");
+    pg.psql(
+        "sitegate",
+        &format!("UPDATE sitegate_schema SET version = {}", current.trim()),
+    );
 
     // A registry whose gateways answer with another server key (same seal key).
     let other_ns = Netns::new(&names.netns("ot"));
@@ -641,4 +645,130 @@ fn registry_over_tls_checks_the_server_certificate() {
         .filter_map(|p| p["name"].as_str())
         .collect();
     assert_eq!(names, ["over-tls"]);
+}
+
+/// The change log behind the followers' delta reads: after each kind of
+/// change (issue, revoke, rotate, a hand-made SQL edit), what changed since
+/// the last version, merged into the last state, equals a full read; a reader
+/// whose version the log no longer reaches is told to read everything.
+#[test]
+fn change_log_deltas_match_full_reads() {
+    use sitegate::registry::postgres::PgStore;
+    use sitegate::registry::Snapshot;
+    use std::collections::BTreeMap;
+    if !postgres_ready("scaleout change log") {
+        return;
+    }
+    let pg = Postgres::start("log");
+    let dir = TempDir::new(&format!("so-log-{}", std::process::id()));
+    let config = dir.path.join("sitegate.toml");
+    let sg = |args: &[&str]| {
+        run_ok(
+            Command::new(sitegate_bin())
+                .arg("--config")
+                .arg(&config)
+                .args(args),
+        )
+    };
+    sg(&[
+        "init",
+        "--endpoint",
+        "vpn.example.org:51820",
+        "--egress",
+        "eth0",
+        "--interface",
+        "sgxlog",
+    ]);
+    let text = fs::read_to_string(&config).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("url = "))
+        .unwrap()
+        .to_string();
+    fs::write(
+        &config,
+        text.replacen(&line, &format!("url = \"{}\"", pg.url()), 1),
+    )
+    .unwrap();
+    sg(&["peer", "add", "first"]);
+    let cfg = sitegate::config::Config::load(&config).expect("load config");
+    let seal = sitegate::registry::store::seal_key(&cfg).unwrap();
+    let store = PgStore::open_sealed(&cfg.store, seal).expect("open registry");
+
+    // The state a reader keeps, as (peers by id, revoked keys by base64).
+    type State = (BTreeMap<i64, String>, BTreeMap<String, String>);
+    let state_of = |s: &Snapshot| -> State {
+        (
+            s.peers.iter().map(|p| (p.id, format!("{p:?}"))).collect(),
+            s.revoked
+                .iter()
+                .map(|r| (r.public_key.to_base64(), format!("{r:?}")))
+                .collect(),
+        )
+    };
+    let full = store.snapshot(|| {}).unwrap();
+    let mut version = full.version;
+    let mut state = state_of(&full);
+    let mut step = |what: &str, change: &dyn Fn()| {
+        change();
+        let delta = store
+            .changes_since(version)
+            .unwrap()
+            .unwrap_or_else(|| panic!("{what}: the log should reach version {version}"));
+        assert!(delta.version > version, "{what}: the version did not move");
+        for p in &delta.peers {
+            state.0.insert(p.id, format!("{p:?}"));
+        }
+        for id in &delta.gone {
+            state.0.remove(id);
+        }
+        for r in &delta.revoked {
+            state.1.insert(r.public_key.to_base64(), format!("{r:?}"));
+        }
+        for k in &delta.unrevoked {
+            state.1.remove(k);
+        }
+        let full = store.snapshot(|| {}).unwrap();
+        assert_eq!(delta.version, full.version, "{what}");
+        assert_eq!(state, state_of(&full), "{what}: delta and full read differ");
+        // Only what changed travelled.
+        assert!(
+            delta.peers.len() <= 2,
+            "{what}: {} peers in the delta",
+            delta.peers.len()
+        );
+        version = delta.version;
+    };
+    step("issue", &|| {
+        sg(&["peer", "add", "second", "--service", "sftp"]);
+    });
+    step("revoke", &|| {
+        sg(&["peer", "revoke", "first", "--reason", "test"]);
+    });
+    step("rotate", &|| {
+        sg(&["peer", "rotate", "second"]);
+    });
+    step("hand-made edit", &|| {
+        pg.psql(
+            "sitegate",
+            "UPDATE peers SET expires_at = 1 WHERE name = 'second'",
+        );
+    });
+    step("hand-made un-revocation", &|| {
+        pg.psql(
+            "sitegate",
+            "DELETE FROM revoked_keys WHERE peer_name = 'first'",
+        );
+    });
+    // Nothing changed: an empty delta at the same version.
+    let same = store.changes_since(version).unwrap().expect("delta");
+    assert_eq!(same.version, version);
+    assert!(same.peers.is_empty() && same.revoked.is_empty());
+    // A log trimmed past a reader's version: read everything.
+    sg(&["peer", "add", "third"]);
+    pg.psql(
+        "sitegate",
+        "DELETE FROM registry_changes WHERE version < (SELECT max(version) FROM registry_changes)",
+    );
+    assert!(store.changes_since(version).unwrap().is_none());
 }

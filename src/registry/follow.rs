@@ -13,8 +13,11 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::config::StoreConfig;
-use crate::registry::postgres::PgStore;
-use crate::registry::store::{Snapshot, StoreError};
+use std::collections::BTreeMap;
+
+use crate::registry::postgres::{Delta, PgStore};
+use crate::registry::store::{RevokedKey, Snapshot, StoreError};
+use crate::registry::Peer;
 use crate::seal::SealKey;
 
 /// How long one wait for a notification lasts before the thread looks at its
@@ -69,7 +72,7 @@ impl<W: Send + 'static> Follower<W> {
         let first = store.snapshot(|| {})?;
         let (commands, rx) = std::sync::mpsc::channel();
         let cfg = cfg.clone();
-        let version = first.version;
+        let mirror = Mirror::from_snapshot(&first);
         let thread = std::thread::Builder::new()
             .name("sg-registry".into())
             .spawn(move || {
@@ -78,7 +81,8 @@ impl<W: Send + 'static> Follower<W> {
                     seal,
                     commands: rx,
                     updates,
-                    version,
+                    mirror,
+                    need: false,
                 };
                 f.run(Some(store));
             })
@@ -101,8 +105,10 @@ struct Following<W> {
     seal: Option<Arc<SealKey>>,
     commands: Receiver<Command<W>>,
     updates: tokio::sync::mpsc::UnboundedSender<Update<W>>,
-    /// The version of the last snapshot sent.
-    version: i64,
+    /// The registry as last read and sent.
+    mirror: Mirror,
+    /// Read what changed at the next turn (a notification, a reconnect).
+    need: bool,
 }
 
 /// Why following stopped on a connection.
@@ -149,7 +155,7 @@ impl<W> Following<W> {
                     return;
                 }
                 // Catch up: whatever changed while away.
-                self.version = -1;
+                self.need = true;
             }
             match self.follow(&store, &mut waiting) {
                 Stop::Quit => return,
@@ -165,38 +171,35 @@ impl<W> Following<W> {
 
     /// Follows on one connection until it fails or the loop quits.
     fn follow(&mut self, store: &PgStore, waiting: &mut Vec<W>) -> Stop {
-        let mut need = self.version < 0;
         let mut last_check = Instant::now();
         let mut last_full = Instant::now();
         loop {
-            if need || !waiting.is_empty() {
-                let started = Instant::now();
-                match store.snapshot(|| {}) {
-                    Ok(s) => {
-                        // Debug level: what a change costs each gateway (benches/registry.sh).
-                        tracing::debug!(
-                            event = "registry_synced",
-                            version = s.version,
-                            peers = s.peers.len() as u64,
-                            read_ms = started.elapsed().as_millis() as u64,
-                        );
-                        self.version = s.version;
-                        if self
-                            .updates
-                            .send(Update::Snapshot(s, std::mem::take(waiting)))
-                            .is_err()
+            let full = last_full.elapsed() >= FULL_RESYNC;
+            if self.need || full || !waiting.is_empty() {
+                match self.read(store, full) {
+                    Ok(moved) => {
+                        if (moved || full || !waiting.is_empty())
+                            && self
+                                .updates
+                                .send(Update::Snapshot(
+                                    self.mirror.snapshot(),
+                                    std::mem::take(waiting),
+                                ))
+                                .is_err()
                         {
                             return Stop::Quit;
                         }
-                        need = false;
-                        last_full = Instant::now();
-                        last_check = last_full;
+                        self.need = false;
+                        if full {
+                            last_full = Instant::now();
+                        }
+                        last_check = Instant::now();
                     }
                     Err(e) => return Stop::Lost(e.to_string()),
                 }
             }
             match store.wait_changed(WAIT) {
-                Ok(changed) => need |= changed,
+                Ok(changed) => self.need |= changed,
                 Err(e) => return Stop::Lost(e.to_string()),
             }
             loop {
@@ -209,12 +212,43 @@ impl<W> Following<W> {
             if last_check.elapsed() >= VERSION_CHECK {
                 last_check = Instant::now();
                 match store.registry_version() {
-                    Ok(v) => need |= v != self.version,
+                    Ok(v) => self.need |= v != self.mirror.version,
                     Err(e) => return Stop::Lost(e.to_string()),
                 }
             }
-            need |= last_full.elapsed() >= FULL_RESYNC;
         }
+    }
+
+    /// Brings the mirror up to date: what changed since its version, or the
+    /// whole registry when `full` or when the change log does not reach back.
+    /// True when the version moved.
+    fn read(&mut self, store: &PgStore, full: bool) -> Result<bool, StoreError> {
+        let started = Instant::now();
+        let before = self.mirror.version;
+        let delta = if full {
+            None
+        } else {
+            store.changes_since(before)?
+        };
+        let kind = match delta {
+            Some(d) => {
+                self.mirror.apply(d);
+                "delta"
+            }
+            None => {
+                self.mirror = Mirror::from_snapshot(&store.snapshot(|| {})?);
+                "full"
+            }
+        };
+        // Debug level: what a change costs each gateway (benches/registry.sh).
+        tracing::debug!(
+            event = "registry_synced",
+            read = kind,
+            version = self.mirror.version,
+            peers = self.mirror.peers.len() as u64,
+            read_ms = started.elapsed().as_millis() as u64,
+        );
+        Ok(self.mirror.version != before)
     }
 
     /// Reports the outage; requests waiting get the error.
@@ -248,5 +282,129 @@ impl<W> Following<W> {
                 Err(RecvTimeoutError::Disconnected) => return Err(()),
             }
         }
+    }
+}
+
+/// The registry as the follower holds it, keyed so that a [`Delta`] merges in.
+#[derive(Debug, Default)]
+struct Mirror {
+    version: i64,
+    peers: BTreeMap<i64, Peer>,
+    /// By base64 key.
+    revoked: BTreeMap<String, RevokedKey>,
+}
+
+impl Mirror {
+    fn from_snapshot(s: &Snapshot) -> Mirror {
+        Mirror {
+            version: s.version,
+            peers: s.peers.iter().map(|p| (p.id, p.clone())).collect(),
+            revoked: s
+                .revoked
+                .iter()
+                .map(|r| (r.public_key.to_base64(), r.clone()))
+                .collect(),
+        }
+    }
+
+    /// Merges what changed: changed peers and entries replace theirs, gone
+    /// ones leave.
+    fn apply(&mut self, d: Delta) {
+        for p in d.peers {
+            self.peers.insert(p.id, p);
+        }
+        for id in d.gone {
+            self.peers.remove(&id);
+        }
+        for r in d.revoked {
+            self.revoked.insert(r.public_key.to_base64(), r);
+        }
+        for k in d.unrevoked {
+            self.revoked.remove(&k);
+        }
+        self.version = d.version;
+    }
+
+    /// The snapshot the control loop applies: peers by id, as a full read
+    /// orders them; the revocation list oldest first.
+    fn snapshot(&self) -> Snapshot {
+        let mut revoked: Vec<RevokedKey> = self.revoked.values().cloned().collect();
+        revoked.sort_by(|a, b| {
+            (a.revoked_at, a.public_key.to_base64()).cmp(&(b.revoked_at, b.public_key.to_base64()))
+        });
+        Snapshot {
+            peers: self.peers.values().cloned().collect(),
+            revoked,
+            version: self.version,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::PrivateKey;
+    use crate::registry::PeerName;
+
+    fn peer(id: i64, name: &str) -> Peer {
+        Peer {
+            id,
+            name: PeerName::new(name).unwrap(),
+            public_key: PrivateKey::generate().public_key(),
+            preshared_key: None,
+            addresses: vec![format!("10.8.0.{}", id + 1).parse().unwrap()],
+            created_at: 1,
+            expires_at: None,
+            revoked_at: None,
+            revoked_reason: None,
+            admin: false,
+            services: vec![],
+        }
+    }
+
+    fn revoked(p: &Peer, at: i64) -> RevokedKey {
+        RevokedKey {
+            public_key: p.public_key,
+            peer: p.name.to_string(),
+            reason: None,
+            revoked_at: at,
+        }
+    }
+
+    /// A delta merged into the mirror gives what a full read of the new state
+    /// gives: changed peers replaced, new ones added, gone ones and
+    /// un-revoked keys removed, the list in revocation order.
+    #[test]
+    fn delta_merges_like_a_full_read() {
+        let (a, b, c) = (peer(1, "a"), peer(2, "b"), peer(3, "c"));
+        let mut m = Mirror::from_snapshot(&Snapshot {
+            peers: vec![a.clone(), b.clone(), c.clone()],
+            revoked: vec![revoked(&c, 5)],
+            version: 10,
+        });
+        let mut b2 = b.clone();
+        b2.revoked_at = Some(20);
+        b2.addresses.clear();
+        let d = peer(4, "d");
+        m.apply(Delta {
+            version: 14,
+            peers: vec![b2.clone(), d.clone()],
+            gone: vec![1],
+            revoked: vec![revoked(&b, 20)],
+            unrevoked: vec![c.public_key.to_base64()],
+        });
+        let s = m.snapshot();
+        assert_eq!(s.version, 14);
+        let ids: Vec<i64> = s.peers.iter().map(|p| p.id).collect();
+        assert_eq!(ids, [2, 3, 4]);
+        assert_eq!(s.peers[0].revoked_at, Some(20));
+        assert!(s.peers[0].addresses.is_empty());
+        assert_eq!(s.revoked, [revoked(&b, 20)]);
+        // An empty delta moves nothing but the version.
+        m.apply(Delta {
+            version: 14,
+            ..Delta::default()
+        });
+        assert_eq!(m.snapshot().peers.len(), 3);
     }
 }

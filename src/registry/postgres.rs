@@ -124,7 +124,76 @@ const MIGRATIONS: &[&str] = &[
     CREATE TRIGGER revoked_changed AFTER INSERT OR UPDATE OR DELETE ON revoked_keys
         FOR EACH STATEMENT EXECUTE FUNCTION sitegate_registry_changed();
     "#,
+    // 2: a change log, so that a gateway reads what changed since its version
+    // instead of the whole registry. Every changed row takes the next version
+    // (the UPDATE of the one version row also orders concurrent writers, even
+    // hand-made ones) and names its peer or revoked key; the statement
+    // triggers only notify.
+    r#"
+    CREATE TABLE registry_changes (
+        version     BIGINT PRIMARY KEY,           -- registry_version.v after this row's change
+        peer_id     BIGINT,                       -- a peer whose row, addresses or services changed
+        public_key  TEXT                          -- a revocation-list entry that changed
+    );
+    CREATE FUNCTION sitegate_row_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+    DECLARE
+        nv BIGINT;
+    BEGIN
+        UPDATE registry_version SET v = v + 1 WHERE id = 1 RETURNING v INTO nv;
+        IF TG_TABLE_NAME = 'revoked_keys' THEN
+            INSERT INTO registry_changes (version, public_key)
+                VALUES (nv, CASE WHEN TG_OP = 'DELETE' THEN OLD.public_key ELSE NEW.public_key END);
+            IF TG_OP = 'UPDATE' AND OLD.public_key <> NEW.public_key THEN
+                UPDATE registry_version SET v = v + 1 WHERE id = 1 RETURNING v INTO nv;
+                INSERT INTO registry_changes (version, public_key) VALUES (nv, OLD.public_key);
+            END IF;
+        ELSIF TG_TABLE_NAME = 'peers' THEN
+            INSERT INTO registry_changes (version, peer_id)
+                VALUES (nv, CASE WHEN TG_OP = 'DELETE' THEN OLD.id ELSE NEW.id END);
+        ELSE
+            INSERT INTO registry_changes (version, peer_id)
+                VALUES (nv, CASE WHEN TG_OP = 'DELETE' THEN OLD.peer_id ELSE NEW.peer_id END);
+            IF TG_OP = 'UPDATE' AND OLD.peer_id <> NEW.peer_id THEN
+                UPDATE registry_version SET v = v + 1 WHERE id = 1 RETURNING v INTO nv;
+                INSERT INTO registry_changes (version, peer_id) VALUES (nv, OLD.peer_id);
+            END IF;
+        END IF;
+        RETURN NULL;
+    END $$;
+    CREATE OR REPLACE FUNCTION sitegate_registry_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        PERFORM pg_notify('sitegate_registry', '');
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER peers_row_changed AFTER INSERT OR UPDATE OR DELETE ON peers
+        FOR EACH ROW EXECUTE FUNCTION sitegate_row_changed();
+    CREATE TRIGGER addresses_row_changed AFTER INSERT OR UPDATE OR DELETE ON peer_addresses
+        FOR EACH ROW EXECUTE FUNCTION sitegate_row_changed();
+    CREATE TRIGGER services_row_changed AFTER INSERT OR UPDATE OR DELETE ON peer_services
+        FOR EACH ROW EXECUTE FUNCTION sitegate_row_changed();
+    CREATE TRIGGER revoked_row_changed AFTER INSERT OR UPDATE OR DELETE ON revoked_keys
+        FOR EACH ROW EXECUTE FUNCTION sitegate_row_changed();
+    "#,
 ];
+
+/// Change-log rows kept behind the newest version; a gateway further behind
+/// reads the whole registry instead.
+const CHANGES_KEPT: i64 = 100_000;
+
+/// What changed in the registry after a version: see [`PgStore::changes_since`].
+#[derive(Debug, Default)]
+pub struct Delta {
+    /// The version this delta brings a reader to.
+    pub version: i64,
+    /// Peers whose row, addresses or services changed, as they are now.
+    pub peers: Vec<Peer>,
+    /// Ids of changed peers that no longer exist (rows deleted by hand).
+    pub gone: Vec<i64>,
+    /// Revocation-list entries that changed, as they are now.
+    pub revoked: Vec<RevokedKey>,
+    /// Changed keys (base64) that are no longer on the list.
+    pub unrevoked: Vec<String>,
+}
 
 /// An open PostgreSQL peer store: one connection.
 pub struct PgStore {
@@ -454,7 +523,7 @@ impl PgStore {
             .map_err(&db)?;
         let peers = read_peers(&mut tx, None, self.sealed()).map_err(|e| e.into_store(&db))?;
         mid();
-        let revoked = read_revoked(&mut tx).map_err(|e| e.into_store(&db))?;
+        let revoked = read_revoked(&mut tx, None).map_err(|e| e.into_store(&db))?;
         let version: i64 = tx
             .query_one("SELECT v FROM registry_version WHERE id = 1", &[])
             .map_err(&db)?
@@ -543,7 +612,7 @@ impl PgStore {
         let mut client = self.client.borrow_mut();
         let mut tx = client.transaction().map_err(&db)?;
         let peer = match row_head(&mut tx, name).map_err(&db)? {
-            Some((id, _, _)) => read_peers(&mut tx, Some(id), self.sealed())
+            Some((id, _, _)) => read_peers(&mut tx, Some(&[id]), self.sealed())
                 .map_err(|e| e.into_store(&db))?
                 .pop(),
             None => None,
@@ -612,7 +681,7 @@ impl PgStore {
             &[&public_key, &name.as_str(), &now, &reason],
         )
         .map_err(&db)?;
-        let peer = read_peers(&mut tx, Some(id), self.sealed())
+        let peer = read_peers(&mut tx, Some(&[id]), self.sealed())
             .map_err(|e| e.into_store(&db))?
             .pop()
             .ok_or_else(|| StoreError::UnknownPeer(name.to_string()))?;
@@ -662,7 +731,7 @@ impl PgStore {
             &[&old_text, &name.as_str(), &now],
         )
         .map_err(&db)?;
-        let peer = read_peers(&mut tx, Some(id), self.sealed())
+        let peer = read_peers(&mut tx, Some(&[id]), self.sealed())
             .map_err(|e| e.into_store(&db))?
             .pop()
             .ok_or_else(|| StoreError::UnknownPeer(name.to_string()))?;
@@ -678,7 +747,7 @@ impl PgStore {
         let db = self.db();
         let mut client = self.client.borrow_mut();
         let mut tx = client.transaction().map_err(&db)?;
-        let out = read_revoked(&mut tx).map_err(|e| e.into_store(&db))?;
+        let out = read_revoked(&mut tx, None).map_err(|e| e.into_store(&db))?;
         tx.commit().map_err(&db)?;
         Ok(out)
     }
@@ -711,6 +780,81 @@ impl PgStore {
             });
         }
         Ok(())
+    }
+
+    /// What changed after `version`, read in one `REPEATABLE READ`
+    /// transaction; `None` when the change log no longer reaches back that
+    /// far (or never did: a registry changed by hand before the log existed),
+    /// and the whole registry must be read instead.
+    ///
+    /// # Errors
+    /// Database errors; [`StoreError::Corrupt`], [`StoreError::CorruptRevoked`].
+    pub fn changes_since(&self, version: i64) -> Result<Option<Delta>, StoreError> {
+        let db = self.db();
+        let mut client = self.client.borrow_mut();
+        let mut tx = client
+            .build_transaction()
+            .isolation_level(IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .map_err(&db)?;
+        let now: i64 = tx
+            .query_one("SELECT v FROM registry_version WHERE id = 1", &[])
+            .map_err(&db)?
+            .get(0);
+        if now == version {
+            return Ok(Some(Delta {
+                version,
+                ..Delta::default()
+            }));
+        }
+        // Every version after `version` must still be in the log: one row each.
+        let row = tx
+            .query_one(
+                "SELECT count(*), COALESCE(min(version), 0) FROM registry_changes
+                 WHERE version > $1",
+                &[&version],
+            )
+            .map_err(&db)?;
+        let (count, first): (i64, i64) = (row.get(0), row.get(1));
+        if now < version || count != now - version || first != version + 1 {
+            return Ok(None);
+        }
+        let mut ids: Vec<i64> = Vec::new();
+        let mut keys: Vec<String> = Vec::new();
+        for r in tx
+            .query(
+                "SELECT DISTINCT peer_id, public_key FROM registry_changes WHERE version > $1",
+                &[&version],
+            )
+            .map_err(&db)?
+        {
+            if let Some(id) = r.get::<_, Option<i64>>(0) {
+                ids.push(id);
+            }
+            if let Some(k) = r.get::<_, Option<String>>(1) {
+                keys.push(k);
+            }
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        keys.sort_unstable();
+        keys.dedup();
+        let peers =
+            read_peers(&mut tx, Some(&ids), self.sealed()).map_err(|e| e.into_store(&db))?;
+        let revoked = read_revoked(&mut tx, Some(&keys)).map_err(|e| e.into_store(&db))?;
+        tx.commit().map_err(&db)?;
+        let present: BTreeSet<i64> = peers.iter().map(|p| p.id).collect();
+        let gone = ids.into_iter().filter(|id| !present.contains(id)).collect();
+        let listed: BTreeSet<String> = revoked.iter().map(|r| r.public_key.to_base64()).collect();
+        let unrevoked = keys.into_iter().filter(|k| !listed.contains(k)).collect();
+        Ok(Some(Delta {
+            version: now,
+            peers,
+            gone,
+            revoked,
+            unrevoked,
+        }))
     }
 
     /// Subscribes this connection to registry changes ([`CHANNEL`]).
@@ -948,10 +1092,16 @@ impl HeadStore for AuditTable {
     }
 }
 
-/// Takes the admin write lock for the rest of `tx`.
+/// Takes the admin write lock for the rest of `tx`, and trims the change
+/// log to its last [`CHANGES_KEPT`] rows.
 fn write_lock(tx: &mut Transaction<'_>) -> Result<(), postgres::Error> {
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&WRITE_LOCK])
-        .map(drop)
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&WRITE_LOCK])?;
+    tx.execute(
+        "DELETE FROM registry_changes
+         WHERE version <= (SELECT v FROM registry_version WHERE id = 1) - $1",
+        &[&CHANGES_KEPT],
+    )
+    .map(drop)
 }
 
 /// `(id, public_key, revoked)` of the peer named `name`.
@@ -1014,22 +1164,24 @@ fn check_key_unused(tx: &mut Transaction<'_>, key: &PublicKey) -> Result<String,
     Ok(key)
 }
 
-/// Every peer, or only peer `only`, in one read.
+/// Every peer, or only the peers `only` names (ids that are gone are
+/// skipped), in one read.
 fn read_peers(
     tx: &mut Transaction<'_>,
-    only: Option<i64>,
+    only: Option<&[i64]>,
     seal: Option<(&SealKey, &str)>,
 ) -> Result<Vec<Peer>, ReadError> {
     let mut rows = PeerRows::default();
     for r in tx.query(
-        "SELECT peer_id, address FROM peer_addresses WHERE $1::BIGINT IS NULL OR peer_id = $1",
+        "SELECT peer_id, address FROM peer_addresses
+         WHERE $1::BIGINT[] IS NULL OR peer_id = ANY($1)",
         &[&only],
     )? {
         rows.address(r.get(0), r.get(1))?;
     }
     for r in tx.query(
-        "SELECT peer_id, service FROM peer_services WHERE $1::BIGINT IS NULL OR peer_id = $1
-         ORDER BY service",
+        "SELECT peer_id, service FROM peer_services
+         WHERE $1::BIGINT[] IS NULL OR peer_id = ANY($1) ORDER BY service",
         &[&only],
     )? {
         rows.service(r.get(0), r.get(1));
@@ -1037,7 +1189,7 @@ fn read_peers(
     for r in tx.query(
         "SELECT id, name, public_key, preshared_key, created_at, expires_at,
                 revoked_at, revoked_reason, admin
-         FROM peers WHERE $1::BIGINT IS NULL OR id = $1 ORDER BY id",
+         FROM peers WHERE $1::BIGINT[] IS NULL OR id = ANY($1) ORDER BY id",
         &[&only],
     )? {
         rows.peer(PeerRow {
@@ -1055,18 +1207,22 @@ fn read_peers(
     Ok(rows.finish(seal)?)
 }
 
-fn read_revoked(tx: &mut Transaction<'_>) -> Result<Vec<RevokedKey>, ReadError> {
+/// The revocation list, or only the keys `only` names.
+fn read_revoked(
+    tx: &mut Transaction<'_>,
+    only: Option<&[String]>,
+) -> Result<Vec<RevokedKey>, ReadError> {
     let mut out = Vec::new();
     for r in tx.query(
         "SELECT public_key, peer_name, reason, revoked_at FROM revoked_keys
+         WHERE $1::TEXT[] IS NULL OR public_key = ANY($1)
          ORDER BY revoked_at, public_key",
-        &[],
+        &[&only],
     )? {
         out.push(revoked_key(r.get(0), r.get(1), r.get(2), r.get(3))?);
     }
     Ok(out)
 }
-
 /// Applies pending migrations in one transaction under the schema lock. The
 /// common case (schema current) reads one row and takes no lock.
 fn migrate(client: &mut Client, url: &str) -> Result<(), StoreError> {

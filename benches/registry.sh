@@ -9,9 +9,10 @@
 #   - `peer add` (allocation under the registry's write lock), median of 5;
 #   - a full registry read through the CLI (`peer list --json`);
 #   - `sitegate run` on the registry, in its own namespace: start time, RSS,
-#     and the follower's read of a whole snapshot after a change
-#     (`registry_synced read_ms`), median over the changes, and the RSS after
-#     them (a reload builds the new table beside the old one).
+#     the follower's read after each change (`registry_synced read_ms`, a
+#     delta from the change log), the control loop's table rebuild
+#     (`registry_applied apply_ms`), medians over the changes, and the RSS
+#     after them.
 # Everything it made is removed on exit, also on failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -66,7 +67,10 @@ sed -i "s|^url = .*|url = \"$url\"|" "$cfg"
 
 echo "# filling the registry with $peers peers" >&2
 t0=$(date +%s.%N)
+# Without the change-log triggers (a bulk load, not N admin actions); the
+# daemon starts with a full read anyway.
 sql <<EOF
+SET session_replication_role = replica;
 INSERT INTO peers (name, public_key, created_at)
   SELECT 'p' || i, encode(sha256(i::text::bytea), 'base64'), 1700000000
   FROM generate_series(1, $peers) AS i;

@@ -82,15 +82,46 @@ fn serves(gw: &Gateway, key: &str) -> bool {
     String::from_utf8_lossy(&gw.wg_show().stdout).contains(key)
 }
 
-/// Two gateways set up on one fresh registry: `init` each, share A's keys
-/// with B, point both at `url` (B with `b_extra` [store] lines).
-fn two_gateways(a_ns: &Netns, b_ns: &Netns, names: &Names, url: &str) -> (Gateway, Gateway) {
-    let a = Gateway::init(a_ns, &names.name("ga"));
-    let b = Gateway::init(b_ns, &names.name("gb"));
-    share_keys(&a, &b);
-    use_registry(&a, url, "");
-    use_registry(&b, url, "");
-    (a, b)
+/// Two running gateways on one fresh registry, each in its own namespace with
+/// one site namespace linked to it. Fields drop in order: gateways, then
+/// namespaces, then the database.
+struct TwoGateways {
+    a: Gateway,
+    b: Gateway,
+    site_a_ns: Netns,
+    site_b_ns: Netns,
+    _a_ns: Netns,
+    _b_ns: Netns,
+    names: Names,
+    pg: Postgres,
+}
+
+impl TwoGateways {
+    /// `init` each gateway, share A's keys with B, point both at the
+    /// registry, start both.
+    fn start(tag: &str, code: &str) -> TwoGateways {
+        let pg = Postgres::start(tag);
+        let names = names(code);
+        let (a_ns, site_a_ns) = linked_pair(&names, "a");
+        let (b_ns, site_b_ns) = linked_pair(&names, "b");
+        let mut a = Gateway::init(&a_ns, &names.name("ga"));
+        let mut b = Gateway::init(&b_ns, &names.name("gb"));
+        share_keys(&a, &b);
+        use_registry(&a, &pg.url(), "");
+        use_registry(&b, &pg.url(), "");
+        a.start();
+        b.start();
+        TwoGateways {
+            a,
+            b,
+            site_a_ns,
+            site_b_ns,
+            _a_ns: a_ns,
+            _b_ns: b_ns,
+            names,
+            pg,
+        }
+    }
 }
 
 /// Runs `sitegate run` for `gw` and asserts that it refuses to start (exit 1,
@@ -132,20 +163,16 @@ fn peer_from_one_gateway_connects_through_the_other_and_revocation_crosses() {
     if !rig_ready("scaleout cross") || !postgres_ready("scaleout cross") {
         return;
     }
-    let pg = Postgres::start("cross");
-    let names = names("so");
-    let (a_ns, site_a_ns) = linked_pair(&names, "a");
-    let (b_ns, site_b_ns) = linked_pair(&names, "b");
-    let (mut a, mut b) = two_gateways(&a_ns, &b_ns, &names, &pg.url());
-    a.start();
-    b.start();
+    let rig = TwoGateways::start("cross", "so");
+    let (a, b, pg, names) = (&rig.a, &rig.b, &rig.pg, &rig.names);
+    let (site_a_ns, site_b_ns) = (&rig.site_a_ns, &rig.site_b_ns);
 
     // Issued on A, served by B within a second.
     let clinic = a.add_peer("clinic");
     let clinic_key = config_public_key(&clinic);
     let t0 = Instant::now();
     assert!(
-        poll_until(Duration::from_secs(5), || serves(&b, &clinic_key)),
+        poll_until(Duration::from_secs(5), || serves(b, &clinic_key)),
         "gateway B never learned of the peer issued on A; B log:\n{}",
         b.log_tail(30)
     );
@@ -154,7 +181,7 @@ fn peer_from_one_gateway_connects_through_the_other_and_revocation_crosses() {
         seen <= LIVE_WITHIN + Duration::from_millis(300),
         "peer issued on A took {seen:?} to be served by B"
     );
-    let site_b = Site::up(&site_b_ns, &names.name("sb"), &clinic);
+    let site_b = Site::up(site_b_ns, &names.name("sb"), &clinic);
     assert!(
         site_b_ns.ping_until(GATEWAY_TUNNEL_ADDR, CONNECT_DEADLINE),
         "site with A's config got no answer through gateway B; B log:\n{}",
@@ -164,8 +191,8 @@ fn peer_from_one_gateway_connects_through_the_other_and_revocation_crosses() {
     // Issued on B, connected through A; revoked on B.
     let lab = b.add_peer("lab");
     let lab_key = config_public_key(&lab);
-    assert!(poll_until(Duration::from_secs(5), || serves(&a, &lab_key)));
-    let site_a = Site::up(&site_a_ns, &names.name("sa"), &lab);
+    assert!(poll_until(Duration::from_secs(5), || serves(a, &lab_key)));
+    let site_a = Site::up(site_a_ns, &names.name("sa"), &lab);
     assert!(
         site_a_ns.ping_until(GATEWAY_TUNNEL_ADDR, CONNECT_DEADLINE),
         "site with B's config got no answer through gateway A; A log:\n{}",
@@ -189,7 +216,7 @@ fn peer_from_one_gateway_connects_through_the_other_and_revocation_crosses() {
         took <= LIVE_WITHIN.as_secs_f64(),
         "revocation on B took {took:.3} s to close the session on A"
     );
-    assert!(!serves(&a, &lab_key), "A still serves the revoked peer");
+    assert!(!serves(a, &lab_key), "A still serves the revoked peer");
     assert!(
         !site_a_ns.ping_once(GATEWAY_TUNNEL_ADDR, None),
         "the revoked site still reaches A"
@@ -381,13 +408,10 @@ fn database_outage_keeps_known_peers_and_revocations() {
     if !rig_ready("scaleout outage") || !postgres_ready("scaleout outage") {
         return;
     }
-    let pg = Postgres::start("outage");
-    let names = names("sq");
-    let (a_ns, site_a_ns) = linked_pair(&names, "a");
-    let (b_ns, site_b_ns) = linked_pair(&names, "b");
-    let (mut a, mut b) = two_gateways(&a_ns, &b_ns, &names, &pg.url());
-    a.start();
-    b.start();
+    let mut rig = TwoGateways::start("outage", "sq");
+    let (a, b) = (&mut rig.a, &mut rig.b);
+    let (pg, names) = (&rig.pg, &rig.names);
+    let (site_a_ns, site_b_ns) = (&rig.site_a_ns, &rig.site_b_ns);
 
     let one = a.add_peer("one");
     let two = a.add_peer("two");
@@ -398,18 +422,18 @@ fn database_outage_keeps_known_peers_and_revocations() {
         config_public_key(&two),
         gone_key.clone(),
     ] {
-        assert!(poll_until(Duration::from_secs(5), || serves(&a, &key)
-            && serves(&b, &key)));
+        assert!(poll_until(Duration::from_secs(5), || serves(a, &key)
+            && serves(b, &key)));
     }
-    let site_one = Site::up(&site_a_ns, &names.name("sa"), &one);
-    let site_two = Site::up(&site_b_ns, &names.name("sb"), &two);
+    let site_one = Site::up(site_a_ns, &names.name("sa"), &one);
+    let site_two = Site::up(site_b_ns, &names.name("sb"), &two);
     assert!(site_a_ns.ping_until(GATEWAY_TUNNEL_ADDR, CONNECT_DEADLINE));
     assert!(site_b_ns.ping_until(GATEWAY_TUNNEL_ADDR, CONNECT_DEADLINE));
 
     // Revoked just before the outage: both gateways drop it.
     b.cli_ok(&["peer", "revoke", "gone"]);
     assert!(poll_until(Duration::from_secs(5), || {
-        !serves(&a, &gone_key) && !serves(&b, &gone_key)
+        !serves(a, &gone_key) && !serves(b, &gone_key)
     }));
     pg.stop();
     for gw in [&a, &b] {
@@ -423,7 +447,7 @@ fn database_outage_keeps_known_peers_and_revocations() {
     assert!(a.is_running() && b.is_running());
     // ... and through a new session: a site that comes back is let in.
     drop(site_two);
-    let site_two = Site::up(&site_b_ns, &names.name("sb"), &two);
+    let site_two = Site::up(site_b_ns, &names.name("sb"), &two);
     assert!(
         site_b_ns.ping_until(GATEWAY_TUNNEL_ADDR, CONNECT_DEADLINE),
         "a known peer's new handshake was refused during the outage; B log:\n{}",
@@ -439,7 +463,7 @@ fn database_outage_keeps_known_peers_and_revocations() {
         "no second handshake of `two` on B: {handshakes:?}"
     );
     // The revoked peer stays refused: its stock client dials A and is turned away.
-    let site_gone = Site::up(&site_a_ns, &names.name("sg"), &gone);
+    let site_gone = Site::up(site_a_ns, &names.name("sg"), &gone);
     a.wait_event(
         "refusal of the revoked peer",
         Duration::from_secs(30),
@@ -469,7 +493,7 @@ fn database_outage_keeps_known_peers_and_revocations() {
     let late_key = config_public_key(&late);
     let t0 = Instant::now();
     assert!(
-        poll_until(Duration::from_secs(5), || serves(&b, &late_key)),
+        poll_until(Duration::from_secs(5), || serves(b, &late_key)),
         "B never learned of a peer added after the outage; B log:\n{}",
         b.log_tail(30)
     );
@@ -479,7 +503,7 @@ fn database_outage_keeps_known_peers_and_revocations() {
     );
     assert!(t0.elapsed() <= LIVE_WITHIN + Duration::from_millis(300));
     // Nothing revoked came back with the catch-up.
-    assert!(!serves(&a, &gone_key) && !serves(&b, &gone_key));
+    assert!(!serves(a, &gone_key) && !serves(b, &gone_key));
     drop((site_one, site_two));
 }
 

@@ -7,10 +7,12 @@
 //! address table is serialised across hosts by the database, not by luck; the
 //! `UNIQUE` constraint on addresses stays as the backstop.
 //!
-//! Triggers bump `registry_version` and `NOTIFY` [`CHANNEL`] in the writing
-//! transaction, so a gateway hears of a change when it commits, and a
-//! gateway that missed the notification (it was reconnecting) sees the
-//! version moved at its next check.
+//! Triggers give every changed row the next `registry_version`, log its peer
+//! or revoked key in `registry_changes`, and `NOTIFY` [`CHANNEL`] in the
+//! writing transaction: a gateway hears of a change when it commits and reads
+//! only what changed since its version ([`PgStore::changes_since`]); a gateway
+//! that missed the notification (it was reconnecting) sees the version moved
+//! at its next check.
 //!
 //! Connections are plain (a unix socket or a private network): `sslmode=require`
 //! in the URL is refused at connect, never silently downgraded.
@@ -52,7 +54,7 @@ const STATEMENT_TIMEOUT_MS: u32 = 10_000;
 /// Migration `i` brings the schema from version `i` to `i + 1`
 /// (`sitegate_schema.version`).
 const MIGRATIONS: &[&str] = &[
-    // 1: the registry, the shared server key, and the audit table.
+    // 1: the registry and its change log, the shared server key, and the audit table.
     r#"
     -- One row per issued peer; as in the SQLite store, rows are never deleted.
     CREATE TABLE peers (
@@ -108,28 +110,11 @@ const MIGRATIONS: &[&str] = &[
         line     TEXT NOT NULL,                   -- the JSON line as in the file
         PRIMARY KEY (gateway, seq)
     );
-    -- Any change to the registry moves the version and tells every gateway.
-    CREATE FUNCTION sitegate_registry_changed() RETURNS trigger LANGUAGE plpgsql AS $$
-    BEGIN
-        UPDATE registry_version SET v = v + 1 WHERE id = 1;
-        PERFORM pg_notify('sitegate_registry', '');
-        RETURN NULL;
-    END $$;
-    CREATE TRIGGER peers_changed AFTER INSERT OR UPDATE OR DELETE ON peers
-        FOR EACH STATEMENT EXECUTE FUNCTION sitegate_registry_changed();
-    CREATE TRIGGER addresses_changed AFTER INSERT OR UPDATE OR DELETE ON peer_addresses
-        FOR EACH STATEMENT EXECUTE FUNCTION sitegate_registry_changed();
-    CREATE TRIGGER services_changed AFTER INSERT OR UPDATE OR DELETE ON peer_services
-        FOR EACH STATEMENT EXECUTE FUNCTION sitegate_registry_changed();
-    CREATE TRIGGER revoked_changed AFTER INSERT OR UPDATE OR DELETE ON revoked_keys
-        FOR EACH STATEMENT EXECUTE FUNCTION sitegate_registry_changed();
-    "#,
-    // 2: a change log, so that a gateway reads what changed since its version
-    // instead of the whole registry. Every changed row takes the next version
-    // (the UPDATE of the one version row also orders concurrent writers, even
-    // hand-made ones) and names its peer or revoked key; the statement
-    // triggers only notify.
-    r#"
+    -- The change log, so that a gateway reads what changed since its version
+    -- instead of the whole registry. Every changed row takes the next version
+    -- (the UPDATE of the one version row also orders concurrent writers, even
+    -- hand-made ones) and names its peer or revoked key; the statement
+    -- triggers notify every listening gateway once per statement.
     CREATE TABLE registry_changes (
         version     BIGINT PRIMARY KEY,           -- registry_version.v after this row's change
         peer_id     BIGINT,                       -- a peer whose row, addresses or services changed
@@ -160,7 +145,7 @@ const MIGRATIONS: &[&str] = &[
         END IF;
         RETURN NULL;
     END $$;
-    CREATE OR REPLACE FUNCTION sitegate_registry_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+    CREATE FUNCTION sitegate_notify() RETURNS trigger LANGUAGE plpgsql AS $$
     BEGIN
         PERFORM pg_notify('sitegate_registry', '');
         RETURN NULL;
@@ -173,6 +158,14 @@ const MIGRATIONS: &[&str] = &[
         FOR EACH ROW EXECUTE FUNCTION sitegate_row_changed();
     CREATE TRIGGER revoked_row_changed AFTER INSERT OR UPDATE OR DELETE ON revoked_keys
         FOR EACH ROW EXECUTE FUNCTION sitegate_row_changed();
+    CREATE TRIGGER peers_changed AFTER INSERT OR UPDATE OR DELETE ON peers
+        FOR EACH STATEMENT EXECUTE FUNCTION sitegate_notify();
+    CREATE TRIGGER addresses_changed AFTER INSERT OR UPDATE OR DELETE ON peer_addresses
+        FOR EACH STATEMENT EXECUTE FUNCTION sitegate_notify();
+    CREATE TRIGGER services_changed AFTER INSERT OR UPDATE OR DELETE ON peer_services
+        FOR EACH STATEMENT EXECUTE FUNCTION sitegate_notify();
+    CREATE TRIGGER revoked_changed AFTER INSERT OR UPDATE OR DELETE ON revoked_keys
+        FOR EACH STATEMENT EXECUTE FUNCTION sitegate_notify();
     "#,
 ];
 

@@ -660,8 +660,9 @@ pub fn peer_add(config: &Path, a: &PeerAddArgs) -> Result<()> {
         None => None,
     };
     let services = resolve_services(&cfg, &a.services)?;
+    let now = unix_now();
     let expires_at = match &a.expires {
-        Some(s) => Some(parse_expires(s, unix_now())?),
+        Some(s) => Some(parse_expires(s, now)?),
         None => None,
     };
     let mut store = Store::open_config(&cfg)?;
@@ -671,6 +672,7 @@ pub fn peer_add(config: &Path, a: &PeerAddArgs) -> Result<()> {
         public_key,
         address,
         services,
+        created_at: now,
         expires_at,
         psk: !a.delivery.no_psk,
         admin: a.admin,

@@ -298,11 +298,12 @@ pub(super) async fn issue(
         .transpose()?;
     let services = crate::cli::resolve_services(&api.cfg, &body.services.unwrap_or_default())
         .map_err(|e| unprocessable(format!("field `services`: {e}")))?;
+    let now = crate::cli::unix_now();
     let expires_at = body
         .expires
         .as_deref()
         .map(|s| {
-            crate::cli::parse_expires(s, crate::cli::unix_now())
+            crate::cli::parse_expires(s, now)
                 .map_err(|e| unprocessable(format!("field `expires`: {e}")))
         })
         .transpose()?;
@@ -311,6 +312,7 @@ pub(super) async fn issue(
         public_key,
         address,
         services,
+        created_at: now,
         expires_at,
         psk: body.psk.unwrap_or(true),
         admin: body.admin.unwrap_or(false),

@@ -149,6 +149,9 @@ pub(crate) struct IssueRequest {
     pub address: Option<IpAddr>,
     /// Resolved service names (see [`resolve_services`]).
     pub services: Vec<String>,
+    /// Unix seconds: the instant `expires_at` was reckoned from, so that
+    /// `--expires 8s` is 8 s after `created_at`, however long the store took.
+    pub created_at: i64,
     pub expires_at: Option<i64>,
     pub psk: bool,
     pub admin: bool,
@@ -203,7 +206,7 @@ pub(crate) fn issue(
             preshared_key: req.psk.then(PresharedKey::generate),
             address: req.address,
             services: req.services,
-            created_at: unix_now(),
+            created_at: req.created_at,
             expires_at: req.expires_at,
             admin: req.admin,
         },

@@ -659,9 +659,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     .await;
     drop(updates_tx);
     if let Registry::Shared(shared) = registry {
-        // Without a receiver the follower ends at its next wait; not joined,
-        // because a connect in progress may take its full timeout.
-        drop(shared.follower.commands);
+        // The follower ends at its next wait (see `follow::Follower`).
+        drop(shared.follower);
     }
     if let Some(task) = api_task {
         task.abort();

@@ -9,7 +9,6 @@
 
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::config::StoreConfig;
@@ -48,11 +47,11 @@ pub enum Update<W> {
     Up { down_for: Duration },
 }
 
-/// The follower thread; it ends when the control loop drops its command
-/// sender (or the update receiver).
+/// The follower thread's command side. The thread is not joined: it ends at
+/// its next wait once the control loop drops this sender (or the update
+/// receiver), and a connect in progress may take its full timeout.
 pub struct Follower<W> {
     pub commands: Sender<Command<W>>,
-    thread: JoinHandle<()>,
 }
 
 impl<W: Send + 'static> Follower<W> {
@@ -73,7 +72,7 @@ impl<W: Send + 'static> Follower<W> {
         let (commands, rx) = std::sync::mpsc::channel();
         let cfg = cfg.clone();
         let mirror = Mirror::from_snapshot(&first);
-        let thread = std::thread::Builder::new()
+        std::thread::Builder::new()
             .name("sg-registry".into())
             .spawn(move || {
                 let mut f = Following {
@@ -90,13 +89,7 @@ impl<W: Send + 'static> Follower<W> {
                 url: String::new(),
                 reason: format!("cannot start thread sg-registry: {e}"),
             })?;
-        Ok((Follower { commands, thread }, first))
-    }
-
-    /// Ends the thread (within one wait) and joins it.
-    pub fn stop(self) {
-        drop(self.commands);
-        let _ = self.thread.join();
+        Ok((Follower { commands }, first))
     }
 }
 

@@ -226,16 +226,24 @@ fn connect(url: &str, password: Option<&str>, ca: Option<&[u8]>) -> Result<Clien
         config.connect_timeout(CONNECT_TIMEOUT);
     }
     // A server that vanishes without a FIN (a partition) is noticed within
-    // about half a minute instead of the kernel's two hours.
-    config
-        .keepalives(true)
-        .keepalives_idle(Duration::from_secs(10))
-        .keepalives_interval(Duration::from_secs(5))
-        .keepalives_retries(3)
-        .tcp_user_timeout(Duration::from_secs(30))
-        .application_name("sitegate")
-        // Notices (`relation already exists`) are not for the operator.
-        .notice_callback(|_| {});
+    // about half a minute instead of the kernel's two hours. Defaults only:
+    // what the URL sets itself is kept.
+    let given = |key: &str| url_sets(url, key);
+    if !given("keepalives") && !given("keepalives_idle") {
+        config
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(10))
+            .keepalives_interval(Duration::from_secs(5))
+            .keepalives_retries(3);
+    }
+    if !given("tcp_user_timeout") {
+        config.tcp_user_timeout(Duration::from_secs(30));
+    }
+    if !given("application_name") {
+        config.application_name("sitegate");
+    }
+    // Notices (`relation already exists`) are not for the operator.
+    config.notice_callback(|_| {});
     let connected = match ca {
         None => config.connect(NoTls),
         Some(pem) => {
@@ -253,6 +261,14 @@ fn connect(url: &str, password: Option<&str>, ca: Option<&[u8]>) -> Result<Clien
         ))
         .map_err(|e| fail(error_text(&e)))?;
     Ok(client)
+}
+
+/// Whether the URL's query sets `key` (`...?key=value&...`).
+fn url_sets(url: &str, key: &str) -> bool {
+    url.split_once('?').is_some_and(|(_, q)| {
+        q.split('&')
+            .any(|p| p.split_once('=').map_or(p, |(k, _)| k) == key)
+    })
 }
 
 /// A TLS connector that trusts only the roots in `pem`.
@@ -1275,4 +1291,18 @@ fn migrate(client: &mut Client, url: &str) -> Result<(), StoreError> {
     )
     .map_err(db)?;
     tx.commit().map_err(db)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Settings the URL gives are recognised, so the defaults leave them be.
+    #[test]
+    fn url_settings_are_seen() {
+        let url = "postgres://u@h/db?keepalives=0&application_name=gw&connect_timeout=3";
+        assert!(url_sets(url, "keepalives") && url_sets(url, "application_name"));
+        assert!(!url_sets(url, "keepalives_idle") && !url_sets(url, "tcp_user_timeout"));
+        assert!(!url_sets("postgres://u@h/keepalives", "keepalives"));
+    }
 }

@@ -151,23 +151,6 @@ impl Postgres {
         &self.password
     }
 
-    /// Creates another empty database `name` owned by `sitegate` (a fresh
-    /// registry per test) and returns its URL.
-    pub fn create_database(&self, name: &str) -> String {
-        assert!(
-            !name.is_empty()
-                && name
-                    .chars()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
-            "database name `{name}`: use [a-z0-9_]"
-        );
-        self.psql(
-            "postgres",
-            &format!("CREATE DATABASE \"{name}\" OWNER {ROLE};"),
-        );
-        self.url_for(name, &self.password)
-    }
-
     /// Runs `sql` (one or more statements) as the superuser in database `db`
     /// with `psql -v ON_ERROR_STOP=1 -At` and returns its stdout; panics with
     /// psql's stderr if any statement fails.

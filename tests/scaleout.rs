@@ -10,6 +10,7 @@
 mod common;
 
 use std::fs;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -19,16 +20,48 @@ use common::*;
 /// How soon a change on one gateway must be live on every other (SPEC).
 const LIVE_WITHIN: Duration = Duration::from_secs(1);
 
-/// Points `gw`'s config at the shared registry, with further `[store]` lines.
-fn use_registry(gw: &Gateway, url: &str, extra: &str) {
-    let text = fs::read_to_string(&gw.config).expect("read config");
+/// `text` (a config as `init` writes it) with its `[store]` url line replaced
+/// by `lines`.
+fn with_store(text: &str, lines: &str) -> String {
     let line = text
         .lines()
         .find(|l| l.starts_with("url = "))
-        .expect("init writes a [store] url line")
-        .to_string();
-    let to = format!("url = \"{url}\"\n{extra}");
-    fs::write(&gw.config, text.replacen(&line, to.trim_end(), 1)).expect("write config");
+        .expect("init writes a [store] url line");
+    text.replacen(line, lines.trim_end(), 1)
+}
+
+/// Points `gw`'s config at the shared registry, with further `[store]` lines.
+fn use_registry(gw: &Gateway, url: &str, extra: &str) {
+    let text = fs::read_to_string(&gw.config).expect("read config");
+    fs::write(
+        &gw.config,
+        with_store(&text, &format!("url = \"{url}\"\n{extra}")),
+    )
+    .expect("write config");
+}
+
+/// `init` of a host that only admin commands use (no daemon, no namespace):
+/// `dir/host/sitegate.toml`, interface `sgxHOST`.
+fn admin_config(dir: &Path, host: &str) -> PathBuf {
+    let config = dir.join(host).join("sitegate.toml");
+    fs::create_dir_all(config.parent().expect("config dir")).expect("create config dir");
+    run_ok(
+        Command::new(sitegate_bin())
+            .arg("--config")
+            .arg(&config)
+            .args([
+                "init",
+                "--endpoint",
+                "vpn.example.org:51820",
+                "--egress",
+                "eth0",
+                "--interface",
+                &format!("sgx{host}"),
+                "--subnet",
+                "10.8.0.0/24",
+            ]),
+    );
+    config
 }
 
 /// Gives `to` the server key and seal key of `from`: the gateways of one
@@ -292,33 +325,11 @@ fn concurrent_adds_across_gateways_get_distinct_addresses() {
     let url = pg.url();
     let dir = TempDir::new(&format!("so-adds-{}", std::process::id()));
     let init = |host: &str, pool: &str| {
-        let config = dir.path.join(host).join("sitegate.toml");
-        fs::create_dir_all(config.parent().unwrap()).unwrap();
-        run_ok(
-            Command::new(sitegate_bin())
-                .arg("--config")
-                .arg(&config)
-                .args([
-                    "init",
-                    "--endpoint",
-                    "vpn.example.org:51820",
-                    "--egress",
-                    "eth0",
-                    "--interface",
-                    &format!("sgx{host}"),
-                    "--subnet",
-                    "10.8.0.0/24",
-                ]),
-        );
+        let config = admin_config(&dir.path, host);
         let text = fs::read_to_string(&config).unwrap();
-        let line = text
-            .lines()
-            .find(|l| l.starts_with("url = "))
-            .unwrap()
-            .to_string();
         fs::write(
             &config,
-            text.replacen(&line, &format!("url = \"{url}\"\n{pool}"), 1),
+            with_store(&text, &format!("url = \"{url}\"\n{pool}")),
         )
         .unwrap();
         config
@@ -436,6 +447,7 @@ fn database_outage_keeps_known_peers_and_revocations() {
         !serves(a, &gone_key) && !serves(b, &gone_key)
     }));
     pg.stop();
+    let outage = Instant::now();
     for gw in [&a, &b] {
         gw.wait_event("store_unavailable", Duration::from_secs(10), |e| {
             field_str(e, "event") == "store_unavailable"
@@ -478,11 +490,42 @@ fn database_outage_keeps_known_peers_and_revocations() {
     assert!(!err.contains(pg.password()), "{err}");
 
     pg.start_again();
+    let outage_secs = outage.elapsed().as_secs();
     for gw in [&a, &b] {
         gw.wait_event("store_reconnected", Duration::from_secs(15), |e| {
             field_str(e, "event") == "store_reconnected"
         });
     }
+    // The outage was logged throttled (a line at once, then summaries at most
+    // every 5 s), not a line per reconnect attempt (several a second at first).
+    for gw in [&*a, &*b] {
+        let lines = gw.events_named("store_unavailable").len() as u64;
+        assert!(
+            lines <= 2 + 2 * (outage_secs / 5),
+            "{lines} store_unavailable lines in a {outage_secs} s outage"
+        );
+    }
+    // What A audited during the outage reaches the table once it is back.
+    let gw_a = format!("{}/{}", hostname(), a.ifname);
+    assert!(
+        poll_until(Duration::from_secs(20), || {
+            pg.psql(
+                "sitegate",
+                &format!(
+                    "SELECT count(*) FROM audit_events WHERE gateway = '{gw_a}' \
+                     AND line LIKE '%\"event\":\"store_unavailable\"%'"
+                ),
+            )
+            .trim()
+                != "0"
+        }),
+        "A's audit lines from the outage never reached the table"
+    );
+    let report = a.cli_ok(&["audit", "verify"]);
+    assert!(
+        report.contains(&format!("audit table, gateway {gw_a}: intact")),
+        "{report}"
+    );
     let out = run(&mut a.cli(&["peer", "show", "during"]));
     assert_eq!(
         out.status.code(),
@@ -584,36 +627,17 @@ fn registry_over_tls_checks_the_server_certificate() {
     let pg = Postgres::start("tls");
     let tls = pg.enable_tls();
     let dir = TempDir::new(&format!("so-tls-{}", std::process::id()));
-    let config = dir.path.join("sitegate.toml");
+    let config = admin_config(&dir.path, "tls");
     let sg = |args: &[&str]| {
         run(Command::new(sitegate_bin())
             .arg("--config")
             .arg(&config)
             .args(args))
     };
-    let out = sg(&[
-        "init",
-        "--endpoint",
-        "vpn.example.org:51820",
-        "--egress",
-        "eth0",
-        "--interface",
-        "sgxtls",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let secret = dir.path.join("db.password");
+    let secret = config.with_file_name("db.password");
     fs::write(&secret, pg.password()).unwrap();
     fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let sqlite = fs::read_to_string(&config).unwrap();
-    let line = sqlite
-        .lines()
-        .find(|l| l.starts_with("url = "))
-        .unwrap()
-        .to_string();
     let store = |url_tail: &str, ca: Option<&std::path::Path>| {
         let mut lines = format!(
             "url = \"postgres://sitegate@127.0.0.1:{}/sitegate{url_tail}\"\npassword_file = \"db.password\"",
@@ -622,7 +646,7 @@ fn registry_over_tls_checks_the_server_certificate() {
         if let Some(ca) = ca {
             lines.push_str(&format!("\nca_file = \"{}\"", ca.display()));
         }
-        fs::write(&config, sqlite.replacen(&line, &lines, 1)).unwrap();
+        fs::write(&config, with_store(&sqlite, &lines)).unwrap();
     };
 
     store("", Some(&tls.ca));
@@ -685,7 +709,7 @@ fn change_log_deltas_match_full_reads() {
     }
     let pg = Postgres::start("log");
     let dir = TempDir::new(&format!("so-log-{}", std::process::id()));
-    let config = dir.path.join("sitegate.toml");
+    let config = admin_config(&dir.path, "log");
     let sg = |args: &[&str]| {
         run_ok(
             Command::new(sitegate_bin())
@@ -694,24 +718,10 @@ fn change_log_deltas_match_full_reads() {
                 .args(args),
         )
     };
-    sg(&[
-        "init",
-        "--endpoint",
-        "vpn.example.org:51820",
-        "--egress",
-        "eth0",
-        "--interface",
-        "sgxlog",
-    ]);
     let text = fs::read_to_string(&config).unwrap();
-    let line = text
-        .lines()
-        .find(|l| l.starts_with("url = "))
-        .unwrap()
-        .to_string();
     fs::write(
         &config,
-        text.replacen(&line, &format!("url = \"{}\"", pg.url()), 1),
+        with_store(&text, &format!("url = \"{}\"", pg.url())),
     )
     .unwrap();
     sg(&["peer", "add", "first"]);

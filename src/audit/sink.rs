@@ -176,6 +176,10 @@ const BATCH: usize = 256;
 /// fsync per window instead of one per event. Audit lines appear this much later.
 const GROUP_COMMIT_WINDOW: Duration = Duration::from_millis(20);
 
+/// How long the writer idles before the head store may retry what it holds
+/// back (see [`HeadStore::retry_pending`]).
+const RETRY_IDLE: Duration = Duration::from_secs(2);
+
 /// Writes what the channel holds, a group commit at a time: it blocks for one
 /// record, then sleeps out [`GROUP_COMMIT_WINDOW`] and takes what arrived (up
 /// to [`BATCH`]). Sleeping rather than waiting on the channel means a burst
@@ -184,7 +188,15 @@ const GROUP_COMMIT_WINDOW: Duration = Duration::from_millis(20);
 fn drain(rx: Receiver<Record>, writer: &AuditWriter, heads: &dyn HeadStore) {
     let mut failing = false;
     let mut batch: Vec<Record> = Vec::with_capacity(BATCH);
-    while let Ok(first) = rx.recv() {
+    loop {
+        let first = match rx.recv_timeout(RETRY_IDLE) {
+            Ok(r) => r,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                heads.retry_pending();
+                continue;
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+        };
         batch.push(first);
         std::thread::sleep(GROUP_COMMIT_WINDOW);
         while batch.len() < BATCH {

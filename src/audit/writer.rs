@@ -52,6 +52,10 @@ pub trait HeadStore {
     /// # Errors
     /// The store cannot be written.
     fn set_audit_head(&self, head: &Head, appended: &[Sealed]) -> Result<(), String>;
+    /// Called when the writer has been idle a while: a store that holds back
+    /// lines it could not take (the shared registry during an outage) tries
+    /// them again, so they do not wait for the next event.
+    fn retry_pending(&self) {}
 }
 
 /// No store: the file alone carries the chain (tests, `verify FILE`).

@@ -1024,7 +1024,7 @@ impl AuditTable {
     }
 
     /// Runs `f` on a connected store, connecting when due; on failure drops
-    /// the connection and backs off (1 s doubling to 30 s).
+    /// the connection and backs off (1 s doubling to 8 s).
     fn with_store<T>(&self, f: impl FnOnce(&PgStore) -> Result<T, String>) -> Option<T> {
         if self.store.borrow().is_none() {
             if self.retry_at.borrow().is_some_and(|t| Instant::now() < t) {
@@ -1053,6 +1053,15 @@ impl AuditTable {
         }
     }
 
+    /// Inserts the backlog (in order, one transaction) when the table can be
+    /// reached; it stays for a later try otherwise.
+    fn flush(&self) {
+        let pending: Vec<Sealed> = self.backlog.borrow().iter().cloned().collect();
+        if self.with_store(|s| s.insert_audit(&pending)).is_some() {
+            self.backlog.borrow_mut().clear();
+        }
+    }
+
     /// Backs off after a failure; the first of a run is logged (the audit
     /// layer does not re-audit `audit_error`), the rest are summarised by the
     /// outage events of the registry follower.
@@ -1068,7 +1077,7 @@ impl AuditTable {
         }
         *n = n.saturating_add(1);
         let secs = 1u64 << (*n - 1).min(5);
-        *self.retry_at.borrow_mut() = Some(Instant::now() + Duration::from_secs(secs.min(30)));
+        *self.retry_at.borrow_mut() = Some(Instant::now() + Duration::from_secs(secs.min(8)));
     }
 }
 
@@ -1084,6 +1093,12 @@ impl HeadStore for AuditTable {
         })
     }
 
+    fn retry_pending(&self) {
+        if !self.backlog.borrow().is_empty() {
+            self.flush();
+        }
+    }
+
     fn set_audit_head(&self, head: &Head, appended: &[Sealed]) -> Result<(), String> {
         *self.last.borrow_mut() = Some(head.clone());
         let mut backlog = self.backlog.borrow_mut();
@@ -1092,11 +1107,8 @@ impl HeadStore for AuditTable {
         if over > 0 {
             backlog.drain(..over);
         }
-        let pending: Vec<Sealed> = backlog.iter().cloned().collect();
         drop(backlog);
-        if self.with_store(|s| s.insert_audit(&pending)).is_some() {
-            self.backlog.borrow_mut().clear();
-        }
+        self.flush();
         Ok(())
     }
 }
